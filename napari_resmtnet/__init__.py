@@ -1,0 +1,28 @@
+"""napari-resmtnet: find and grade lung nodules in chest CT and X-ray with Res-MTNet.
+
+Importing this package is cheap: torch, SimpleITK and Qt load only when used.
+Public API: `load_scan`, `Scan`, `Detections`, `predict`, `Predictor`.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["load_scan", "Scan", "Detections", "predict", "Predictor", "__version__"]
+
+
+def __getattr__(name):
+    if name == "load_scan":
+        from .io import load_scan
+
+        return load_scan
+    if name == "Scan":
+        from .scan import Scan
+
+        return Scan
+    if name == "Detections":
+        from .detections import Detections
+
+        return Detections
+    if name in ("predict", "Predictor"):
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'napari_resmtnet' has no attribute {name!r}")
