@@ -1,0 +1,933 @@
+"""Read chest CT volumes and chest radiographs into a `Scan` (Qt-free, no torch).
+
+``load_scan(path)`` reads
+
+* CT: LUNA16 MetaImage (``.mhd`` + ``.raw``), ``.mha``, NRRD (``.nrrd``/``.nhdr``), NIfTI
+  (``.nii``/``.nii.gz``), a DICOM series folder (nested folders are searched; slices are
+  ordered by position, not by file name) or one DICOM file;
+* chest X-ray: JSRT ``.IMG`` (2048 x 2048 big-endian 12-bit raw, 0.175 mm/px), PNG, JPEG,
+  TIFF, a DICOM radiograph (MONOCHROME1 shown as MONOCHROME2) and 2D ``.mha``/``.nrrd``.
+
+All medical formats go through SimpleITK. Geometry is converted to **array order**
+((z, y, x) / (y, x)): ITK's spacing and origin are reversed and its direction matrix is
+reversed in rows and columns. The modality is decided from the data: a volume with more
+than one slice is "CT", a 2D image (or a volume with one slice) is "CXR".
+
+A file this module claims but cannot read raises `ScanReadError`, whose message is one
+line ``"<path>: <problem>"``. What the reader repaired or assumed is listed in
+``scan.warnings``.
+
+Radiographs without a physical pixel size (PNG/JPEG, a DICOM without pixel spacing, a file
+whose spacing is exactly 1.0 or a 72/96 dpi software default) get an assumed pixel size:
+the image's longer side is taken to span ``DEFAULT_CXR_FIELD_MM`` (350 mm, the width of a
+standard 35 x 43 cm / 14 x 17 inch chest detector and of the JSRT films), i.e.
+``spacing = 350 mm / max(rows, columns)``. This stays right within about 25 % whether the
+picture is a full-resolution radiograph (2048 px -> 0.171 mm, JSRT's true 0.175 mm) or a
+downsampled copy (224 px -> 1.56 mm, JSRT's true 1.6 mm), which a fixed mm/px default
+could not. The assumption is stated in ``scan.warnings``.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .scan import Scan
+
+__all__ = [
+    "load_scan",
+    "can_read",
+    "ScanReadError",
+    "DEFAULT_CXR_FIELD_MM",
+    "default_cxr_spacing",
+    "JSRT_SPACING_MM",
+    "MAX_IMAGE_BYTES",
+    "strip_image_suffix",
+]
+
+#: Assumed field of view (mm) across the longer side of a radiograph without pixel size.
+DEFAULT_CXR_FIELD_MM = 350.0
+#: JSRT database: 2048 x 2048 pixels of 0.175 mm, 12 bit, big-endian, no header.
+JSRT_SHAPE = (2048, 2048)
+JSRT_SPACING_MM = 0.175
+JSRT_NBYTES = JSRT_SHAPE[0] * JSRT_SHAPE[1] * 2
+#: Images larger than this (or than 80 % of the free memory) are refused before reading.
+MAX_IMAGE_BYTES = 8 * 1024**3
+#: Spacing beyond this (mm) is not a medical image.
+MAX_SPACING_MM = 1e4
+#: Screen/print resolutions that image software writes by default (not a detector pitch).
+_SOFTWARE_DPI = (72.0, 96.0)
+
+# Name endings, longest first so ".nii.gz" wins over ".gz".
+_SUFFIX_KIND = [
+    (".nii.gz", "nifti"),
+    (".nii", "nifti"),
+    (".mhd", "metaimage"),
+    (".mha", "metaimage"),
+    (".nrrd", "nrrd"),
+    (".nhdr", "nrrd"),
+    (".dcm", "dicom"),
+    (".dicom", "dicom"),
+    (".img", "img"),
+    (".png", "png"),
+    (".jpg", "jpeg"),
+    (".jpeg", "jpeg"),
+    (".tif", "tiff"),
+    (".tiff", "tiff"),
+]
+_FORMAT_NAME = {
+    "nifti": "NIfTI",
+    "metaimage": "MetaImage",
+    "nrrd": "NRRD",
+    "dicom": "DICOM",
+    "png": "PNG",
+    "jpeg": "JPEG",
+    "tiff": "TIFF",
+    "jsrt": "JSRT .IMG",
+    "analyze": "Analyze 7.5",
+}
+#: Formats that carry no trustworthy physical pixel size for a radiograph.
+_RASTER_KINDS = ("png", "jpeg", "tiff")
+# MetaIO element sizes (bytes).
+_MET_SIZES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+
+
+class ScanReadError(Exception):
+    """A file or folder that looks like a scan but cannot be read; ``str()`` is one line."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def strip_image_suffix(name: str) -> str:
+    """File name without its image extension(s): ``a.nii.gz`` -> ``a``; ``1.2.3.mhd`` -> ``1.2.3``."""
+    low = name.lower()
+    for suf, _ in _SUFFIX_KIND + [(".raw", ""), (".gz", ""), (".zraw", "")]:
+        if low.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _kind_from_name(path: Path) -> str | None:
+    low = path.name.lower()
+    for suf, kind in _SUFFIX_KIND:
+        if low.endswith(suf):
+            return kind
+    return None
+
+
+def _head(path: Path, n: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_dicom_bytes(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def _magic_ok(path: Path, kind: str) -> bool:
+    """Does the file start like a ``kind`` file? (cheap; reads at most 512 bytes)."""
+    head = _head(path)
+    if kind == "metaimage":
+        text = head.decode("latin-1", "replace")
+        return "NDims" in text or "ObjectType" in text or "DimSize" in text
+    if kind == "nrrd":
+        return head.startswith(b"NRRD")
+    if kind == "nifti":
+        if head[:2] == b"\x1f\x8b":
+            try:
+                with gzip.open(path, "rb") as f:
+                    head = f.read(352)
+            except (OSError, EOFError):
+                return False
+        if len(head) < 348:
+            return False
+        n1 = int.from_bytes(head[:4], "little")
+        return n1 in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540)
+    if kind == "dicom":
+        return _is_dicom_bytes(head)
+    if kind == "png":
+        return head.startswith(b"\x89PNG\r\n\x1a\n")
+    if kind == "jpeg":
+        return head.startswith(b"\xff\xd8\xff")
+    if kind == "tiff":
+        return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if kind == "jsrt":
+        return _file_size(path) == JSRT_NBYTES
+    if kind == "analyze":
+        return _analyze_header(path) is not None
+    return False
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _analyze_header(path: Path) -> Path | None:
+    for suf in (".hdr", ".HDR", ".Hdr"):
+        hdr = path.with_suffix(suf)
+        if hdr.is_file():
+            return hdr
+    return None
+
+
+def _resolve_img(path: Path) -> str | None:
+    """``.img`` is JSRT (exact size, no header) or Analyze (a ``.hdr`` beside it)."""
+    if _analyze_header(path) is not None:
+        return "analyze"
+    if _file_size(path) == JSRT_NBYTES:
+        return "jsrt"
+    return None
+
+
+def _dir_has_dicom(path: Path, max_files: int = 200, max_depth: int = 3) -> bool:
+    """Cheap: is there a DICOM file (``.dcm`` name or ``DICM`` magic) in or below ``path``?"""
+    seen = 0
+    base_depth = len(path.parts)
+    for root, dirs, files in os.walk(path):
+        if len(Path(root).parts) - base_depth >= max_depth:
+            dirs[:] = []
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            if name.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(_head(p, 132)):
+                return True
+            seen += 1
+            if seen >= max_files:
+                return False
+    return False
+
+
+def can_read(path) -> bool:
+    """Cheap sniff: does ``path`` look like a scan `load_scan` reads?
+
+    By extension and magic bytes (reads at most a few hundred bytes per file; a folder is
+    claimed when it holds a DICOM file within three levels). No SimpleITK import.
+    """
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        return False
+    if p.is_dir():
+        return _dir_has_dicom(p)
+    if not p.is_file():
+        return False
+    kind = _kind_from_name(p)
+    if kind == "img":
+        kind = _resolve_img(p)
+        if kind is None:
+            return False
+    if kind is None:
+        # DICOM files often have no extension (IM0001, 1.2.840...)
+        return _is_dicom_bytes(_head(p, 132))
+    return _magic_ok(p, kind)
+
+
+def _one_line_itk(err: Exception) -> str:
+    """SimpleITK's multi-line C++ exception -> its one informative line."""
+    text = str(err)
+    for line in text.splitlines():
+        if "ITK ERROR" in line:
+            msg = line.split("):", 1)[-1].strip()
+            if msg:
+                return msg
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")
+             and not ln.startswith("/") and ".cxx:" not in ln and ".hxx:" not in ln]
+    return lines[-1] if lines else text.strip().replace("\n", " ")
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_size(path, size_xyz, ncomp: int, bytes_per_comp: int, what: str = "image"):
+    size = [int(s) for s in size_xyz]
+    if any(s <= 0 for s in size):
+        raise ScanReadError(path, f"{what} has a zero-size dimension (size {tuple(size)} in x, y, z order)")
+    nbytes = math.prod(size) * max(ncomp, 1) * bytes_per_comp
+    limit = MAX_IMAGE_BYTES
+    avail = _available_memory()
+    limit_why = f"{MAX_IMAGE_BYTES / 1e9:.1f} GB limit"
+    if avail is not None and 0.8 * avail < limit:
+        limit = int(0.8 * avail)
+        limit_why = f"{limit / 1e9:.1f} GB, 80 % of the free memory"
+    if nbytes > limit:
+        dims = " x ".join(str(s) for s in size)
+        raise ScanReadError(
+            path,
+            f"header claims a {nbytes / 1e9:.1f} GB {what} ({dims} voxels, {bytes_per_comp * 8}-bit"
+            f"{'' if ncomp <= 1 else f' x {ncomp} channels'}); refused before reading "
+            f"(more than the {limit_why})",
+        )
+
+
+def _bytes_per_component(pixel_string: str) -> int:
+    for token in pixel_string.replace("-", " ").split():
+        if token.isdigit():
+            return max(int(token) // 8, 1)
+    return 8
+
+
+def _check_spacing(path, spacing_xyz, warnings: list):
+    sp = [float(s) for s in spacing_xyz]
+    bad = [s for s in sp if not math.isfinite(s) or s == 0.0 or abs(s) > MAX_SPACING_MM]
+    if bad:
+        shown = tuple(round(s, 6) for s in sp[::-1])
+        raise ScanReadError(
+            path,
+            f"voxel spacing {shown} mm (array order) is not usable: expected finite values "
+            f"> 0 and <= {MAX_SPACING_MM:g} mm",
+        )
+    if any(s < 0 for s in sp):
+        warnings.append(
+            f"negative voxel spacing {tuple(sp[::-1])} mm in the file was read as a flipped axis"
+        )
+
+
+# --------------------------------------------------------------------------- format checks
+
+
+def _parse_metaimage_header(path: Path) -> tuple[dict, int]:
+    """MetaImage header fields and the header's byte length (for ``LOCAL`` data)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        raw = f.read(1 << 16)
+    pos = 0
+    for line in raw.splitlines(keepends=True):
+        pos += len(line)
+        text = line.decode("latin-1").strip()
+        if "=" not in text:
+            if text:
+                break
+            continue
+        key, val = (t.strip() for t in text.split("=", 1))
+        fields[key] = val
+        if key == "ElementDataFile":
+            break
+    return fields, pos
+
+
+def _check_metaimage(path: Path):
+    fields, header_len = _parse_metaimage_header(path)
+    for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
+        if key not in fields:
+            raise ScanReadError(path, f"not a valid MetaImage header: no '{key}' field")
+    try:
+        dims = [int(float(v)) for v in fields["DimSize"].split()]
+    except ValueError:
+        raise ScanReadError(path, f"MetaImage DimSize {fields['DimSize']!r} is not a list of integers") from None
+    if fields.get("CompressedData", "False").lower() == "true":
+        return
+    if fields.get("BinaryData", "True").lower() == "false":
+        return
+    etype = fields["ElementType"].upper()
+    if etype not in _MET_SIZES:
+        return
+    try:
+        nchan = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        nchan = 1
+    if any(d <= 0 for d in dims):
+        raise ScanReadError(path, f"image has a zero-size dimension (DimSize {' '.join(map(str, dims))})")
+    expected = math.prod(dims) * nchan * _MET_SIZES[etype]
+    datafile = fields["ElementDataFile"]
+    if datafile.upper() == "LOCAL":
+        avail = _file_size(path) - header_len
+        source = "the file"
+    elif " " in datafile or datafile.upper().startswith("LIST"):
+        return  # a list/pattern of slice files: left to ITK
+    else:
+        data_path = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
+        if not data_path.is_file():
+            raise ScanReadError(path, f"data file '{datafile}' named in the header does not exist")
+        avail = _file_size(data_path)
+        skip = int(float(fields.get("HeaderSize", "0")))
+        if skip > 0:
+            avail -= skip
+        elif skip == 0 and avail > expected:
+            raise ScanReadError(
+                path,
+                f"header and data do not match: '{datafile}' holds {avail} bytes but the header "
+                f"(DimSize {' '.join(map(str, dims))}, {etype}) describes {expected} bytes",
+            )
+        source = f"'{datafile}'"
+    if avail < expected:
+        raise ScanReadError(
+            path,
+            f"image data is truncated: {source} holds {max(avail, 0)} bytes of pixel data but the "
+            f"header (DimSize {' '.join(map(str, dims))}, {etype}) needs {expected} bytes",
+        )
+
+
+def _check_nifti(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return  # compressed: ITK reports truncation
+    head = _head(path, 348)
+    if len(head) < 348:
+        raise ScanReadError(path, f"NIfTI header is truncated ({len(head)} of 348 bytes)")
+    for order in ("<", ">"):
+        if int(np.frombuffer(head[:4], order + "i4")[0]) == 348:
+            break
+    else:
+        return  # NIfTI-2 or unusual: left to ITK
+    dim = np.frombuffer(head[40:56], order + "i2").astype(int)
+    bitpix = int(np.frombuffer(head[72:74], order + "i2")[0])
+    vox_offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+    nd = int(dim[0])
+    if not 1 <= nd <= 7 or bitpix <= 0:
+        return
+    dims = [int(d) for d in dim[1 : nd + 1]]
+    if any(d <= 0 for d in dims):
+        raise ScanReadError(path, f"image has a zero-size dimension (dim {dims})")
+    expected = max(vox_offset, 348) + math.prod(dims) * bitpix // 8
+    size = _file_size(path)
+    if size < expected:
+        raise ScanReadError(
+            path, f"image data is truncated: file has {size} bytes, the NIfTI header (dim {dims}, "
+            f"{bitpix} bits) needs {expected}",
+        )
+
+
+def _check_nrrd(path: Path):
+    head = _head(path, 1 << 14).decode("latin-1", "replace")
+    for line in head.splitlines():
+        low = line.lower()
+        if low.startswith(("data file:", "datafile:")):
+            name = line.split(":", 1)[1].strip()
+            if name.upper().startswith("LIST") or " " in name or "%" in name:
+                return
+            data_path = Path(name) if os.path.isabs(name) else path.parent / name
+            if not data_path.is_file():
+                raise ScanReadError(path, f"data file '{name}' named in the header does not exist")
+            return
+        if not line.strip():
+            return
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def load_scan(path) -> Scan:
+    """Read a chest CT (volume) or chest X-ray (2D) from a file or DICOM folder.
+
+    Raises `ScanReadError` (one-line message naming the file and the problem) for a file
+    or folder that cannot be read as a scan.
+    """
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        raise ScanReadError(repr(path), "expected a file or folder path") from None
+    if not p.exists():
+        raise ScanReadError(p, "no such file or folder")
+    if p.is_dir():
+        return _load_dicom_folder(p)
+    kind = _kind_from_name(p)
+    if kind == "img":
+        kind = _resolve_img(p)
+        if kind is None:
+            raise ScanReadError(
+                p,
+                f"not a JSRT .IMG radiograph (expected exactly {JSRT_NBYTES} bytes = 2048 x 2048 "
+                f"x 16 bit, got {_file_size(p)}) and no .hdr file beside it for Analyze",
+            )
+    if kind is None:
+        if _is_dicom_bytes(_head(p, 132)):
+            kind = "dicom"
+        else:
+            supported = ", ".join(s for s, _ in _SUFFIX_KIND)
+            raise ScanReadError(p, f"unsupported file type '{p.suffix}' (supported: {supported}, DICOM folders)")
+    if _file_size(p) == 0:
+        raise ScanReadError(p, "file is empty (0 bytes)")
+    if kind == "dicom" and not _magic_ok(p, "dicom"):
+        # Old ACR-NEMA files have no 'DICM' preamble: let GDCM try before refusing.
+        pass
+    elif not _magic_ok(p, kind):
+        raise ScanReadError(p, f"not a {_FORMAT_NAME[kind]} file (its first bytes do not match the format)")
+    if kind == "jsrt":
+        return _load_jsrt(p)
+    if kind == "dicom":
+        return _load_dicom_file(p)
+    return _load_sitk_file(p, kind)
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def _read_info(p: Path, kind: str):
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    if kind == "dicom":
+        reader.SetImageIO("GDCMImageIO")
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        name = _FORMAT_NAME.get(kind, kind)
+        raise ScanReadError(p, f"cannot read the {name} header: {_one_line_itk(e)}") from None
+    return reader
+
+
+def _check_info(p: Path, reader, warnings: list):
+    sitk = _sitk()
+    dim = reader.GetDimension()
+    size = list(reader.GetSize())
+    if dim == 1 or (dim >= 2 and sum(s > 1 for s in size) <= 1 and math.prod(size) > 0):
+        raise ScanReadError(p, f"1D data (size {tuple(size)}): expected a 2D radiograph or a 3D volume")
+    if dim >= 4 and any(s > 1 for s in size[3:]):
+        raise ScanReadError(
+            p, f"{dim}D data (size {tuple(size)} in x, y, z, t order): expected a 2D radiograph or a "
+            "3D volume, not a time series or multi-volume file",
+        )
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())
+    _check_size(p, size, reader.GetNumberOfComponents(), _bytes_per_component(pixel))
+    _check_spacing(p, reader.GetSpacing(), warnings)
+
+
+def _execute(reader, p: Path, kind: str):
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        name = _FORMAT_NAME.get(kind, kind)
+        raise ScanReadError(p, f"cannot read the {name} image data: {_one_line_itk(e)}") from None
+    except MemoryError:
+        raise ScanReadError(p, "not enough memory to read the image") from None
+
+
+def _load_sitk_file(p: Path, kind: str) -> Scan:
+    if kind == "metaimage":
+        _check_metaimage(p)
+    elif kind == "nifti":
+        _check_nifti(p)
+    elif kind == "nrrd":
+        _check_nrrd(p)
+    warnings: list[str] = []
+    reader = _read_info(p, kind)
+    _check_info(p, reader, warnings)
+    img = _execute(reader, p, kind)
+    meta = {"format": kind}
+    return _scan_from_image(img, p, kind, warnings, meta, seriesuid=strip_image_suffix(p.name))
+
+
+def _load_jsrt(p: Path) -> Scan:
+    try:
+        raw = np.fromfile(p, dtype=">u2")
+    except OSError as e:
+        raise ScanReadError(p, f"cannot read the file: {e.strerror or e}") from None
+    if raw.size != JSRT_SHAPE[0] * JSRT_SHAPE[1]:
+        raise ScanReadError(p, f"JSRT .IMG must hold {JSRT_NBYTES} bytes, got {raw.size * 2}")
+    raw = raw.reshape(JSRT_SHAPE)
+    warnings: list[str] = []
+    over = int((raw > 4095).sum())
+    if over:
+        warnings.append(f"{over} pixels above the 12-bit maximum 4095 were clipped")
+    # JSRT stores optical density (lungs bright); invert to the usual display (lungs dark).
+    arr = (4095 - np.minimum(raw, 4095)).astype(np.uint16)
+    meta = {"format": "jsrt", "original_dtype": ">u2", "bits_stored": 12, "inverted": True,
+            "photometric": "MONOCHROME1"}
+    return Scan(arr, (JSRT_SPACING_MM, JSRT_SPACING_MM), (0.0, 0.0), np.eye(2), "CXR",
+                path=str(p), seriesuid=strip_image_suffix(p.name), warnings=warnings, metadata=meta)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _dicom_tag(reader_or_img, key: str, index: int | None = None) -> str | None:
+    try:
+        if index is None:
+            if reader_or_img.HasMetaDataKey(key):
+                return reader_or_img.GetMetaData(key).strip()
+        elif reader_or_img.HasMetaDataKey(index, key):
+            return reader_or_img.GetMetaData(index, key).strip()
+    except (RuntimeError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _parse_floats(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        vals = [float(v) for v in text.replace("\\", " ").split()]
+    except ValueError:
+        return None
+    return vals or None
+
+
+def _dicom_series_in(folder: Path, max_dirs: int = 500) -> list[tuple[Path, str, list[str]]]:
+    """All DICOM series in ``folder`` and below: (folder, series uid, files sorted by position)."""
+    sitk = _sitk()
+    found = []
+    ndirs = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        ndirs += 1
+        if ndirs > max_dirs:
+            break
+        if not files:
+            continue
+        try:
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(root)
+        except RuntimeError:
+            continue
+        for uid in ids:
+            try:
+                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid)
+            except RuntimeError:
+                continue
+            if names:
+                found.append((Path(root), uid, list(names)))
+    return found
+
+
+def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise ScanReadError(folder, f"cannot list the folder: {e.strerror or e}") from None
+    if not entries:
+        raise ScanReadError(folder, "folder is empty: expected a DICOM series")
+    series = _dicom_series_in(folder)
+    if not series:
+        raise ScanReadError(folder, "no DICOM series found in this folder or its sub-folders")
+    series.sort(key=lambda s: len(s[2]), reverse=True)
+    root, uid, files = series[0]
+    warnings: list[str] = []
+    if len(series) > 1:
+        others = ", ".join(f"{u} ({len(f)} files)" for _, u, f in series[1:6])
+        more = f" and {len(series) - 6} more" if len(series) > 6 else ""
+        warnings.append(
+            f"the folder holds {len(series)} DICOM series; opened the largest, {uid} "
+            f"({len(files)} files); not opened: {others}{more}"
+        )
+    return _read_dicom_files(folder, files, uid, warnings, opened_file)
+
+
+def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, opened_file=None) -> Scan:
+    sitk = _sitk()
+    first = _read_info(Path(files[0]), "dicom")
+    size = list(first.GetSize())
+    if len(size) == 3 and size[2] == 1:
+        size[2] = len(files)
+    pixel = sitk.GetPixelIDValueAsString(first.GetPixelIDValue())
+    _check_size(where, size, first.GetNumberOfComponents(), max(_bytes_per_component(pixel), 2))
+    if len(files) == 1:
+        return _load_dicom_file(Path(files[0]), warnings, path_for_scan=where)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise ScanReadError(where, f"cannot read the DICOM series {uid}: {_one_line_itk(e)}") from None
+    except MemoryError:
+        raise ScanReadError(where, "not enough memory to read the DICOM series") from None
+    _check_spacing(where, img.GetSpacing(), warnings)
+    _check_slice_positions(reader, len(files), img, warnings)
+    series_uid = _dicom_tag(reader, "0020|000e", 0) or uid
+    meta = {
+        "format": "dicom-series",
+        "n_files": len(files),
+        "dicom_modality": _dicom_tag(reader, "0008|0060", 0) or "",
+        "series_description": _dicom_tag(reader, "0008|103e", 0) or "",
+        "photometric": _dicom_tag(reader, "0028|0004", 0) or "",
+        "files": [files[0], files[-1]],
+    }
+    if opened_file is not None:
+        meta["opened_file"] = str(opened_file)
+    return _scan_from_image(img, where, "dicom", warnings, meta, seriesuid=series_uid)
+
+
+def _check_slice_positions(reader, n: int, img, warnings: list):
+    """Warn about missing/duplicate slices: position gaps along the slice normal."""
+    d = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    normal = d[:, 2]
+    pos = []
+    for i in range(n):
+        v = _parse_floats(_dicom_tag(reader, "0020|0032", i))
+        if v is None or len(v) != 3:
+            return
+        pos.append(float(np.dot(v, normal)))
+    gaps = np.diff(np.asarray(pos))
+    if gaps.size == 0:
+        return
+    med = float(np.median(np.abs(gaps)))
+    if med <= 0:
+        warnings.append("DICOM slices share one position: the volume's slice order is unreliable")
+        return
+    if np.any(np.abs(np.abs(gaps) - med) > 0.1 * med + 1e-3):
+        warnings.append(
+            f"slice spacing is not uniform (gaps {np.abs(gaps).min():.3g} to {np.abs(gaps).max():.3g} mm, "
+            f"median {med:.3g} mm): missing or duplicate slices; geometry uses {img.GetSpacing()[2]:.3g} mm"
+        )
+
+
+def _load_dicom_file(p: Path, warnings: list | None = None, path_for_scan: Path | None = None) -> Scan:
+    warnings = [] if warnings is None else warnings
+    reader = _read_info(p, "dicom")
+    size = reader.GetSize()
+    modality = (_dicom_tag(reader, "0008|0060") or "").upper()
+    single_slice = len(size) == 2 or (len(size) == 3 and size[2] == 1)
+    if single_slice and modality in ("CT", "PT", "MR"):
+        uid = _dicom_tag(reader, "0020|000e")
+        sitk = _sitk()
+        names: list[str] = []
+        if uid:
+            try:
+                names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p.parent), uid))
+            except RuntimeError:
+                names = []
+        if len(names) > 1 and path_for_scan is None:
+            warnings.append(
+                f"{p.name} is one slice of a {modality} series; opened the whole series "
+                f"({len(names)} slices) from its folder"
+            )
+            return _read_dicom_files(p.parent, names, uid, warnings, opened_file=p)
+        raise ScanReadError(
+            path_for_scan or p, f"holds a single {modality} slice; a chest CT needs the whole series: "
+            "open the folder that holds all its slices",
+        )
+    return _load_dicom_single(p, warnings, path_for_scan=path_for_scan)
+
+
+def _load_dicom_single(p: Path, warnings: list, path_for_scan: Path | None = None) -> Scan:
+    reader = _read_info(p, "dicom")
+    _check_info(p, reader, warnings)
+    img = _execute(reader, p, "dicom")
+    meta = {
+        "format": "dicom",
+        "dicom_modality": _dicom_tag(reader, "0008|0060") or "",
+        "photometric": _dicom_tag(reader, "0028|0004") or "",
+        "series_description": _dicom_tag(reader, "0008|103e") or "",
+    }
+    spacing_tags = {
+        "pixel_spacing": _parse_floats(_dicom_tag(reader, "0028|0030")),
+        "imager_pixel_spacing": _parse_floats(_dicom_tag(reader, "0018|1164")),
+    }
+    uid = _dicom_tag(reader, "0020|000e") or strip_image_suffix(p.name)
+    where = path_for_scan or p
+    return _scan_from_image(img, where, "dicom", warnings, meta, seriesuid=uid, dicom_spacing=spacing_tags)
+
+
+# --------------------------------------------------------------------------- to Scan
+
+
+def default_cxr_spacing(shape) -> float:
+    """Assumed mm/px for a radiograph of ``shape`` without pixel size (see module doc)."""
+    return DEFAULT_CXR_FIELD_MM / float(max(shape))
+
+
+def _to_grey(img, p: Path, warnings: list):
+    """Vector (RGB/RGBA/grey+alpha) 2D image -> grey numpy array (y, x)."""
+    sitk = _sitk()
+    arr = sitk.GetArrayFromImage(img)
+    nc = arr.shape[-1]
+    if nc in (3, 4):
+        rgb = arr[..., :3].astype(np.float32)
+        if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 1], rgb[..., 2]):
+            grey = rgb[..., 0]
+            warnings.append(f"{'RGBA' if nc == 4 else 'RGB'} image with equal channels read as grey")
+        else:
+            grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luma
+            warnings.append(
+                f"colour ({'RGBA' if nc == 4 else 'RGB'}) image reduced to grey (luma 0.299 R + 0.587 G "
+                "+ 0.114 B); a radiograph is normally stored grey"
+            )
+        if nc == 4:
+            warnings[-1] += "; alpha channel ignored"
+    elif nc == 2:
+        grey = arr[..., 0].astype(np.float32)
+        warnings.append("grey + alpha image: alpha channel ignored")
+    else:
+        raise ScanReadError(p, f"image has {nc} channels per pixel: expected grey, RGB or RGBA")
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        grey = np.clip(np.rint(grey), info.min, info.max).astype(arr.dtype)
+    return grey
+
+
+def _orthonormal(d: np.ndarray, p: Path, warnings: list, tol: float = 1e-3) -> np.ndarray:
+    if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
+        raise ScanReadError(p, f"direction matrix {np.round(d, 4).tolist()} is singular or not finite")
+    if np.allclose(d.T @ d, np.eye(len(d)), atol=tol):
+        return d
+    u, _, vt = np.linalg.svd(d)
+    fixed = u @ vt
+    warnings.append(
+        f"direction matrix {np.round(d, 4).tolist()} is not orthonormal (sheared); replaced by the "
+        f"nearest rotation {np.round(fixed, 4).tolist()}"
+    )
+    return fixed
+
+
+def _fix_nonfinite(arr: np.ndarray, p: Path, warnings: list) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.floating):
+        return arr
+    bad = ~np.isfinite(arr)
+    nbad = int(bad.sum())
+    if not nbad:
+        return arr
+    if nbad == arr.size:
+        raise ScanReadError(p, "image holds no finite values (all NaN or infinite)")
+    fill = float(arr[~bad].min())
+    arr = arr.copy()
+    arr[bad] = fill
+    warnings.append(f"{nbad} NaN/infinite voxels replaced by the image minimum {fill:g}")
+    return arr
+
+
+def _ct_dtype(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.int16 or arr.dtype == np.float32:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo >= -32768 and hi <= 32767:
+            return arr.astype(np.int16)
+    return arr.astype(np.float32)
+
+
+def _cxr_dtype(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32):
+        return arr
+    if np.issubdtype(arr.dtype, np.integer) and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 65535:
+            return arr.astype(np.uint16)
+        if lo >= -32768 and hi <= 32767:
+            return arr.astype(np.int16)
+    return arr.astype(np.float32)
+
+
+def _itk_inverts_monochrome1() -> bool:
+    """ITK >= 5.3 (SimpleITK >= 2.2) shows MONOCHROME1 DICOM as MONOCHROME2 itself."""
+    sitk = _sitk()
+    try:
+        ver = (int(sitk.Version.ITKMajorVersion()), int(sitk.Version.ITKMinorVersion()))
+    except (AttributeError, ValueError):
+        return True
+    return ver >= (5, 3)
+
+
+def _scan_from_image(img, p: Path, kind: str, warnings: list, meta: dict, seriesuid: str,
+                     dicom_spacing: dict | None = None) -> Scan:
+    sitk = _sitk()
+    dim = img.GetDimension()
+    if dim == 4:
+        img = img[:, :, :, 0]
+        dim = 3
+    size = list(img.GetSize())
+    spacing = np.asarray(img.GetSpacing(), float)
+    origin = np.asarray(img.GetOrigin(), float)
+    direction = np.asarray(img.GetDirection(), float).reshape(dim, dim)
+    meta.setdefault("original_dtype", img.GetPixelIDTypeAsString())
+    ncomp = img.GetNumberOfComponentsPerPixel()
+
+    if dim == 3 and size[2] == 1:
+        # one slice: a radiograph stored as a volume (e.g. DICOM DX, 3D .mha with one slice)
+        img = img[:, :, 0]
+        dim = 2
+        plane = direction[:2, :2]
+        if np.allclose(plane.T @ plane, np.eye(2), atol=1e-3):
+            direction, origin = plane, origin[:2]
+        else:
+            meta["direction_3d"] = direction.tolist()
+            meta["origin_3d"] = origin.tolist()
+            direction, origin = np.eye(2), np.zeros(2)
+        spacing = spacing[:2]
+    if dim == 3 and ncomp > 1:
+        raise ScanReadError(p, f"volume has {ncomp} values per voxel: expected a grey (single-channel) CT")
+    if dim == 2 and ncomp > 1:
+        arr = _to_grey(img, p, warnings)
+    else:
+        arr = sitk.GetArrayFromImage(img)
+    if arr.ndim != dim:
+        raise ScanReadError(p, f"unexpected image layout: array shape {arr.shape} for a {dim}D image")
+    if any(s < 2 for s in arr.shape):
+        raise ScanReadError(p, f"degenerate image of shape {arr.shape}: expected a 2D radiograph or a 3D volume")
+
+    # ITK (x, y, z) -> array order (z, y, x)
+    spacing_a = spacing[::-1].copy()
+    origin_a = origin[::-1].copy()
+    direction_a = _orthonormal(direction[::-1, ::-1].copy(), p, warnings)
+    arr = _fix_nonfinite(arr, p, warnings)
+
+    if dim == 3:
+        modality = "CT"
+        arr = _ct_dtype(arr)
+    else:
+        modality = "CXR"
+        photometric = (meta.get("photometric") or "").upper()
+        if photometric == "MONOCHROME1":
+            if _itk_inverts_monochrome1():
+                meta["inverted"] = True  # done by ITK's DICOM reader
+            else:
+                arr = arr.max() + arr.min() - arr
+                meta["inverted"] = True
+        arr = _cxr_dtype(arr)
+        spacing_a = _cxr_spacing(arr.shape, spacing_a, kind, warnings, meta, dicom_spacing)
+
+    return Scan(arr, tuple(spacing_a), tuple(origin_a), direction_a, modality,
+                path=str(p), seriesuid=seriesuid, warnings=warnings, metadata=meta)
+
+
+def _cxr_spacing(shape, spacing_a, kind: str, warnings: list, meta: dict, dicom_spacing) -> np.ndarray:
+    """The pixel size of a radiograph, or the stated default when the file has none."""
+    sp = np.asarray(spacing_a, float)
+    if kind == "dicom" and np.allclose(sp, 1.0) and dicom_spacing:
+        # GDCM ignores Pixel Spacing for some modalities (DX): read the tags directly.
+        for tag in ("pixel_spacing", "imager_pixel_spacing"):
+            v = dicom_spacing.get(tag)
+            if v and len(v) >= 2 and all(math.isfinite(x) and 0 < x <= MAX_SPACING_MM for x in v[:2]):
+                meta["spacing_source"] = tag
+                return np.asarray(v[:2], float)
+    why = None
+    if kind == "jpeg":
+        why = "JPEG files carry no pixel size"
+    elif np.allclose(sp, 1.0, rtol=0, atol=1e-9):
+        why = ("the file gives no pixel size" if kind in _RASTER_KINDS or kind == "dicom"
+               else "the file's pixel size of exactly 1.0 mm looks like a placeholder")
+    elif kind in _RASTER_KINDS:
+        for dpi in _SOFTWARE_DPI:
+            if np.allclose(sp, 25.4 / dpi, rtol=1e-4):
+                why = f"the file's {dpi:g} dpi is a software default, not a detector pixel size"
+                break
+    if why is None:
+        meta["spacing_source"] = "file"
+        return sp
+    s = default_cxr_spacing(shape)
+    meta["spacing_source"] = "assumed"
+    warnings.append(
+        f"{why}: assumed {s:.4g} mm/px (the longer side, {max(shape)} px, taken as "
+        f"{DEFAULT_CXR_FIELD_MM:g} mm); sizes in mm are approximate"
+    )
+    return np.array([s, s])
