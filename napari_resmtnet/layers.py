@@ -417,6 +417,18 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None):
     return data, rows, edge, text
 
 
+_FEATURE_DTYPES = {"id": "int64", "probability": "float64", "malignancy": "float64", "label": object,
+                   "diameter_mm": "float64", "source": object, "reviewed": "bool", "slice": "int64"}
+
+
+def features_frame(rows: dict):
+    """Per-shape feature columns -> a typed pandas DataFrame (typed even when empty, so that
+    napari accepts string/bool defaults for shapes drawn later)."""
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series(rows.get(c, []), dtype=_FEATURE_DTYPES[c]) for c in FEATURE_COLUMNS})
+
+
 def feature_defaults(new_label: str = "benign") -> dict:
     """Features a shape drawn by hand starts with; ``id`` -1 marks it as not yet a nodule."""
     return {"id": -1, "probability": 1.0, "malignancy": 1.0 if new_label == "malignant" else 0.0,
@@ -472,7 +484,7 @@ def table_to_layer_data(table: NoduleTable, threshold: float | None = None,
         edge_color=edge if n else "lime",
         face_color=np.zeros((n, 4)) if n else "transparent",
         edge_width=edge_width_for(table),
-        features=feats,
+        features=features_frame(feats),
         feature_defaults=feature_defaults(new_label),
         text=text_kwargs(text),
         metadata={META_KEY: table, "image": dict(table.image), "model_info": table.model_info,

@@ -43,7 +43,7 @@ def test_ct_layer_has_one_rectangle_per_slice_with_features():
     assert kind == "shapes"
     # nodule 1 on 4 slices, nodule 3 on one; nodule 2 (p=0.3) hidden
     assert len(data) == 5
-    feats = kw["features"]
+    feats = {k: v.tolist() for k, v in kw["features"].items()}
     assert set(FEATURE_COLUMNS) <= set(feats)
     assert feats["id"] == [1, 1, 1, 1, 3]
     assert feats["slice"] == [5, 6, 7, 8, 15]
@@ -79,7 +79,7 @@ def test_cxr_layer_and_round_trip():
                      Detections.geometry_of(scan))
     (data, kw, _), = detections_to_layer_data(det, scan, threshold=0.5)
     assert len(data) == 2 and data[0].shape == (4, 2)
-    assert kw["features"]["slice"] == [-1, -1]
+    assert kw["features"]["slice"].tolist() == [-1, -1]
     back = layer_to_nodules((data, kw, "shapes"))
     np.testing.assert_array_equal(back.boxes, det.boxes)
     np.testing.assert_array_equal(back.probability, det.probability)

@@ -1,0 +1,809 @@
+"""The "Detect nodules" dock widget: detect, review, correct and export lung nodules.
+
+Workflow: pick the image layer, the model (CT or CXR; from the image's modality unless
+overridden) and device, click **Detect nodules**. Detection runs in a napari
+``thread_worker`` with a progress bar in the activity dock and a Cancel button; the layers
+change only when it returns, on the GUI thread (``RESMTNET_SYNC=1`` runs it synchronously
+for debugging). The result is a Shapes layer (`napari_resmtnet.layers`): one rectangle per
+slice a CT nodule spans, coloured by label (benign green, malignant red), text
+"malignant 0.87", opacity by confidence.
+
+Review and correction: the threshold slider hides/shows candidates without re-running the
+model; the table lists shown nodules (click: go to its slice and select it); with the
+layer's select tool move or resize a box (on any slice: the 3D box's in-plane extents
+follow), delete it (Delete/Backspace), draw a new one (rectangle tool, key ``n``; label
+from "new nodule label"), flip benign/malignant (key ``m`` or button), mark reviewed (key
+``r`` or button), undo (Ctrl+Z or button). Export writes LUNA16-style CSV + full JSON;
+Import restores a JSON (or CSV) made for the same image.
+
+The nodule table in ``layer.metadata["nodules"]`` is the truth; every change goes through
+`NoduleWidget._set_table`, which ends in `NoduleWidget._on_nodules_changed` -- the one
+place to hook autosave (the ``nodules_changed`` signal carries the new table).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from functools import partial
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QPushButton,
+    QSlider, QVBoxLayout, QWidget,
+)
+
+from napari.utils.notifications import show_error, show_info
+
+from .layers import (
+    LABEL_RGB, LABELS, META_KEY, NoduleTable, edge_width_for, feature_defaults, features_frame,
+    image_identity,
+    reconcile, scan_for_layer, table_to_layer_data, table_to_shapes, text_kwargs,
+)
+
+MODEL_CHOICES = ("auto", "CT", "CXR")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+UNDO_DEPTH = 50
+
+
+def default_predictor_factory(modality: str, device: str):
+    """The bundled Res-MTNet for ``modality`` on ``device`` (loads weights; slow)."""
+    from .inference import Predictor
+
+    return Predictor(modality=modality, device=device)
+
+
+def probe_cuda() -> tuple[bool, str]:
+    """(available, description) of a CUDA GPU, importing torch only now."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    try:
+        if torch.cuda.is_available():
+            return True, f"CUDA: {torch.cuda.get_device_name(0)}"
+    except RuntimeError as exc:
+        return False, f"CUDA unusable ({exc})"
+    return False, "no CUDA GPU found: CPU"
+
+
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb)
+
+
+def is_nodule_layer(layer) -> bool:
+    return isinstance(getattr(layer, "metadata", None), dict) and isinstance(
+        layer.metadata.get(META_KEY), NoduleTable)
+
+
+class NoduleWidget(QWidget):
+    """Dock widget: Detect nodules, review, correct, export.
+
+    ``predictor_factory(modality, device)`` returns an object with
+    ``predict(scan, progress, cancel) -> Detections``, ``threshold`` and ``model_info``
+    (default: `napari_resmtnet.inference.Predictor`); predictors are cached per
+    (modality, device).
+    """
+
+    #: emitted with the new `NoduleTable` after every change (see `_on_nodules_changed`)
+    nodules_changed = Signal(object)
+
+    def __init__(self, napari_viewer, predictor_factory=None, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._factory = predictor_factory or default_predictor_factory
+        self._predictors: dict = {}
+        self._predictor_lock = threading.Lock()
+        self._worker = None
+        self._running = False
+        self._cancel = threading.Event()
+        self._pbar = None
+        self.nodule_layer = None
+        self._undo: dict[int, list[NoduleTable]] = {}
+        self._updating = False
+        self._pending_removed: set[int] = set()
+        self._sync_scheduled = False
+        self._last_selected: tuple = ()
+        self.cuda_available = False
+        self._build_ui()
+        self._relay = None
+        from ._qt.runner import ProgressRelay
+
+        self._relay = ProgressRelay(self)
+        self._relay.progressed.connect(self._on_progress)
+
+        layers = self.viewer.layers
+        layers.events.inserted.connect(self._on_layer_inserted)
+        layers.events.removed.connect(self._on_layer_removed)
+        layers.selection.events.active.connect(self._on_active_layer)
+        for layer in layers:
+            self._watch_name(layer)
+        self._refresh_images()
+        for layer in layers:
+            if is_nodule_layer(layer):
+                self._adopt(layer)
+        QTimer.singleShot(0, self._probe_devices)
+
+    # --- UI -------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        from ._qt.table import NoduleTableView
+
+        root = QVBoxLayout(self)
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.currentIndexChanged.connect(self._update_model_hint)
+        form.addRow("image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(["auto (from image)", "CT (3D)", "CXR (radiograph)"])
+        self.model_combo.currentIndexChanged.connect(self._update_model_hint)
+        form.addRow("model", self.model_combo)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "CPU", "CUDA"])
+        form.addRow("device", self.device_combo)
+        self.device_label = QLabel("checking for a GPU…")
+        form.addRow("", self.device_label)
+        root.addLayout(form)
+
+        row = QHBoxLayout()
+        self.detect_button = QPushButton("Detect nodules")
+        self.detect_button.clicked.connect(self.detect)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.detect_button, 3)
+        row.addWidget(self.cancel_button, 1)
+        root.addLayout(row)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        root.addWidget(self.status_label)
+
+        thr = QHBoxLayout()
+        thr.addWidget(QLabel("threshold"))
+        self.threshold_slider = QSlider(Qt.Horizontal)
+        self.threshold_slider.setRange(0, 100)
+        self.threshold_slider.setValue(50)
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        thr.addWidget(self.threshold_slider, 1)
+        self.threshold_label = QLabel("0.50")
+        thr.addWidget(self.threshold_label)
+        root.addLayout(thr)
+        self.count_label = QLabel("no nodules")
+        root.addWidget(self.count_label)
+        b, m = _hex(LABEL_RGB["benign"]), _hex(LABEL_RGB["malignant"])
+        self.legend = QLabel(f"<span style='color:{b}'>&#9632; benign</span> &nbsp; "
+                             f"<span style='color:{m}'>&#9632; malignant</span> &nbsp; "
+                             "(fainter box = lower confidence)")
+        root.addWidget(self.legend)
+
+        self.table = NoduleTableView(self)
+        self.table.nodule_clicked.connect(self.focus_nodule)
+        self.table.itemSelectionChanged.connect(self._on_table_selection)
+        root.addWidget(self.table, 1)
+
+        grid = QGridLayout()
+        grid.addWidget(QLabel("new nodule label"), 0, 0)
+        self.new_label_combo = QComboBox()
+        self.new_label_combo.addItems(list(LABELS))
+        self.new_label_combo.currentTextChanged.connect(self._on_new_label)
+        grid.addWidget(self.new_label_combo, 0, 1)
+        self.add_button = QPushButton("Draw new (n)")
+        self.add_button.clicked.connect(self.start_drawing)
+        grid.addWidget(self.add_button, 0, 2)
+        self.flip_button = QPushButton("Flip label (m)")
+        self.flip_button.clicked.connect(self.flip_selected)
+        self.reviewed_button = QPushButton("Reviewed (r)")
+        self.reviewed_button.clicked.connect(self.mark_reviewed)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.undo_button = QPushButton("Undo (Ctrl+Z)")
+        self.undo_button.clicked.connect(self.undo)
+        grid.addWidget(self.flip_button, 1, 0)
+        grid.addWidget(self.reviewed_button, 1, 1)
+        grid.addWidget(self.delete_button, 1, 2)
+        grid.addWidget(self.undo_button, 2, 2)
+        self.export_button = QPushButton("Export…")
+        self.export_button.clicked.connect(self._export_dialog)
+        self.import_button = QPushButton("Import…")
+        self.import_button.clicked.connect(self._import_dialog)
+        grid.addWidget(self.export_button, 2, 0)
+        grid.addWidget(self.import_button, 2, 1)
+        root.addLayout(grid)
+        self._update_buttons()
+
+    def _probe_devices(self) -> None:
+        self.cuda_available, text = probe_cuda()
+        self.device_label.setText(text)
+        self.device_combo.model().item(2).setEnabled(self.cuda_available)
+
+    def _update_buttons(self) -> None:
+        have = self.nodule_layer is not None
+        for b in (self.flip_button, self.reviewed_button, self.delete_button, self.export_button,
+                  self.add_button):
+            b.setEnabled(have)
+        self.undo_button.setEnabled(have and bool(self._undo.get(id(self.nodule_layer))))
+        self.detect_button.setEnabled(not self._running)
+        self.cancel_button.setEnabled(self._running)
+
+    # --- image layers ---------------------------------------------------------------------
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [ly for ly in self.viewer.layers if isinstance(ly, Image)]
+
+    def _watch_name(self, layer) -> None:
+        layer.events.name.connect(self._refresh_images)
+
+    def _refresh_images(self, event=None) -> None:
+        current = self.image_combo.currentText()
+        names = [ly.name for ly in self._image_layers()]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentIndex(names.index(current))
+        self.image_combo.blockSignals(False)
+        self._update_model_hint()
+
+    def image_layer(self):
+        """The image layer chosen in the picker (None when there is none)."""
+        name = self.image_combo.currentText()
+        for ly in self._image_layers():
+            if ly.name == name:
+                return ly
+        return None
+
+    def set_image_layer(self, layer) -> None:
+        i = self.image_combo.findText(layer.name)
+        if i >= 0:
+            self.image_combo.setCurrentIndex(i)
+
+    def modality_for(self, layer) -> str:
+        """CT or CXR: the override if chosen, else the layer's modality, else by ndim."""
+        choice = MODEL_CHOICES[self.model_combo.currentIndex()]
+        if choice != "auto":
+            return choice
+        md = getattr(layer, "metadata", {}) or {}
+        mod = md.get("modality")
+        scan = md.get("scan")
+        if mod is None and scan is not None:
+            mod = scan.get("modality") if isinstance(scan, dict) else getattr(scan, "modality", None)
+        if str(mod).upper() in ("CT", "CXR"):
+            return str(mod).upper()
+        nd = layer.data.ndim - (1 if getattr(layer, "rgb", False) else 0)
+        return "CT" if nd == 3 else "CXR"
+
+    def _update_model_hint(self, *_):
+        layer = self.image_layer()
+        if layer is not None and not self._running:
+            self.status_label.setText(f"{layer.name}: {self.modality_for(layer)} model")
+
+    def device(self) -> str:
+        return DEVICE_CHOICES[self.device_combo.currentIndex()]
+
+    # --- detection ------------------------------------------------------------------------
+    def _get_predictor(self, modality: str, device: str):
+        key = (modality, device)
+        with self._predictor_lock:
+            if key not in self._predictors:
+                self._predictors[key] = self._factory(modality, device)
+            return self._predictors[key]
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    def detect(self, *_) -> None:
+        """Run detection on the chosen image layer (in a worker thread)."""
+        if self._running:
+            show_info("Detection is already running; wait for it or cancel it.")
+            return
+        layer = self.image_layer()
+        if layer is None:
+            show_error("Open a chest CT or X-ray first: there is no image layer to search.")
+            return
+        modality = self.modality_for(layer)
+        try:
+            scan = scan_for_layer(layer, modality)
+        except ValueError as exc:
+            show_error(str(exc))
+            return
+        device = self.device()
+        if device == "cuda" and not self.cuda_available:
+            show_error("CUDA was chosen but no CUDA GPU was found; choose auto or CPU.")
+            return
+        from napari.utils import progress
+
+        from ._qt.runner import run_detection
+
+        self._cancel = threading.Event()
+        self._running = True
+        self._update_buttons()
+        self.status_label.setText(f"Detecting nodules in {layer.name} ({modality}, {device})…")
+        self._pbar = progress(total=1000, desc=f"Detecting nodules ({modality})")
+        job = partial(run_detection, self._get_predictor, scan, modality, device, self._cancel,
+                      self._relay, {"image_layer": layer.name, "image": image_identity(scan)})
+        if os.environ.get("RESMTNET_SYNC") == "1":
+            self._on_detection_done(job())
+            return
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(job, _start_thread=False)
+        worker.returned.connect(self._on_detection_done)
+        worker.finished.connect(self._on_worker_finished)
+        self._worker = worker
+        worker.start()
+
+    def cancel(self, *_) -> None:
+        """Ask the running detection to stop (at its next check)."""
+        if self._running:
+            self._cancel.set()
+            self.status_label.setText("Cancelling…")
+            self.cancel_button.setEnabled(False)
+
+    def _on_progress(self, fraction: float, stage: str) -> None:
+        pbar = self._pbar
+        if pbar is None or not self._running:
+            return  # a late update from a finished run
+        if stage:
+            pbar.set_description(f"Detecting nodules: {stage}")
+        target = int(round(fraction * 1000))
+        if target > pbar.n:
+            pbar.update(target - pbar.n)
+
+    def _close_progress(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def _on_worker_finished(self) -> None:
+        self._worker = None
+
+    def _on_detection_done(self, outcome) -> None:
+        """GUI thread: the only place detection changes layers."""
+        self._running = False
+        self._close_progress()
+        self._update_buttons()
+        if outcome.kind == "cancelled":
+            self.status_label.setText("Detection cancelled.")
+            show_info("Nodule detection cancelled.")
+            return
+        if outcome.kind == "error":
+            self.status_label.setText(f"Detection failed: {outcome.message}")
+            show_error(f"Nodule detection failed: {outcome.message}")
+            return
+        image = outcome.context["image"]
+        try:
+            table = NoduleTable.from_detections(outcome.detections, image, threshold=outcome.threshold,
+                                                model_info=outcome.model_info)
+        except (ValueError, KeyError, TypeError) as exc:
+            show_error(f"Nodule detection returned unusable results: {exc}")
+            return
+        layer = self.show_nodules(table, image_layer_name=outcome.context["image_layer"])
+        n = int(table.visible_mask().sum())
+        self.status_label.setText(f"{len(table)} candidates, {n} at threshold {table.threshold:.2f}.")
+        show_info(f"Found {n} nodule(s) in {outcome.context['image_layer']} "
+                  f"({len(table)} candidates kept; move the threshold to see more).")
+        return layer
+
+    # --- nodule layers --------------------------------------------------------------------
+    def _layer_for_image(self, image_layer_name: str):
+        for ly in self.viewer.layers:
+            if is_nodule_layer(ly) and ly.metadata.get("image_layer") == image_layer_name:
+                return ly
+        return None
+
+    def show_nodules(self, table: NoduleTable, image_layer_name: str | None = None):
+        """Show ``table`` in the nodule layer of that image (made if missing; an existing one
+        is replaced, undoably) and make it the widget's layer."""
+        layer = self._layer_for_image(image_layer_name) if image_layer_name else None
+        if layer is None and image_layer_name is None:
+            layer = self.nodule_layer
+        if layer is None:
+            from napari.layers import Layer
+
+            name = f"{image_layer_name} nodules" if image_layer_name else None
+            data, kw, kind = table_to_layer_data(table, name=name,
+                                                 new_label=self.new_label_combo.currentText())
+            kw["metadata"]["image_layer"] = image_layer_name or ""
+            layer = Layer.create(data, kw, kind)
+            self._updating = True
+            try:
+                self.viewer.add_layer(layer)
+            finally:
+                self._updating = False
+            self._adopt(layer)
+            self._on_nodules_changed()
+        else:
+            self._adopt(layer)
+            self._set_table(table, undo=True)
+        self.viewer.layers.selection.active = layer
+        return layer
+
+    def _adopt(self, layer) -> None:
+        """Make ``layer`` the one the widget edits: events, key bindings, slider, table."""
+        if layer is self.nodule_layer:
+            return
+        self._release()
+        self.nodule_layer = layer
+        layer.events.data.connect(self._on_layer_data)
+        layer.events.highlight.connect(self._on_layer_selection)
+        layer.bind_key("m", self._key_flip, overwrite=True)
+        layer.bind_key("r", self._key_reviewed, overwrite=True)
+        layer.bind_key("n", self._key_draw, overwrite=True)
+        layer.bind_key("Control-Z", self._key_undo, overwrite=True)
+        self._on_new_label(self.new_label_combo.currentText())
+        table = layer.metadata[META_KEY]
+        self._set_slider(table.threshold)
+        self.table.set_table(table)
+        self._update_counts()
+        self._update_buttons()
+
+    def _release(self) -> None:
+        layer = self.nodule_layer
+        if layer is None:
+            return
+        for ev, cb in ((layer.events.data, self._on_layer_data),
+                       (layer.events.highlight, self._on_layer_selection)):
+            try:
+                ev.disconnect(cb)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self.nodule_layer = None
+
+    @property
+    def nodules(self) -> NoduleTable | None:
+        """The current nodule table (the truth), or None."""
+        return self.nodule_layer.metadata.get(META_KEY) if self.nodule_layer is not None else None
+
+    def _render(self) -> None:
+        """Regenerate the layer's shapes, features, colours and text from its table."""
+        layer, table = self.nodule_layer, self.nodules
+        data, feats, edge, text = table_to_shapes(table)
+        self._updating = True
+        try:
+            layer.selected_data = set()
+            if len(layer.data):
+                layer.data = []
+            if data:
+                layer.add(data, shape_type="rectangle", edge_width=edge_width_for(table),
+                          edge_color=edge, face_color=np.zeros((len(data), 4)))
+            layer.features = features_frame(feats)
+            layer.text = text_kwargs(text)
+            layer.feature_defaults = feature_defaults(self.new_label_combo.currentText())
+            layer.metadata["image"] = dict(table.image)
+            layer.metadata["model_info"] = table.model_info
+            layer.metadata["threshold"] = table.threshold
+        finally:
+            self._updating = False
+        self._last_selected = ()
+
+    def _set_table(self, table: NoduleTable, undo: bool = True) -> None:
+        """The one way nodules change: store, re-render layer and table, notify."""
+        layer = self.nodule_layer
+        old = layer.metadata.get(META_KEY)
+        if undo and old is not None:
+            stack = self._undo.setdefault(id(layer), [])
+            stack.append(old)
+            del stack[:-UNDO_DEPTH]
+        layer.metadata[META_KEY] = table
+        self._render()
+        self._set_slider(table.threshold)
+        self.table.set_table(table)
+        self._update_counts()
+        self._update_buttons()
+        self._on_nodules_changed()
+
+    def _on_nodules_changed(self) -> None:
+        """Called after every change of the nodules (edits, detection, import, undo,
+        threshold). Autosave plugs in here (or connects to ``nodules_changed``)."""
+        self.nodules_changed.emit(self.nodules)
+
+    def _update_counts(self) -> None:
+        t = self.nodules
+        if t is None:
+            self.count_label.setText("no nodules")
+            return
+        shown = int(t.visible_mask().sum())
+        rev = int(t.reviewed[t.visible_mask()].sum())
+        self.count_label.setText(f"{shown} of {len(t)} nodules shown, {rev} reviewed")
+
+    # --- threshold ------------------------------------------------------------------------
+    def _set_slider(self, value: float) -> None:
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(int(round(value * 100)))
+        self.threshold_slider.blockSignals(False)
+        self.threshold_label.setText(f"{value:.2f}")
+
+    def set_threshold(self, value: float) -> None:
+        """Show nodules with probability >= value (the user's always); no re-detection."""
+        value = float(min(max(value, 0.0), 1.0))
+        self._set_slider(value)
+        t = self.nodules
+        if t is None or t.threshold == value:
+            return
+        t = t.copy()
+        t.threshold = value
+        self._set_table(t, undo=False)
+
+    def _on_threshold(self, v: int) -> None:
+        self.set_threshold(v / 100.0)
+
+    # --- layer -> table -------------------------------------------------------------------
+    def _on_layer_data(self, event) -> None:
+        if self._updating or self.nodule_layer is None:
+            return
+        action = str(getattr(event, "action", ""))
+        if action.endswith("removing"):
+            ids = self.nodule_layer.features["id"].to_numpy() if len(self.nodule_layer.features) else []
+            for i in getattr(event, "data_indices", ()):
+                if 0 <= i < len(ids) and ids[i] >= 0:
+                    self._pending_removed.add(int(ids[i]))
+        elif action.endswith(("added", "changed", "removed")):
+            if not self._sync_scheduled:
+                self._sync_scheduled = True
+                # after napari finishes the mouse event that made the change
+                QTimer.singleShot(0, self.sync_from_layer)
+
+    def sync_from_layer(self) -> bool:
+        """Fold the user's edits of the layer into the table; True when something changed."""
+        self._sync_scheduled = False
+        layer = self.nodule_layer
+        if layer is None or self._updating:
+            return False
+        removed, self._pending_removed = self._pending_removed, set()
+        feats = layer.features
+        cols = {c: feats[c].tolist() for c in ("id", "slice") if c in feats}
+        new, changed, added = reconcile(self.nodules, list(layer.data), cols, removed,
+                                        new_label=self.new_label_combo.currentText())
+        if changed:
+            self._set_table(new)
+            if added:
+                self.table.select_ids(added)
+        return changed
+
+    def _on_layer_selection(self, event=None) -> None:
+        if self._updating or self.nodule_layer is None:
+            return
+        ids = tuple(self._layer_selected_ids())
+        if ids == self._last_selected:
+            return
+        self._last_selected = ids
+        self.table.select_ids(ids)
+
+    def _layer_selected_ids(self) -> list[int]:
+        layer = self.nodule_layer
+        if layer is None or not len(layer.selected_data) or "id" not in layer.features:
+            return []
+        ids = layer.features["id"].to_numpy()
+        return sorted({int(ids[i]) for i in layer.selected_data if i < len(ids) and ids[i] >= 0})
+
+    def selected_ids(self) -> list[int]:
+        """Nodules selected in the layer, else in the table."""
+        return self._layer_selected_ids() or self.table.selected_ids()
+
+    def _on_table_selection(self) -> None:
+        if self._updating or self.nodule_layer is None:
+            return
+        ids = set(self.table.selected_ids())
+        layer = self.nodule_layer
+        if not ids or "id" not in layer.features:
+            return
+        if set(self._layer_selected_ids()) == ids:
+            return
+        fid = layer.features["id"].to_numpy()
+        self._updating = True
+        try:
+            layer.selected_data = {i for i in range(len(fid)) if int(fid[i]) in ids}
+        finally:
+            self._updating = False
+        self._last_selected = tuple(sorted(ids))
+
+    # --- navigation -----------------------------------------------------------------------
+    def focus_nodule(self, nodule_id: int) -> None:
+        """Go to the nodule's centre slice, centre the camera on it and select it."""
+        layer, t = self.nodule_layer, self.nodules
+        if t is None or nodule_id not in t:
+            return
+        i = t.index_of(nodule_id)
+        c = t.centers_voxel()[i].copy()
+        k = t.center_slice(i)
+        if t.ndim == 3:
+            c[0] = k
+        world = np.asarray(layer.data_to_world(c), float)
+        axis0 = self.viewer.dims.ndim - t.ndim
+        if t.ndim == 3:
+            self.viewer.dims.set_point(axis0, float(world[0]))
+        self.viewer.camera.center = tuple(float(v) for v in world[-2:])
+        self.viewer.layers.selection.active = layer
+        fid = layer.features["id"].to_numpy() if "id" in layer.features else np.zeros(0)
+        fsl = layer.features["slice"].to_numpy() if "slice" in layer.features else np.zeros(0)
+        sel = {j for j in range(len(fid)) if int(fid[j]) == int(nodule_id)
+               and (t.ndim == 2 or int(fsl[j]) == k)}
+        self._updating = True
+        try:
+            layer.selected_data = sel
+            if layer.mode not in ("select", "direct"):
+                layer.mode = "select"
+        finally:
+            self._updating = False
+        self._last_selected = (int(nodule_id),)
+        self.table.select_ids([nodule_id])
+
+    # --- edits ----------------------------------------------------------------------------
+    def _edit(self, fn, what: str) -> bool:
+        t = self.nodules
+        if t is None:
+            show_info("No nodules yet: detect, import, or draw one first.")
+            return False
+        ids = self.selected_ids()
+        if not ids:
+            show_info(f"Select one or more nodules (in the layer or the table) to {what}.")
+            return False
+        keep = ids
+        self._set_table(fn(t, ids))
+        layer = self.nodule_layer
+        if "id" in layer.features and what != "delete":
+            fid = layer.features["id"].to_numpy()
+            self._updating = True
+            try:
+                layer.selected_data = {j for j in range(len(fid)) if int(fid[j]) in keep}
+            finally:
+                self._updating = False
+            self._last_selected = tuple(sorted(keep))
+            self.table.select_ids(keep)
+        return True
+
+    def flip_selected(self, *_) -> bool:
+        """Benign <-> malignant for the selected nodules."""
+        return self._edit(lambda t, ids: t.flipped(ids), "flip")
+
+    def mark_reviewed(self, *_) -> bool:
+        """Mark the selected nodules reviewed (or unmark, when all already are)."""
+        return self._edit(lambda t, ids: t.with_reviewed(ids), "mark reviewed")
+
+    def delete_selected(self, *_) -> bool:
+        return self._edit(lambda t, ids: t.removed(ids), "delete")
+
+    def set_label(self, ids, label: str) -> None:
+        self._set_table(self.nodules.with_label(ids, label))
+
+    def add_nodule(self, box, label: str | None = None) -> int:
+        """Add a user nodule with ``box`` in image voxels; returns its id."""
+        t, nid = self.nodules.added(box, label=label or self.new_label_combo.currentText())
+        self._set_table(t)
+        return nid
+
+    def start_drawing(self, *_) -> None:
+        """Switch the layer to the rectangle tool: the next box drawn is a new nodule."""
+        if self.nodule_layer is None:
+            return
+        self.viewer.layers.selection.active = self.nodule_layer
+        self.nodule_layer.mode = "add_rectangle"
+
+    def undo(self, *_) -> bool:
+        """Undo the last change of the nodules (the threshold stays)."""
+        stack = self._undo.get(id(self.nodule_layer), [])
+        if not stack:
+            show_info("Nothing to undo.")
+            return False
+        prev = stack.pop().copy()
+        prev.threshold = self.nodules.threshold
+        self._set_table(prev, undo=False)
+        return True
+
+    def _on_new_label(self, label: str) -> None:
+        if self.nodule_layer is not None and "id" in self.nodule_layer.features:
+            self._updating = True
+            try:
+                self.nodule_layer.feature_defaults = feature_defaults(label)
+            finally:
+                self._updating = False
+
+    # key bindings (bound on the nodule layer; napari passes the layer)
+    def _key_flip(self, layer):
+        self.flip_selected()
+
+    def _key_reviewed(self, layer):
+        self.mark_reviewed()
+
+    def _key_draw(self, layer):
+        self.start_drawing()
+
+    def _key_undo(self, layer):
+        self.undo()
+
+    # --- export / import ------------------------------------------------------------------
+    def export_nodules(self, path) -> list[str]:
+        """Write ``<stem>.csv`` and ``<stem>.json``; errors become notifications."""
+        from .export import NoduleFileError, export_nodules
+
+        if self.nodules is None:
+            show_error("There are no nodules to export yet.")
+            return []
+        try:
+            paths = export_nodules(path, self.nodules)
+        except NoduleFileError as exc:
+            show_error(str(exc))
+            return []
+        n = int(self.nodules.visible_mask().sum())
+        show_info(f"Saved {n} nodule(s) to {paths[0]} and {os.path.basename(paths[1])}")
+        return paths
+
+    def _current_image_identity(self):
+        layer = self.image_layer()
+        if layer is not None:
+            try:
+                return image_identity(scan_for_layer(layer, self.modality_for(layer))), layer.name
+            except ValueError as exc:
+                show_error(str(exc))
+                return None, None
+        if self.nodules is not None:
+            return dict(self.nodules.image), self.nodule_layer.metadata.get("image_layer") or None
+        show_error("Open the image the nodules belong to first.")
+        return None, None
+
+    def import_nodules(self, path):
+        """Load a nodule JSON/CSV made for the chosen image; refuses another image's."""
+        from .export import NoduleFileError, import_nodules
+
+        image, image_layer = self._current_image_identity()
+        if image is None:
+            return None
+        try:
+            table = import_nodules(path, image)
+        except NoduleFileError as exc:
+            show_error(str(exc))
+            return None
+        layer = self.show_nodules(table, image_layer_name=image_layer)
+        show_info(f"Imported {len(table)} nodule(s) from {os.path.basename(str(path))}")
+        return layer
+
+    def _export_dialog(self, *_) -> None:
+        if self.nodules is None:
+            return
+        start = (self.nodules.image.get("seriesuid") or "nodules") + "_nodules.csv"
+        path, _ = QFileDialog.getSaveFileName(self, "Export nodules (CSV + JSON)", start,
+                                              "Nodule CSV (*.csv);;Nodule JSON (*.json)")
+        if path:
+            self.export_nodules(path)
+
+    def _import_dialog(self, *_) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import nodules", "",
+                                              "Nodule files (*.json *.csv)")
+        if path:
+            self.import_nodules(path)
+
+    # --- viewer events --------------------------------------------------------------------
+    def _on_layer_inserted(self, event) -> None:
+        layer = event.value
+        self._watch_name(layer)
+        self._refresh_images()
+        if is_nodule_layer(layer) and self.nodule_layer is None and not self._updating:
+            self._adopt(layer)
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        try:
+            layer.events.name.disconnect(self._refresh_images)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        self._refresh_images()
+        if layer is self.nodule_layer:
+            self._release()
+            self._undo.pop(id(layer), None)
+            self.table.set_table(None)
+            self._update_counts()
+            self._update_buttons()
+
+    def _on_active_layer(self, event) -> None:
+        layer = event.value
+        if layer is None or self._updating:
+            return
+        if is_nodule_layer(layer) and layer is not self.nodule_layer:
+            self._adopt(layer)
+        elif layer in self._image_layers():
+            self.set_image_layer(layer)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        self._cancel.set()
+        super().closeEvent(event)

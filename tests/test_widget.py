@@ -1,0 +1,376 @@
+"""The Detect-nodules dock widget in a headless napari viewer, with fake predictors."""
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy")
+napari = pytest.importorskip("napari")
+
+from napari_resmtnet import _widget as W  # noqa: E402
+from napari_resmtnet.detections import Detections  # noqa: E402
+from napari_resmtnet.layers import NoduleTable  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+MODEL = {"name": "fake-resmtnet", "version": "0.0.1", "sha256": "f" * 64}
+CT_SHAPE = (20, 64, 64)
+CT_SPACING = (2.0, 0.7, 0.7)
+CT_ORIGIN = (-100.0, 10.0, -50.0)
+CT_BOXES = [[4.2, 10, 12, 8.6, 20, 24],     # id 1, slices 5..8, p 0.9 malignant
+            [10.0, 30, 30, 12.0, 36, 40],   # id 2, slices 10..11, p 0.3 benign (hidden at 0.5)
+            [15.1, 40, 40, 15.3, 44, 44]]   # id 3, slice 15, p 0.7 malignant
+CT_PROB = [0.9, 0.3, 0.7]
+CT_MAL = [0.87, 0.2, 0.6]
+
+
+class Cancelled(Exception):
+    """Stands in for napari_resmtnet.inference.Cancelled."""
+
+
+class FakePredictor:
+    threshold = 0.5
+    model_info = MODEL
+
+    def __init__(self, modality="CT", delay=0.0, error=None):
+        self.modality, self.delay, self.error = modality, delay, error
+        self.calls = 0
+        self.thread = None
+
+    def predict(self, scan, progress=None, cancel=None):
+        self.calls += 1
+        self.thread = threading.current_thread()
+        steps = 20
+        for i in range(steps):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            if self.delay:
+                time.sleep(self.delay / steps)
+            if progress:
+                progress((i + 1) / steps, "scanning")
+        if self.error:
+            raise self.error
+        if scan.ndim == 3:
+            return Detections(CT_BOXES, CT_PROB, CT_MAL, Detections.geometry_of(scan))
+        return Detections([[10, 20, 30, 40], [50, 50, 60, 64]], [0.8, 0.6], [0.1, 0.9],
+                          Detections.geometry_of(scan))
+
+
+class Factory:
+    def __init__(self, **kw):
+        self.kw, self.made, self.predictors = kw, [], []
+
+    def __call__(self, modality, device):
+        self.made.append((modality, device))
+        p = FakePredictor(modality, **self.kw)
+        self.predictors.append(p)
+        return p
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    got = {"error": [], "info": []}
+    monkeypatch.setattr(W, "show_error", lambda m: got["error"].append(str(m)))
+    monkeypatch.setattr(W, "show_info", lambda m: got["info"].append(str(m)))
+    return got
+
+
+def make(make_napari_viewer, factory, ndim=3):
+    viewer = make_napari_viewer()
+    if ndim == 3:
+        viewer.add_image(np.zeros(CT_SHAPE, np.int16), name="ct", scale=CT_SPACING, translate=CT_ORIGIN,
+                         metadata={"modality": "CT"})
+    else:
+        viewer.add_image(np.zeros((100, 120), np.uint16), name="cxr", scale=(0.5, 0.5))
+    w = W.NoduleWidget(viewer, predictor_factory=factory)
+    viewer.window.add_dock_widget(w)
+    return viewer, w
+
+
+def detect(qtbot, w):
+    w.detect_button.click()
+    qtbot.waitUntil(lambda: not w.is_running, timeout=10000)
+    return w.nodule_layer
+
+
+def test_detect_makes_a_nodule_layer_in_image_mm(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    assert w.image_layer().name == "ct" and w.modality_for(w.image_layer()) == "CT"
+    layer = detect(qtbot, w)
+    assert f.made == [("CT", "auto")]
+    assert f.predictors[0].thread is not threading.main_thread()  # ran in a worker
+    assert layer is not None and layer in viewer.layers
+    np.testing.assert_allclose(layer.scale, CT_SPACING)
+    np.testing.assert_allclose(layer.translate, CT_ORIGIN)
+    # 4 rectangles for nodule 1, 1 for nodule 3; nodule 2 below the threshold
+    assert layer.features["id"].tolist() == [1, 1, 1, 1, 3]
+    assert set(layer.features.columns) >= {"id", "probability", "malignancy", "label", "diameter_mm",
+                                           "source", "reviewed"}
+    assert layer.features["label"].tolist()[0] == "malignant"
+    t = layer.metadata["nodules"]
+    assert len(t) == 3 and t.model_info == MODEL and t.threshold == 0.5
+    assert w.table.rowCount() == 2 and w.table.ids == [1, 3]
+    assert "2 of 3 nodules shown" in w.count_label.text()
+    assert notes["error"] == []
+
+
+def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, qtbot, notes):
+    from qtpy.QtCore import QTimer
+
+    f = Factory(delay=1.0)
+    viewer, w = make(make_napari_viewer, f)
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: w.is_running and ticks.append(time.perf_counter()))
+    timer.start()
+    w.detect_button.click()
+    assert w.is_running and not w.detect_button.isEnabled() and w.cancel_button.isEnabled()
+    w.detect()  # a second click while running
+    qtbot.waitUntil(lambda: not w.is_running, timeout=10000)
+    timer.stop()
+    assert len(f.made) == 1 and f.predictors[0].calls == 1
+    assert any("already running" in m for m in notes["info"])
+    gaps = np.diff(ticks)
+    assert len(ticks) > 20 and gaps.max() < 0.2, f"event loop stalled for {gaps.max():.3f} s"
+    assert w.nodule_layer is not None
+
+
+def test_cancel_stops_detection_without_layers(make_napari_viewer, qtbot, notes):
+    f = Factory(delay=3.0)
+    viewer, w = make(make_napari_viewer, f)
+    n_layers = len(viewer.layers)
+    w.detect_button.click()
+    qtbot.wait(100)
+    w.cancel_button.click()
+    qtbot.waitUntil(lambda: not w.is_running, timeout=5000)
+    assert len(viewer.layers) == n_layers and w.nodule_layer is None
+    assert "cancelled" in w.status_label.text().lower()
+    assert any("cancelled" in m for m in notes["info"]) and notes["error"] == []
+    assert w.detect_button.isEnabled()
+
+
+def test_error_is_a_notification_not_a_crash(make_napari_viewer, qtbot, notes):
+    f = Factory(error=RuntimeError("weights file is corrupt"))
+    viewer, w = make(make_napari_viewer, f)
+    detect(qtbot, w)
+    assert notes["error"] and "weights file is corrupt" in notes["error"][0]
+    assert w.nodule_layer is None and w.detect_button.isEnabled()
+
+    def broken_factory(modality, device):
+        raise ImportError("No module named 'napari_resmtnet.inference'")
+
+    w._factory = broken_factory
+    w._predictors.clear()
+    detect(qtbot, w)
+    assert "model is not available" in notes["error"][-1]
+
+
+def test_sync_mode_and_cxr_modality(make_napari_viewer, qtbot, notes, monkeypatch):
+    monkeypatch.setenv("RESMTNET_SYNC", "1")
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f, ndim=2)
+    w.detect()
+    assert not w.is_running
+    assert f.made == [("CXR", "auto")]
+    layer = w.nodule_layer
+    assert len(layer.data) == 2 and layer.data[0].shape == (4, 2)
+    # forcing the CT model on a radiograph is refused with a message
+    w.model_combo.setCurrentIndex(1)
+    w.detect()
+    assert "CT model needs a 3D volume" in notes["error"][-1]
+
+
+def test_threshold_slider_filters_live(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    w.threshold_slider.setValue(20)
+    assert sorted(set(layer.features["id"])) == [1, 2, 3] and len(layer.data) == 7
+    assert w.table.rowCount() == 3
+    w.threshold_slider.setValue(80)
+    assert set(layer.features["id"]) == {1} and w.table.rowCount() == 1
+    w.threshold_slider.setValue(95)
+    assert len(layer.data) == 0 and w.table.rowCount() == 0
+    assert len(layer.metadata["nodules"]) == 3  # nothing was thrown away
+    assert len(f.made) == 1  # and the model did not run again
+
+
+def test_table_click_goes_to_the_slice_and_selects(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    row = w.table.ids.index(3)
+    w.table.click_row(row)
+    # nodule 3 is on slice 15 -> world z = origin + 15 * 2 mm
+    assert viewer.dims.point[0] == pytest.approx(CT_ORIGIN[0] + 15 * CT_SPACING[0])
+    sel = list(layer.selected_data)
+    assert len(sel) == 1 and layer.features["id"][sel[0]] == 3 and layer.features["slice"][sel[0]] == 15
+    w.table.click_row(w.table.ids.index(1))
+    assert viewer.dims.point[0] == pytest.approx(CT_ORIGIN[0] + 6 * CT_SPACING[0])  # centre 6.4 -> slice 6
+    # selecting in the layer selects the table row
+    layer.selected_data = {4}
+    layer._set_highlight(force=True)
+    assert w.table.selected_ids() == [3]
+
+
+def _wait_sync(qtbot, w):
+    qtbot.waitUntil(lambda: not w._sync_scheduled, timeout=3000)
+
+
+def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    changes = []
+    w.nodules_changed.connect(changes.append)
+
+    # move the slice-6 rectangle of nodule 1 by (+3, -2) voxels: the 3D box follows
+    data = [d.copy() for d in layer.data]
+    data[1][:, 1:] += [3, -2]
+    layer.data = data
+    _wait_sync(qtbot, w)
+    t = w.nodules
+    np.testing.assert_allclose(t.boxes[t.index_of(1)], [4.2, 13, 10, 8.6, 23, 22])
+    for d, nid in zip(layer.data, layer.features["id"]):
+        if nid == 1:
+            np.testing.assert_allclose(d[:, 1:].min(0), [13, 10])
+    assert len(changes) == 1
+
+    # resize nodule 3 on its slice
+    data = [d.copy() for d in layer.data]
+    j = layer.features["id"].tolist().index(3)
+    data[j] = np.array([[15, 40, 40], [15, 40, 52], [15, 50, 52], [15, 50, 40]], float)
+    layer.data = data
+    _wait_sync(qtbot, w)
+    t = w.nodules
+    np.testing.assert_allclose(t.boxes[t.index_of(3)], [15.1, 40, 40, 15.3, 50, 52])
+    assert layer.features["diameter_mm"][layer.features["id"].tolist().index(3)] == pytest.approx(
+        np.mean([0.2 * 2, 10 * 0.7, 12 * 0.7]))
+
+    # flip with the 'm' key, mark reviewed with 'r'
+    keys = viewer.window._qt_viewer._key_map_handler
+    viewer.layers.selection.active = layer
+    layer.selected_data = {j}
+    keys.press_key("m")
+    keys.release_key("m")
+    t = w.nodules
+    assert t.label[t.index_of(3)] == "benign"
+    assert layer.features["label"][layer.features["id"].tolist().index(3)] == "benign"
+    layer.selected_data = {layer.features["id"].tolist().index(3)}
+    keys.press_key("r")
+    keys.release_key("r")
+    assert w.nodules.reviewed[w.nodules.index_of(3)]
+    assert w.table.item(w.table.ids.index(3), 7).text() == "yes"
+    # table action: select a row, flip with the button
+    w.table.click_row(w.table.ids.index(1))
+    w.flip_button.click()
+    assert w.nodules.label[w.nodules.index_of(1)] == "benign"
+
+    # add: draw a rectangle on slice 12 with "new nodule label" = malignant
+    w.new_label_combo.setCurrentText("malignant")
+    layer.add(np.array([[12, 50, 50], [12, 50, 57], [12, 57, 57], [12, 57, 50]], float),
+              shape_type="rectangle")
+    _wait_sync(qtbot, w)
+    t = w.nodules
+    assert len(t) == 4 and 4 in t
+    i = t.index_of(4)
+    assert (t.source[i], t.probability[i], t.label[i]) == ("user", 1.0, "malignant")
+    assert 12 in t.slices(i)
+
+    # delete one rectangle of nodule 1: the nodule goes
+    layer.selected_data = {layer.features["id"].tolist().index(1)}
+    layer.remove_selected()
+    _wait_sync(qtbot, w)
+    assert 1 not in w.nodules and 1 not in set(layer.features["id"])
+
+    # undo brings it back (Ctrl+Z on the layer), then the button undoes the add
+    keys.press_key("Control-Z")
+    keys.release_key("Control-Z")
+    assert 1 in w.nodules and 1 in set(layer.features["id"])
+    w.undo_button.click()
+    assert 4 not in w.nodules
+    assert len(changes) >= 8
+
+
+def test_export_import_round_trip_and_foreign_file(make_napari_viewer, qtbot, notes, tmp_path):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    w.table.click_row(0)
+    w.mark_reviewed()
+    w.add_nodule([2.5, 5, 5, 3.5, 9, 9], label="malignant")
+    before = w.nodules.copy()
+    paths = w.export_nodules(tmp_path / "case.csv")
+    assert [Path(p).name for p in paths] == ["case.csv", "case.json"]
+    d = json.loads(Path(paths[1]).read_text())
+    assert d["model"] == MODEL and d["image"]["shape"] == list(CT_SHAPE)
+    assert d["image"]["spacing"] == list(CT_SPACING)
+    # wreck the nodules, then import
+    w.table.click_row(0)
+    w.delete_selected()
+    w.set_threshold(0.1)
+    assert not w.nodules.equals(before)
+    w.import_nodules(paths[1])
+    assert w.nodules.equals(before)
+    assert w.nodule_layer is layer and w.threshold_slider.value() == 50
+    assert sorted(set(layer.features["id"])) == sorted(before.ids[before.visible_mask()].tolist())
+    # a file made for another image is refused with a message
+    other = dict(json.loads(Path(paths[1]).read_text()))
+    other["image"]["shape"] = [30, 64, 64]
+    Path(tmp_path / "other.json").write_text(json.dumps(other))
+    w.import_nodules(tmp_path / "other.json")
+    assert "belongs to another image" in notes["error"][-1]
+    assert w.nodules.equals(before)
+    # a failed export reports and leaves the old file alone
+    w.export_nodules(tmp_path / "missing-folder" / "x.csv")
+    assert "could not write" in notes["error"][-1]
+
+
+def test_writer_contribution_writes_the_layer(make_napari_viewer, qtbot, notes, tmp_path):
+    from napari_resmtnet._writer import write_nodules
+
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    paths = write_nodules(str(tmp_path / "w.json"), [layer.as_layer_data_tuple()])
+    d = json.loads(Path(paths[1]).read_text())
+    assert [n["id"] for n in d["nodules"]] == [1, 3] and [n["id"] for n in d["hidden"]] == [2]
+
+
+def _data_root():
+    env = os.environ.get("RESMTNET_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_real_predictor_on_a_luna16_cube(make_napari_viewer, qtbot, notes):
+    try:
+        import napari_resmtnet.inference  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"napari_resmtnet.inference not available: {exc}")
+    cubes = sorted((_data_root() / "ct_nodule_cubes" / "images").glob("*.mha"))[:1]
+    if not cubes:
+        pytest.skip(f"no LUNA16 cubes under {_data_root()} (set RESMTNET_DATA)")
+    sitk = pytest.importorskip("SimpleITK")
+    img = sitk.ReadImage(str(cubes[0]))
+    arr = sitk.GetArrayFromImage(img)
+    viewer = make_napari_viewer()
+    viewer.add_image(arr, name="cube", scale=img.GetSpacing()[::-1], translate=img.GetOrigin()[::-1],
+                     metadata={"modality": "CT"})
+    w = W.NoduleWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.device_combo.setCurrentIndex(1)  # CPU
+    w.detect_button.click()
+    qtbot.waitUntil(lambda: not w.is_running, timeout=120000)
+    if notes["error"]:
+        pytest.skip(f"real predictor could not run here: {notes['error'][0]}")
+    t = w.nodules
+    assert isinstance(t, NoduleTable) and t.model_info and "sha256" in t.model_info
+    assert t.shape == arr.shape
