@@ -31,6 +31,8 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -241,18 +243,24 @@ def can_read(path) -> bool:
     return _magic_ok(p, kind)
 
 
-def _one_line_itk(err: Exception) -> str:
-    """SimpleITK's multi-line C++ exception -> its one informative line."""
-    text = str(err)
-    for line in text.splitlines():
+def _one_line_itk(err: Exception, path=None) -> str:
+    """SimpleITK's multi-line C++ exception -> one informative line (no source paths)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")
+             and not ((".cxx:" in ln or ".hxx:" in ln or ".h:" in ln) and ln.endswith(":"))]
+    msg = ""
+    for i, line in enumerate(lines):
         if "ITK ERROR" in line:
             msg = line.split("):", 1)[-1].strip()
-            if msg:
-                return msg
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")
-             and not ln.startswith("/") and ".cxx:" not in ln and ".hxx:" not in ln]
-    return lines[-1] if lines else text.strip().replace("\n", " ")
+            rest = lines[i + 1:]
+            if rest and (not msg or msg.endswith(":")):
+                msg = f"{msg} {rest[-1]}".strip()  # the innermost cause comes last
+            break
+    if not msg:
+        msg = lines[-1] if lines else type(err).__name__
+    if path is not None:
+        msg = msg.replace(str(path), Path(path).name)
+    return msg[:300]
 
 
 def _available_memory() -> int | None:
@@ -268,6 +276,11 @@ def _available_memory() -> int | None:
         return None
 
 
+def _gb(nbytes: int) -> str:
+    gb = nbytes / 1e9
+    return f"{gb:.1f}" if gb >= 0.1 else f"{gb:.2g}"
+
+
 def _check_size(path, size_xyz, ncomp: int, bytes_per_comp: int, what: str = "image"):
     size = [int(s) for s in size_xyz]
     if any(s <= 0 for s in size):
@@ -275,15 +288,15 @@ def _check_size(path, size_xyz, ncomp: int, bytes_per_comp: int, what: str = "im
     nbytes = math.prod(size) * max(ncomp, 1) * bytes_per_comp
     limit = MAX_IMAGE_BYTES
     avail = _available_memory()
-    limit_why = f"{MAX_IMAGE_BYTES / 1e9:.1f} GB limit"
+    limit_why = f"{_gb(limit)} GB limit"
     if avail is not None and 0.8 * avail < limit:
         limit = int(0.8 * avail)
-        limit_why = f"{limit / 1e9:.1f} GB, 80 % of the free memory"
+        limit_why = f"{_gb(limit)} GB, 80 % of the free memory"
     if nbytes > limit:
         dims = " x ".join(str(s) for s in size)
         raise ScanReadError(
             path,
-            f"header claims a {nbytes / 1e9:.1f} GB {what} ({dims} voxels, {bytes_per_comp * 8}-bit"
+            f"header claims a {_gb(nbytes)} GB {what} ({dims} voxels, {bytes_per_comp * 8}-bit"
             f"{'' if ncomp <= 1 else f' x {ncomp} channels'}); refused before reading "
             f"(more than the {limit_why})",
         )
@@ -345,6 +358,7 @@ def _check_metaimage(path: Path):
     except ValueError:
         raise ScanReadError(path, f"MetaImage DimSize {fields['DimSize']!r} is not a list of integers") from None
     if fields.get("CompressedData", "False").lower() == "true":
+        _check_compressed_metaimage(path, fields, header_len)
         return
     if fields.get("BinaryData", "True").lower() == "false":
         return
@@ -387,10 +401,53 @@ def _check_metaimage(path: Path):
         )
 
 
+def _check_compressed_metaimage(path: Path, fields: dict, header_len: int):
+    """zlib-compressed MetaImage: the header states the compressed size; ITK does not check it."""
+    try:
+        csize = int(float(fields.get("CompressedDataSize", "-1")))
+    except ValueError:
+        return
+    datafile = fields.get("ElementDataFile", "")
+    if csize <= 0:
+        return
+    if datafile.upper() == "LOCAL":
+        avail, source = _file_size(path) - header_len, "the file"
+    elif " " in datafile or datafile.upper().startswith("LIST"):
+        return
+    else:
+        data_path = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
+        if not data_path.is_file():
+            raise ScanReadError(path, f"data file '{datafile}' named in the header does not exist")
+        avail, source = _file_size(data_path), f"'{datafile}'"
+    if avail < csize:
+        raise ScanReadError(
+            path, f"image data is truncated: {source} holds {max(avail, 0)} bytes of compressed data, "
+            f"the header's CompressedDataSize is {csize}",
+        )
+
+
+def _gzip_payload_size(path: Path) -> int | None:
+    """Uncompressed size of a gzip file, or None when the stream is cut short or corrupt."""
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                n += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return n
+
+
 def _check_nifti(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return  # compressed: ITK reports truncation
-    head = _head(path, 348)
+    gz = path.name.lower().endswith(".gz")
+    if gz:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(348)
+        except (OSError, EOFError, zlib.error):
+            raise ScanReadError(path, "not a valid gzip-compressed NIfTI file (the compressed stream is corrupt)") from None
+    else:
+        head = _head(path, 348)
     if len(head) < 348:
         raise ScanReadError(path, f"NIfTI header is truncated ({len(head)} of 348 bytes)")
     for order in ("<", ">"):
@@ -408,6 +465,23 @@ def _check_nifti(path: Path):
     if any(d <= 0 for d in dims):
         raise ScanReadError(path, f"image has a zero-size dimension (dim {dims})")
     expected = max(vox_offset, 348) + math.prod(dims) * bitpix // 8
+    if gz:
+        # The gzip trailer holds the uncompressed size (mod 2**32): a cheap first test;
+        # only when it disagrees is the stream decompressed to be sure.
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize == expected % 2**32:
+            return
+        size = _gzip_payload_size(path)
+        if size is None:
+            raise ScanReadError(path, "image data is truncated: the gzip stream ends early or is corrupt")
+        if size < expected:
+            raise ScanReadError(
+                path, f"image data is truncated: {size} bytes after decompression, the NIfTI header "
+                f"(dim {dims}, {bitpix} bits) needs {expected}",
+            )
+        return
     size = _file_size(path)
     if size < expected:
         raise ScanReadError(
@@ -439,8 +513,25 @@ def load_scan(path) -> Scan:
     """Read a chest CT (volume) or chest X-ray (2D) from a file or DICOM folder.
 
     Raises `ScanReadError` (one-line message naming the file and the problem) for a file
-    or folder that cannot be read as a scan.
+    or folder that cannot be read as a scan. ITK's own console warnings are silenced
+    while reading; what matters is in the error message or ``scan.warnings``.
     """
+    with _quiet_itk():
+        return _load_scan(path)
+
+
+@contextmanager
+def _quiet_itk():
+    po = _sitk().ProcessObject
+    old = po.GetGlobalWarningDisplay()
+    po.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        po.SetGlobalWarningDisplay(old)
+
+
+def _load_scan(path) -> Scan:
     try:
         p = Path(os.fspath(path))
     except TypeError:
@@ -494,7 +585,7 @@ def _read_info(p: Path, kind: str):
         reader.ReadImageInformation()
     except RuntimeError as e:
         name = _FORMAT_NAME.get(kind, kind)
-        raise ScanReadError(p, f"cannot read the {name} header: {_one_line_itk(e)}") from None
+        raise ScanReadError(p, f"cannot read the {name} header: {_one_line_itk(e, p)}") from None
     return reader
 
 
@@ -512,6 +603,15 @@ def _check_info(p: Path, reader, warnings: list):
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())
     _check_size(p, size, reader.GetNumberOfComponents(), _bytes_per_component(pixel))
     _check_spacing(p, reader.GetSpacing(), warnings)
+    d = np.asarray(reader.GetDirection(), float)
+    n = int(round(math.sqrt(d.size)))
+    if n * n == d.size and n >= 2:
+        d = d.reshape(n, n)
+        if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
+            raise ScanReadError(
+                p, f"direction matrix {np.round(d, 4).tolist()} (x, y, z order) is singular: the "
+                "image axes are not independent",
+            )
 
 
 def _execute(reader, p: Path, kind: str):
@@ -519,7 +619,7 @@ def _execute(reader, p: Path, kind: str):
         return reader.Execute()
     except RuntimeError as e:
         name = _FORMAT_NAME.get(kind, kind)
-        raise ScanReadError(p, f"cannot read the {name} image data: {_one_line_itk(e)}") from None
+        raise ScanReadError(p, f"cannot read the {name} image data: {_one_line_itk(e, p)}") from None
     except MemoryError:
         raise ScanReadError(p, "not enough memory to read the image") from None
 
@@ -649,7 +749,7 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
     try:
         img = reader.Execute()
     except RuntimeError as e:
-        raise ScanReadError(where, f"cannot read the DICOM series {uid}: {_one_line_itk(e)}") from None
+        raise ScanReadError(where, f"cannot read the DICOM series {uid}: {_one_line_itk(e, where)}") from None
     except MemoryError:
         raise ScanReadError(where, "not enough memory to read the DICOM series") from None
     _check_spacing(where, img.GetSpacing(), warnings)
