@@ -433,10 +433,26 @@ class NoduleWidget(QWidget):
         layer.bind_key("Control-Z", self._key_undo, overwrite=True)
         self._on_new_label(self.new_label_combo.currentText())
         table = layer.metadata[META_KEY]
+        if not layer.metadata.get("image_layer"):
+            layer.metadata["image_layer"] = self._find_image_layer_name(table)
         self._set_slider(table.threshold)
         self.table.set_table(table)
         self._update_counts()
         self._update_buttons()
+
+    def _find_image_layer_name(self, table: NoduleTable) -> str:
+        """The image layer a nodule layer made elsewhere (a sample, a script) belongs to:
+        same seriesuid, else same shape and spacing."""
+        uid = table.image.get("seriesuid")
+        match = ""
+        for ly in self._image_layers():
+            md = ly.metadata or {}
+            if uid and md.get("seriesuid") == uid:
+                return ly.name
+            shape = tuple(ly.data.shape[:-1] if getattr(ly, "rgb", False) else ly.data.shape)
+            if shape == table.shape and np.allclose(np.asarray(ly.scale)[-table.ndim:], table.spacing):
+                match = match or ly.name
+        return match
 
     def _release(self) -> None:
         layer = self.nodule_layer

@@ -663,8 +663,9 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
     shape); ``removed_ids`` are the ids of shapes the user deleted (deleting any of a
     nodule's rectangles deletes the nodule). A shape whose in-plane rectangle differs from
     its nodule's box moved or was resized: the nodule's in-plane extents follow it (z is
-    kept). A shape without a valid id is a new nodule drawn by the user (source "user",
-    probability 1, label ``new_label``).
+    kept). A shape without a valid id (drawn by the user), or a CT shape that is not on the
+    slice its features say (pasted), is a new nodule: source "user", probability 1, label
+    ``new_label``.
 
     Returns ``(new_table, changed, added_ids)``; ``table`` itself is not modified.
     """
@@ -685,6 +686,9 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
         nid = int(float(v)) if valid_id(v) else None
         if nid is not None and nid in removed:
             continue  # another slice of a deleted nodule
+        if (nid is not None and table.ndim == 3 and s.shape[1] == 3 and valid_id(k)
+                and round(float(np.median(s[:, 0]))) != int(float(k))):
+            nid = None  # a copy pasted onto another slice: a new nodule
         if nid is not None and nid in table:
             if nid in seen_edit:
                 continue
