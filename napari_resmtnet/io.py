@@ -91,6 +91,8 @@ _FORMAT_NAME = {
     "jsrt": "JSRT .IMG",
     "analyze": "Analyze 7.5",
 }
+#: DICOM modalities of projection radiographs: a series of them is not a volume.
+_PROJECTION_MODALITIES = ("CR", "DX", "DR", "RF", "XA", "MG", "PX", "IO")
 #: Formats that carry no trustworthy physical pixel size for a radiograph.
 _RASTER_KINDS = ("png", "jpeg", "tiff")
 # MetaIO element sizes (bytes).
@@ -741,6 +743,14 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
         size[2] = len(files)
     pixel = sitk.GetPixelIDValueAsString(first.GetPixelIDValue())
     _check_size(where, size, first.GetNumberOfComponents(), max(_bytes_per_component(pixel), 2))
+    modality = (_dicom_tag(first, "0008|0060") or "").upper()
+    if len(files) > 1 and modality in _PROJECTION_MODALITIES:
+        # a series of radiographs (e.g. PA + lateral) is not a volume
+        warnings.append(
+            f"the {modality} series {uid} holds {len(files)} radiographs; opened the first, "
+            f"{Path(files[0]).name}"
+        )
+        files = files[:1]
     if len(files) == 1:
         return _load_dicom_file(Path(files[0]), warnings, path_for_scan=where)
     reader = sitk.ImageSeriesReader()

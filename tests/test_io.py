@@ -263,14 +263,14 @@ def test_3d_file_with_one_slice_is_squeezed_to_cxr(tmp_path):
 # --------------------------------------------------------------------------- radiographs
 
 
-def write_dx(path, arr, photometric="MONOCHROME2", spacing=(0.15, 0.16), tag="ImagerPixelSpacing"):
+def write_dx(path, arr, photometric="MONOCHROME2", spacing=(0.15, 0.16), tag="ImagerPixelSpacing", number=1):
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.1"
+    meta.MediaStorageSOPInstanceUID = f"1.2.3.4.5.6.{number}"
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -278,6 +278,7 @@ def write_dx(path, arr, photometric="MONOCHROME2", spacing=(0.15, 0.16), tag="Im
     ds.Modality = "DX"
     ds.SeriesInstanceUID = "1.2.3.4.5.6"
     ds.StudyInstanceUID = "1.2.3.4.5"
+    ds.InstanceNumber = number
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -319,6 +320,16 @@ def test_dicom_radiograph_without_spacing_gets_default(tmp_path):
     scan = load_scan(p)
     np.testing.assert_allclose(scan.spacing, (DEFAULT_CXR_FIELD_MM / 80,) * 2)
     assert len(scan.warnings) == 1 and "assumed" in scan.warnings[0]
+
+
+def test_folder_with_a_series_of_radiographs_opens_one(tmp_path):
+    folder = tmp_path / "dx"
+    folder.mkdir()
+    for k in (1, 2):
+        write_dx(folder / f"view{k}.dcm", np.full((30, 40), 100 * k, np.uint16), number=k)
+    scan = load_scan(folder)
+    assert scan.modality == "CXR" and scan.shape == (30, 40)
+    assert any("holds 2 radiographs" in w for w in scan.warnings)
 
 
 def test_jsrt_img_big_endian(tmp_path):
