@@ -44,6 +44,8 @@ from .layers import (
 MODEL_CHOICES = ("auto", "CT", "CXR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 UNDO_DEPTH = 50
+#: napari keeps shape vertices in float32: closer than this (voxels) counts as unchanged
+SAME_VOXELS = 1e-3
 
 
 def default_predictor_factory(modality: str, device: str):
@@ -163,6 +165,12 @@ class NoduleWidget(QWidget):
         self.threshold_slider.setRange(0, 100)
         self.threshold_slider.setValue(50)
         self.threshold_slider.valueChanged.connect(self._on_threshold)
+        self.threshold_slider.sliderReleased.connect(self._apply_slider)
+        # while the slider is dragged, re-draw at most every 150 ms (many CT boxes are slow)
+        self._threshold_timer = QTimer(self)
+        self._threshold_timer.setSingleShot(True)
+        self._threshold_timer.setInterval(150)
+        self._threshold_timer.timeout.connect(self._apply_slider)
         thr.addWidget(self.threshold_slider, 1)
         self.threshold_label = QLabel("0.50")
         thr.addWidget(self.threshold_label)
@@ -472,19 +480,47 @@ class NoduleWidget(QWidget):
         return self.nodule_layer.metadata.get(META_KEY) if self.nodule_layer is not None else None
 
     def _render(self) -> None:
-        """Regenerate the layer's shapes, features, colours and text from its table."""
+        """Bring the layer's shapes, features, colours and text in line with its table.
+
+        Only shapes that differ are removed and re-added (napari triangulates each added
+        shape, which is what makes a full regeneration of ~1000 CT slice boxes slow); the
+        rest stay, and features, colours and text are then set in the layer's order.
+        """
         layer, table = self.nodule_layer, self.nodules
         data, feats, edge, text = table_to_shapes(table)
+        target = {(int(i), int(k)): j for j, (i, k) in enumerate(zip(feats["id"], feats["slice"]))}
+        current = self._shape_keys()
         self._updating = True
         try:
             layer.selected_data = set()
-            if len(layer.data):
-                layer.data = []
-            if data:
-                layer.add(data, shape_type="rectangle", edge_width=edge_width_for(table),
-                          edge_color=edge, face_color=np.zeros((len(data), 4)))
-            layer.features = features_frame(feats)
-            layer.text = text_kwargs(text)
+            if current is None:
+                drop, kept = list(range(len(layer.data))), []
+            else:
+                drop, kept = [], []
+                shapes, types = layer.data, layer.shape_type
+                for j, key in enumerate(current):
+                    t = target.get(key)
+                    same = (t is not None and types[j] == "rectangle" and key not in kept
+                            and shapes[j].shape == data[t].shape
+                            and np.allclose(shapes[j], data[t], rtol=0, atol=SAME_VOXELS))
+                    (kept if same else drop).append(key if same else j)
+            if drop:
+                if len(drop) == len(layer.data):
+                    layer.data = []
+                else:
+                    layer.remove(drop)
+            keep_set = set(kept)
+            new_keys = [k for k in target if k not in keep_set]
+            if new_keys:
+                idx = [target[k] for k in new_keys]
+                layer.add([data[i] for i in idx], shape_type="rectangle",
+                          edge_width=edge_width_for(table), edge_color=edge[idx],
+                          face_color=np.zeros((len(idx), 4)))
+            order = [target[k] for k in kept + new_keys]
+            layer.features = features_frame({c: [v[i] for i in order] for c, v in feats.items()})
+            if order:
+                layer.edge_color = edge[order]
+            layer.text = text_kwargs(text[order] if order else text)
             layer.feature_defaults = feature_defaults(self.new_label_combo.currentText())
             layer.metadata["image"] = dict(table.image)
             layer.metadata["model_info"] = table.model_info
@@ -492,6 +528,17 @@ class NoduleWidget(QWidget):
         finally:
             self._updating = False
         self._last_selected = ()
+
+    def _shape_keys(self):
+        """(id, slice) of each shape of the layer, or None when features do not say."""
+        layer = self.nodule_layer
+        f = layer.features
+        if "id" not in f or "slice" not in f or len(f) != len(layer.data):
+            return None
+        try:
+            return [(int(i), int(k)) for i, k in zip(f["id"], f["slice"])]
+        except (TypeError, ValueError):
+            return None
 
     def _set_table(self, table: NoduleTable, undo: bool = True) -> None:
         """The one way nodules change: store, re-render layer and table, notify."""
@@ -542,7 +589,16 @@ class NoduleWidget(QWidget):
         self._set_table(t, undo=False)
 
     def _on_threshold(self, v: int) -> None:
-        self.set_threshold(v / 100.0)
+        self.threshold_label.setText(f"{v / 100.0:.2f}")
+        if self.threshold_slider.isSliderDown():
+            if not self._threshold_timer.isActive():
+                self._threshold_timer.start()
+        else:
+            self.set_threshold(v / 100.0)
+
+    def _apply_slider(self) -> None:
+        self._threshold_timer.stop()
+        self.set_threshold(self.threshold_slider.value() / 100.0)
 
     # --- layer -> table -------------------------------------------------------------------
     def _on_layer_data(self, event) -> None:

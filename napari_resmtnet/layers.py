@@ -656,7 +656,7 @@ def layer_to_nodules(layer) -> NoduleTable:
 # --- reconcile a user-edited layer with the table ---------------------------------------------
 
 def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: str = "benign",
-              atol: float = 1e-6):
+              atol: float = 1e-3):
     """The table after the user edited the layer that showed it.
 
     ``shapes`` and ``features`` are the layer's current data and features (one row per
@@ -665,7 +665,8 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
     its nodule's box moved or was resized: the nodule's in-plane extents follow it (z is
     kept). A shape without a valid id (drawn by the user), or a CT shape that is not on the
     slice its features say (pasted), is a new nodule: source "user", probability 1, label
-    ``new_label``.
+    ``new_label``. Differences below ``atol`` voxels are float32 rounding (napari stores
+    vertices in float32), not edits.
 
     Returns ``(new_table, changed, added_ids)``; ``table`` itself is not modified.
     """

@@ -201,3 +201,13 @@ def test_layer_data_builds_a_napari_layer():
     t = layer_to_nodules(layer)
     assert t.equals(kw["metadata"]["nodules"])
     assert table_to_layer_data(t)[0][0].shape == (4, 3)
+
+
+def test_reconcile_ignores_float32_rounding_of_napari_vertices():
+    scan = Scan(np.zeros((400, 512, 512), np.int16), (0.6, 0.7, 0.7), (0, 0, 0), np.eye(3), "CT")
+    det = Detections([[301.3, 400.1, 450.7, 309.9, 411.3, 461.9]], [0.9], [0.8], Detections.geometry_of(scan))
+    table = NoduleTable.from_detections(det, image_identity(scan))
+    data, feats, _, _ = table_to_shapes(table)
+    as_napari = [d.astype(np.float32) for d in data]
+    same, changed, _ = reconcile(table, as_napari, feats)
+    assert not changed and same.equals(table)

@@ -201,6 +201,14 @@ def test_threshold_slider_filters_live(make_napari_viewer, qtbot, notes):
     assert len(layer.data) == 0 and w.table.rowCount() == 0
     assert len(layer.metadata["nodules"]) == 3  # nothing was thrown away
     assert len(f.made) == 1  # and the model did not run again
+    # while dragging, redraws are throttled; the last value is applied
+    w.threshold_slider.setSliderDown(True)
+    w.threshold_slider.setValue(60)
+    w.threshold_slider.setValue(20)
+    assert w.threshold_label.text() == "0.20" and len(layer.data) == 0
+    qtbot.waitUntil(lambda: len(layer.data) == 7, timeout=2000)
+    w.threshold_slider.setSliderDown(False)
+    assert w.nodules.threshold == 0.2
 
 
 def test_table_click_goes_to_the_slice_and_selects(make_napari_viewer, qtbot, notes):
@@ -343,6 +351,32 @@ def test_writer_contribution_writes_the_layer(make_napari_viewer, qtbot, notes, 
     paths = write_nodules(str(tmp_path / "w.json"), [layer.as_layer_data_tuple()])
     d = json.loads(Path(paths[1]).read_text())
     assert [n["id"] for n in d["nodules"]] == [1, 3] and [n["id"] for n in d["hidden"]] == [2]
+    # through napari's own File > Save Layers, dispatched by the manifest
+    written = napari.save_layers(str(tmp_path / "saved.csv"), [layer], plugin="napari-resmtnet")
+    assert sorted(Path(p).name for p in written) == ["saved.csv", "saved.json"]
+    assert "seriesuid,coordX,coordY,coordZ" in (tmp_path / "saved.csv").read_text()
+
+
+def test_widget_adopts_a_nodule_layer_made_elsewhere(make_napari_viewer, qtbot, notes):
+    """A sample or script adds image + nodule layers (detections_to_layer_data): the widget
+    picks the nodule layer up, links it to its image, and edits it."""
+    from napari_resmtnet.layers import detections_to_layer_data
+    from napari_resmtnet.scan import Scan
+
+    scan = Scan(np.zeros(CT_SHAPE, np.int16), CT_SPACING, CT_ORIGIN, np.eye(3), "CT", seriesuid="1.2.3")
+    det = Detections(CT_BOXES, CT_PROB, CT_MAL, Detections.geometry_of(scan), {"model_info": MODEL})
+    viewer = make_napari_viewer()
+    viewer.add_image(scan.array, name="lung", metadata={"seriesuid": "1.2.3", "modality": "CT"},
+                     **scan.napari_kwargs())
+    data, kw, kind = detections_to_layer_data(det, scan, 0.5)[0]
+    viewer.add_layer(napari.layers.Layer.create(data, kw, kind))
+    w = W.NoduleWidget(viewer, predictor_factory=Factory())
+    viewer.window.add_dock_widget(w)
+    assert w.nodule_layer is viewer.layers[1] and w.nodule_layer.metadata["image_layer"] == "lung"
+    assert w.table.ids == [1, 3] and w.nodules.model_info == MODEL
+    w.table.click_row(0)
+    w.flip_selected()
+    assert w.nodules.label[0] == "benign"
 
 
 @pytest.mark.slow
