@@ -496,21 +496,24 @@ class NoduleWidget(QWidget):
             if current is None:
                 drop, kept = list(range(len(layer.data))), []
             else:
-                drop, kept = [], []
+                drop, kept, seen = [], [], set()
                 shapes, types = layer.data, layer.shape_type
                 for j, key in enumerate(current):
                     t = target.get(key)
-                    same = (t is not None and types[j] == "rectangle" and key not in kept
+                    same = (t is not None and types[j] == "rectangle" and key not in seen
                             and shapes[j].shape == data[t].shape
                             and np.allclose(shapes[j], data[t], rtol=0, atol=SAME_VOXELS))
-                    (kept if same else drop).append(key if same else j)
+                    if same:
+                        kept.append(key)
+                        seen.add(key)
+                    else:
+                        drop.append(j)
             if drop:
                 if len(drop) == len(layer.data):
                     layer.data = []
                 else:
                     layer.remove(drop)
-            keep_set = set(kept)
-            new_keys = [k for k in target if k not in keep_set]
+            new_keys = [k for k in target if k not in seen] if current is not None else list(target)
             if new_keys:
                 idx = [target[k] for k in new_keys]
                 layer.add([data[i] for i in idx], shape_type="rectangle",
