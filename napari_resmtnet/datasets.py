@@ -1,0 +1,220 @@
+"""Training data: CT nodule cubes (from the NODE21 cube layout or a full LUNA16 layout) and
+the patient-disjoint split.
+
+A `CubeRecord` is a 50 mm cube at 1 mm (array order z, y, x, int16 HU) with every annotated
+nodule of its series that falls inside it (centres in cube voxels), so other nodules in the
+cube are positives, not false positives. Malignancy labels follow the LIDC convention:
+rating 1-2 benign (0), 4-5 malignant (1), 3 or unknown -1 (detection only).
+
+Two layouts, one code path (`load_ct_records`):
+
+* cube folder (``ct_nodule_cubes``): ``images/<uid>_dcm_<k>.mha`` + ``nodules.csv``;
+* LUNA16: ``subset*/<seriesuid>.mhd`` + ``annotations.csv`` (+ optional malignancy CSV with
+  ``seriesuid, coordX, coordY, coordZ`` and ``malignancy_rating`` or ``diagnosis``): a cube is
+  resampled with SimpleITK around each annotation, then treated exactly like a cube file.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CUBE_MM = 50
+CUBE_SPACING = 1.0
+
+
+def rating_to_label(rating) -> int:
+    try:
+        r = float(rating)
+    except (TypeError, ValueError):
+        return -1
+    if r in (1, 2):
+        return 0
+    if r in (4, 5):
+        return 1
+    return -1
+
+
+@dataclass
+class CubeRecord:
+    name: str
+    seriesuid: str
+    array: np.ndarray                 # (z, y, x) int16 HU at 1 mm
+    centers: np.ndarray               # (K, 3) nodule centres, cube voxels, array order
+    diameters: np.ndarray             # (K,) mm (= voxels at 1 mm)
+    malignant: np.ndarray             # (K,) 1 / 0 / -1
+    main: int = 0                     # index of the nodule the cube was cut around
+    rating: float = float("nan")     # LIDC rating of the main nodule
+    origin_xyz: tuple = (0.0, 0.0, 0.0)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> int:
+        return int(self.malignant[self.main])
+
+    @property
+    def diameter(self) -> float:
+        return float(self.diameters[self.main])
+
+    def target(self) -> dict:
+        return {"centers": self.centers, "diameters": self.diameters, "malignant": self.malignant}
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _nodules_in_cube(world_xyz, origin_xyz, shape_zyx, spacing=CUBE_SPACING):
+    """World centres (K, 3 xyz) -> cube voxel centres (K, 3 zyx) and an inside mask."""
+    v_xyz = (np.asarray(world_xyz, float) - np.asarray(origin_xyz, float)) / spacing
+    v = v_xyz[:, ::-1]
+    inside = ((v >= 0) & (v <= np.asarray(shape_zyx) - 1)).all(1)
+    return v, inside
+
+
+def _pad_to_cube(arr, n=int(CUBE_MM / CUBE_SPACING)):
+    """Cubes cut at the edge of their scan are padded at their far end (edge values), so
+    that every cube is n^3; the origin, hence every nodule position, is unchanged."""
+    pad = [(0, max(0, n - s)) for s in arr.shape]
+    return np.pad(arr, pad, mode="edge") if any(p[1] for p in pad) else arr
+
+
+def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings):
+    """cubes: list of (name, uid, array, origin_xyz); nodules of the same series."""
+    out = []
+    for (name, uid, arr, origin), mi in zip(cubes, main_index):
+        v, inside = _nodules_in_cube(nodules_world, origin, arr.shape)
+        inside[mi] = True
+        idx = np.nonzero(inside)[0]
+        out.append(CubeRecord(
+            name=name, seriesuid=uid, array=arr, centers=v[idx], diameters=diam[idx],
+            malignant=labels[idx], main=int(np.nonzero(idx == mi)[0][0]), rating=ratings[mi],
+            origin_xyz=tuple(origin),
+        ))
+    return out
+
+
+def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[CubeRecord]:
+    """Read the NODE21/LUNA16 cube layout (``images/*.mha`` + ``nodules.csv``)."""
+    import SimpleITK as sitk
+
+    root = Path(root)
+    rows = _read_csv(root / "nodules.csv")
+    if seriesuids is not None:
+        keep = set(seriesuids)
+        rows = [r for r in rows if r["seriesuid"] in keep]
+    if limit:
+        rows = rows[:limit]
+    by_series: dict[str, list] = {}
+    for r in rows:
+        by_series.setdefault(r["seriesuid"], []).append(r)
+    records = []
+    for uid, rs in by_series.items():
+        world = np.array([[float(r["center_x_mm"]), float(r["center_y_mm"]), float(r["center_z_mm"])] for r in rs])
+        diam = np.array([float(r["diameter_mm"]) for r in rs])
+        labels = np.array([rating_to_label(r.get("malignancy_rating")) for r in rs])
+        ratings = [float(r["malignancy_rating"]) if r.get("malignancy_rating") not in (None, "") else float("nan") for r in rs]
+        cubes = []
+        for r in rs:
+            img = sitk.ReadImage(str(root / "images" / r["cube"]))
+            arr = _pad_to_cube(sitk.GetArrayFromImage(img).astype(np.int16))
+            cubes.append((r["cube"], uid, arr, img.GetOrigin()))
+        records += _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings)
+    return records
+
+
+def extract_cube(image, center_xyz, size_mm=CUBE_MM, spacing=CUBE_SPACING):
+    """Resample a ``size_mm`` cube at ``spacing`` centred on a world point (SimpleITK image).
+
+    The cube is axis-aligned in world space (identity direction), like the LUNA16 cubes.
+    Returns (array zyx int16, origin_xyz).
+    """
+    import SimpleITK as sitk
+
+    n = int(round(size_mm / spacing))
+    origin = np.asarray(center_xyz, float) - spacing * (n // 2)  # voxel n//2 is the centre, as in the cube files
+    f = sitk.ResampleImageFilter()
+    f.SetOutputSpacing((spacing,) * 3)
+    f.SetSize((n, n, n))
+    f.SetOutputOrigin(tuple(float(o) for o in origin))
+    f.SetOutputDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    f.SetDefaultPixelValue(-1024)
+    f.SetInterpolator(sitk.sitkLinear)
+    out = f.Execute(sitk.Cast(image, sitk.sitkFloat32))
+    return np.round(sitk.GetArrayFromImage(out)).astype(np.int16), tuple(origin)
+
+
+def load_luna16(root, annotations=None, malignancy_csv=None, limit: int | None = None, seriesuids=None) -> list[CubeRecord]:
+    """Read a LUNA16 layout: ``subset*/<uid>.mhd`` + ``annotations.csv`` (+ malignancy CSV)."""
+    import SimpleITK as sitk
+
+    root = Path(root)
+    ann_path = Path(annotations) if annotations else root / "annotations.csv"
+    rows = _read_csv(ann_path)
+    if seriesuids is not None:
+        keep = set(seriesuids)
+        rows = [r for r in rows if r["seriesuid"] in keep]
+    mal_rows = _read_csv(malignancy_csv) if malignancy_csv else []
+    scans = {p.stem: p for p in root.glob("subset*/*.mhd")}
+    by_series: dict[str, list] = {}
+    for r in rows:
+        if r["seriesuid"] in scans:
+            by_series.setdefault(r["seriesuid"], []).append(r)
+    records = []
+    for uid, rs in sorted(by_series.items()):
+        if limit and len(records) >= limit:
+            break
+        world = np.array([[float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])] for r in rs])
+        diam = np.array([float(r.get("diameter_mm") or 5.0) for r in rs])
+        ratings, labels = [], []
+        for w in world:
+            best, rating = 5.0, float("nan")
+            for m in mal_rows:
+                if m["seriesuid"] != uid:
+                    continue
+                d = np.linalg.norm(w - [float(m["coordX"]), float(m["coordY"]), float(m["coordZ"])])
+                if d <= best:
+                    best = d
+                    if m.get("malignancy_rating") not in (None, ""):
+                        rating = float(m["malignancy_rating"])
+                    else:
+                        rating = {"benign": 1.0, "malignant": 5.0}.get(m.get("diagnosis", ""), 3.0)
+            ratings.append(rating)
+            labels.append(rating_to_label(rating))
+        img = sitk.ReadImage(str(scans[uid]))
+        cubes = []
+        for k, w in enumerate(world):
+            arr, origin = extract_cube(img, w)
+            cubes.append((f"{uid}_ann_{k}", uid, arr, origin))
+        records += _records_from_series(cubes, world, diam, np.array(labels), range(len(rs)), ratings)
+    return records[:limit] if limit else records
+
+
+def load_ct_records(path, limit: int | None = None, **kw) -> list[CubeRecord]:
+    """Either layout, chosen from what the folder holds."""
+    p = Path(path)
+    if (p / "nodules.csv").exists() and (p / "images").is_dir():
+        return load_cube_folder(p, limit=limit, **{k: v for k, v in kw.items() if k == "seriesuids"})
+    if any(p.glob("subset*/*.mhd")):
+        return load_luna16(p, limit=limit, **kw)
+    raise FileNotFoundError(
+        f"{p}: expected a cube folder (images/ + nodules.csv) or a LUNA16 layout (subset*/*.mhd + annotations.csv)"
+    )
+
+
+def split_by_series(seriesuids, val_fraction=0.2, seed=0):
+    """Patient-disjoint split: each series goes wholly to train or to validation.
+
+    Deterministic for a given seed, independent of input order: series are ranked by a hash
+    of (seed, uid) and the first ``val_fraction`` go to validation.
+    """
+    uids = sorted(set(seriesuids))
+    ranked = sorted(uids, key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
+    n_val = int(round(len(uids) * val_fraction))
+    val = sorted(ranked[:n_val])
+    train = sorted(ranked[n_val:])
+    return train, val

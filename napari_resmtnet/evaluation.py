@@ -1,0 +1,316 @@
+"""Evaluation on the validation split: FROC/CPM detection, malignancy metrics, baselines.
+
+    resmtnet-evaluate [--modality CT] [--weights W ...] [--data D] [--json out.json] [--markdown out.md]
+
+Without ``--weights`` the bundled weights of the modality are evaluated. The validation split
+is the one recorded in the (first) weights file, so the numbers are on series the model never
+saw. Several ``--weights`` give one row each (the ablation); all must share the split.
+
+Detection: a prediction *hits* a true nodule when its centre lies within max(radius, 5 mm)
+of the true centre; each true nodule is counted once (further hits on it are neither true nor
+false positives, as in the LUNA16 evaluation). Sensitivity is read at 1/8, 1/4, ..., 8 false
+positives per image (cube or radiograph); the CPM-style score is their mean.
+
+Malignancy (benign = LIDC 1-2, malignant = 4-5): accuracy at p = 0.5, ROC AUC and the
+confusion matrix on the labelled nodules that are hit at the operating threshold. A model
+without a detection head is read at the true centres instead. Baselines on the same split:
+the diameter-only rule (threshold chosen on the train split) and the majority class.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MIN_HIT_MM = 5.0
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
+    y = np.asarray(labels, int)
+    s = np.asarray(scores, float)
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    gt = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(gt / (len(pos) * len(neg)))
+
+
+def match_detections(pred_centres_mm, pred_scores, true_centres_mm, true_diams_mm):
+    """Per prediction: index of the true nodule it hits first (by score) or -1 (FP), or -2
+    when it hits a nodule already claimed by a higher-scored prediction (ignored)."""
+    out = np.full(len(pred_scores), -1, dtype=int)
+    if len(pred_scores) == 0 or len(true_diams_mm) == 0:  # e.g. a radiograph without a nodule
+        return out
+    P = np.asarray(pred_centres_mm, float).reshape(len(pred_scores), -1)
+    T = np.asarray(true_centres_mm, float).reshape(len(true_diams_mm), -1)
+    dist = np.linalg.norm(P[:, None, :] - T[None, :, :], axis=-1)
+    ok = dist <= np.maximum(np.asarray(true_diams_mm, float) / 2, MIN_HIT_MM)[None, :]
+    dist = np.where(ok, dist, np.inf)
+    claimed = np.zeros(len(T), bool)
+    for i in np.argsort(-np.asarray(pred_scores, float), kind="stable"):
+        if not ok[i].any():
+            continue
+        j = int(np.argmin(dist[i]))
+        out[i] = -2 if claimed[j] else j
+        claimed[j] = True
+    return out
+
+
+def froc(per_image, n_truth: int, fp_rates=FP_RATES) -> dict:
+    """per_image: list of (scores, match) arrays. Returns sensitivities at fp_rates and CPM."""
+    n_img = len(per_image)
+    scores = np.concatenate([s for s, _ in per_image]) if per_image else np.zeros(0)
+    match = np.concatenate([m for _, m in per_image]) if per_image else np.zeros(0, int)
+    keep = match != -2
+    scores, tp = scores[keep], (match[keep] >= 0)
+    order = np.argsort(-scores, kind="stable")
+    scores, tp = scores[order], tp[order]
+    ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
+    sens_curve = ctp / max(n_truth, 1)
+    fp_curve = cfp / max(n_img, 1)
+    sens = []
+    for r in fp_rates:
+        ok = fp_curve <= r
+        sens.append(float(sens_curve[ok].max()) if ok.any() else 0.0)
+    return {
+        "fp_rates": list(fp_rates),
+        "sensitivity": sens,
+        "cpm": float(np.mean(sens)),
+        "curve": {"scores": scores.tolist(), "sensitivity": sens_curve.tolist(), "fp_per_image": fp_curve.tolist()},
+    }
+
+
+def threshold_at_fp(froc_result: dict, fp_rate: float) -> float:
+    """Lowest score threshold whose false positives per image stay within ``fp_rate``."""
+    c = froc_result["curve"]
+    s, fp = np.asarray(c["scores"]), np.asarray(c["fp_per_image"])
+    ok = fp <= fp_rate
+    return float(s[ok].min()) if ok.any() else 1.0
+
+
+def detection_f1(per_image, n_truth: int, threshold: float) -> dict:
+    tp = fp = 0
+    for s, m in per_image:
+        sel = (s >= threshold) & (m != -2)
+        tp += int((m[sel] >= 0).sum())
+        fp += int((m[sel] == -1).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / n_truth if n_truth else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"threshold": threshold, "tp": tp, "fp": fp, "fn": n_truth - tp, "precision": prec, "recall": rec, "f1": f1,
+            "fp_per_image": fp / max(len(per_image), 1)}
+
+
+def malignancy_metrics(labels, probs) -> dict:
+    y = np.asarray(labels, int)
+    p = np.asarray(probs, float)
+    if len(y) == 0:
+        return {"n": 0, "accuracy": float("nan"), "auc": float("nan"), "confusion": [[0, 0], [0, 0]]}
+    pred = (p >= 0.5).astype(int)
+    conf = [[int(((y == a) & (pred == b)).sum()) for b in (0, 1)] for a in (0, 1)]  # rows: truth benign/malignant
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "auc": roc_auc(y, p), "confusion": conf,
+            "n_benign": int((y == 0).sum()), "n_malignant": int((y == 1).sum())}
+
+
+def diameter_rule(train_diam, train_labels, val_diam, val_labels) -> dict:
+    """Malignant if diameter >= t, with t the best threshold on the train split."""
+    td, tl = np.asarray(train_diam, float), np.asarray(train_labels, int)
+    cands = np.unique(td)
+    accs = [((td >= t).astype(int) == tl).mean() for t in cands]
+    t = float(cands[int(np.argmax(accs))])
+    vd, vl = np.asarray(val_diam, float), np.asarray(val_labels, int)
+    m = malignancy_metrics(vl, (vd >= t).astype(float))
+    m["auc"] = roc_auc(vl, vd)  # the diameter itself as a score
+    m["threshold_mm"] = t
+    return m
+
+
+# --- running a model over records ------------------------------------------------------------
+
+def _spacing(rec) -> float:
+    return float(getattr(rec, "spacing", 1.0))
+
+
+def model_outputs(model, records, modality: str, batch_size: int = 8):
+    """Raw maps decoded per record: list of dict(centres_vox, scores, malignancy, maps_mal).
+
+    CT records are whole 50 mm cubes (1 mm); CXR records provide ``model_input()``.
+    """
+    import torch
+
+    from .model import decode
+    from .transforms import normalize_ct
+
+    outs = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(records), batch_size):
+            chunk = records[i : i + batch_size]
+            if modality == "CT":
+                x = torch.from_numpy(np.stack([normalize_ct(r.array) for r in chunk]))[:, None]
+            else:
+                x = torch.from_numpy(np.stack([r.model_input() for r in chunk]))[:, None]
+            maps = model.forward_maps(x)
+            dets = decode(maps, score_floor=0.01, max_detections=50)
+            for b, d in enumerate(dets):
+                nd = x.dim() - 2
+                c = ((d["boxes"][:, :nd] + d["boxes"][:, nd:]) / 2).numpy()
+                outs.append({"centres": c, "scores": d["scores"].numpy(), "malignancy": d["malignancy"].numpy(),
+                             "mal_map": torch.sigmoid(maps["malignancy"][b, 0]).numpy()})
+    return outs
+
+
+def mal_at(mal_map, centre_vox, stride=4):
+    cell = np.clip(np.round(np.asarray(centre_vox) / stride).astype(int), 0, np.array(mal_map.shape) - 1)
+    return float(mal_map[tuple(cell)])
+
+
+def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: float | None = None) -> dict:
+    """Detection and malignancy metrics of one model on ``records``."""
+    outs = model_outputs(model, records, modality)
+    res: dict = {"n_images": len(records)}
+    labelled = [(k, r) for k, r in enumerate(records) if r.label in (0, 1)]
+    if cfg_net.get("detection", True):
+        per_image, n_truth = [], 0
+        for r, o in zip(records, outs):
+            sp = _spacing(r)
+            m = match_detections(o["centres"] * sp, o["scores"], r.centers * sp, np.asarray(r.diameters) * sp)
+            per_image.append((o["scores"], m))
+            n_truth += len(r.centers)
+        fr = froc(per_image, n_truth)
+        if threshold is None:
+            threshold = threshold_at_fp(fr, 0.25)
+        res["detection"] = {k: v for k, v in fr.items() if k != "curve"}
+        res["detection"]["n_nodules"] = n_truth
+        res["detection"]["operating_point"] = detection_f1(per_image, n_truth, threshold)
+        res["threshold"] = threshold
+        if cfg_net.get("malignancy", True):
+            ys, ps, n_missed = [], [], 0
+            for k, r in labelled:
+                s, m = per_image[k]
+                hit = np.nonzero((m == r.main) & (s >= threshold))[0]
+                if len(hit) == 0:
+                    n_missed += 1
+                    continue
+                ys.append(r.label)
+                ps.append(float(outs[k]["malignancy"][hit[np.argmax(s[hit])]]))
+            res["malignancy"] = malignancy_metrics(ys, ps)
+            res["malignancy"]["labelled_missed"] = n_missed
+            res["malignancy"]["read_at"] = "detected nodules (hits at the operating threshold)"
+    elif cfg_net.get("malignancy", True):
+        ys = [r.label for _, r in labelled]
+        ps = [mal_at(outs[k]["mal_map"], r.centers[r.main]) for k, r in labelled]
+        res["malignancy"] = malignancy_metrics(ys, ps)
+        res["malignancy"]["read_at"] = "true nodule centres (no detection head)"
+    return res
+
+
+def baselines(train_recs, val_recs) -> dict:
+    tr = [r for r in train_recs if r.label in (0, 1)]
+    va = [r for r in val_recs if r.label in (0, 1)]
+    out = {"diameter_rule": diameter_rule([r.diameter for r in tr], [r.label for r in tr],
+                                          [r.diameter for r in va], [r.label for r in va])}
+    maj = int(np.mean([r.label for r in tr]) >= 0.5) if tr else 0
+    yv = np.array([r.label for r in va])
+    out["majority_class"] = {"predicts": "malignant" if maj else "benign",
+                             "accuracy": float((yv == maj).mean()) if len(yv) else float("nan")}
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def _fmt(v, pct=False):
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "–"
+    return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    rows = ["| model | sens @1/8 | @1/4 | @1/2 | @1 | @2 | @4 | @8 FP | CPM | det. F1 | mal. acc | mal. AUC | n mal. |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["models"].items():
+        d = r.get("detection")
+        m = r.get("malignancy")
+        sens = [_fmt(s) for s in d["sensitivity"]] if d else ["–"] * 7
+        rows.append(f"| {name} | " + " | ".join(sens) + f" | {_fmt(d['cpm']) if d else '–'} | "
+                    f"{_fmt(d['operating_point']['f1']) if d else '–'} | {_fmt(m['accuracy'], True) if m else '–'} | "
+                    f"{_fmt(m['auc']) if m else '–'} | {m['n'] if m else '–'} |")
+    b = result["baselines"]
+    dr = b["diameter_rule"]
+    rows.append(f"| diameter rule (≥ {dr['threshold_mm']:g} mm) | – | – | – | – | – | – | – | – | – | "
+                f"{_fmt(dr['accuracy'], True)} | {_fmt(dr['auc'])} | {dr['n']} |")
+    rows.append(f"| majority class ({b['majority_class']['predicts']}) | – | – | – | – | – | – | – | – | – | "
+                f"{_fmt(b['majority_class']['accuracy'], True)} | – | – |")
+    return "\n".join(rows) + "\n"
+
+
+def _load_val(ck, data, modality):
+    from .training import TrainConfig, load_records
+
+    tc = TrainConfig(**{**ck["train_config"], "data": data or ck["train_config"]["data"], "limit": 0})
+    records = load_records(tc)
+    val, train = set(ck["split"]["val"]), set(ck["split"]["train"])
+    return [r for r in records if r.seriesuid in train], [r for r in records if r.seriesuid in val]
+
+
+def evaluate(weights_list, modality="CT", data=None, threshold=None) -> dict:
+    from .weights import build_model, bundled_entry, load_checkpoint, sha256_of
+
+    entries = []
+    if not weights_list:
+        e = bundled_entry(modality)
+        entries.append((f"Res-MTNet (bundled {modality})", load_checkpoint(e["path"], e["sha256"]), e.get("threshold")))
+    for w in weights_list:
+        label, _, path = w.rpartition("=") if "=" in w else ("", "", w)
+        ck = load_checkpoint(path, sha256_of(path))
+        entries.append((label or Path(path).parent.name, ck, threshold))
+    first = entries[0][1]
+    train_recs, val_recs = _load_val(first, data, modality)
+    result = {"modality": modality, "data": data or first["train_config"]["data"], "n_val_images": len(val_recs),
+              "n_val_series": len(first["split"]["val"]), "models": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for name, ck, thr in entries:
+        if ck["split"]["val"] != first["split"]["val"]:
+            raise ValueError(f"{ck['path']}: its validation split differs from {first['path']}'s")
+        model = build_model(ck)
+        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=thr if thr is not None else threshold)
+        r["weights"] = {"path": ck["path"], "sha256": ck["sha256"]}
+        result["models"][name] = r
+    result["baselines"] = baselines(train_recs, val_recs)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="resmtnet-evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--modality", default="CT", choices=["CT", "CXR"])
+    p.add_argument("--weights", nargs="*", default=[], help="weights files, optionally NAME=PATH (default: bundled)")
+    p.add_argument("--data", help="data folder (default: the one recorded in the weights)")
+    p.add_argument("--threshold", type=float, help="operating threshold (default: recorded, else 0.25 FP/image on val)")
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--markdown", help="write the Markdown table here")
+    a = p.parse_args(argv)
+    try:
+        res = evaluate(a.weights, a.modality, a.data, a.threshold)
+    except Exception as e:  # report any failure as one line: this is a command-line edge
+        print(f"resmtnet-evaluate: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    table = markdown_table(res)
+    print(table)
+    for name, r in res["models"].items():
+        print(f"{name}: threshold={r.get('threshold')}, " + json.dumps({k: r[k] for k in ('detection', 'malignancy') if k in r})[:600])
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    if a.markdown:
+        Path(a.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

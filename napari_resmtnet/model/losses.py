@@ -1,0 +1,92 @@
+"""The joint loss of Res-MTNet: one weighted sum, every term reported.
+
+Targets, one dict per image (input-voxel units, array order):
+``centers`` (K, nd) float, ``diameters`` (K,) float, ``malignant`` (K,) float with 1 =
+malignant, 0 = benign and -1 = unknown (LIDC rating 3 or unmatched: detection only, masked
+out of the malignancy term).
+
+Terms: ``heatmap`` (penalty-reduced focal loss on the Gaussian centre heatmap, CenterNet),
+``size`` (L1 on log-diameter at centre cells), ``offset`` (L1 on the sub-cell offset at
+centre cells), ``malignancy`` (binary cross-entropy on the cells within the nodule's core,
+labelled nodules only). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .network import STRIDE
+
+
+def build_targets(targets, grid_shape, cfg, device):
+    """Dense stride-4 targets for a batch: heatmap, positive mask, size, offset, malignancy."""
+    nd = len(grid_shape)
+    B = len(targets)
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*G, nd)
+    heat = torch.zeros((B, *grid_shape), device=device)
+    pos = torch.zeros((B, *grid_shape), dtype=torch.bool, device=device)
+    size = torch.zeros((B, *grid_shape), device=device)
+    offset = torch.zeros((B, nd, *grid_shape), device=device)
+    mal = torch.full((B, *grid_shape), -1.0, device=device)
+    for b, t in enumerate(targets):
+        centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
+        diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
+        malig = torch.as_tensor(t.get("malignant", [-1] * len(diams)), dtype=torch.float32, device=device).reshape(-1)
+        for c, d, m in zip(centres, diams, malig):
+            cell = torch.round(c).long()
+            if (cell < 0).any() or (cell >= torch.tensor(grid_shape, device=device)).any():
+                continue
+            sigma = max(cfg.min_sigma, float(d) / 4)
+            g = torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2))
+            heat[b] = torch.maximum(heat[b], g)
+            sel = (b,) + tuple(cell.tolist())
+            heat[sel] = 1.0
+            pos[sel] = True
+            size[sel] = torch.log(d.clamp(min=0.25))
+            offset[(b, slice(None)) + tuple(cell.tolist())] = c - cell.float()
+            if m >= 0:
+                core = g >= 0.5
+                core[tuple(cell.tolist())] = True
+                mal[b][core] = m
+    return heat, pos, size, offset, mal
+
+
+def focal_heatmap_loss(logits, heat, alpha=2.0, beta=4.0):
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = heat.eq(1).float()
+    neg = 1 - pos
+    pos_loss = -torch.log(p) * (1 - p) ** alpha * pos
+    neg_loss = -torch.log(1 - p) * p**alpha * (1 - heat) ** beta * neg
+    n = pos.sum().clamp(min=1.0)
+    return (pos_loss.sum() + neg_loss.sum()) / n
+
+
+def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
+    """Dict of named loss terms and the joint ``loss``; disabled heads contribute zero."""
+    hm = maps["heatmap"]
+    grid_shape = tuple(hm.shape[2:])
+    heat, pos, size_t, off_t, mal_t = build_targets(targets, grid_shape, cfg, hm.device)
+    # every output stays in the graph (gradient 0 when a term is empty or disabled), so that
+    # DistributedDataParallel sees all parameters used on every step
+    zero = sum(m.sum() for m in maps.values()) * 0.0
+    losses = {"heatmap": zero, "size": zero, "offset": zero, "malignancy": zero}
+    if cfg.detection:
+        losses["heatmap"] = focal_heatmap_loss(hm[:, 0].float(), heat, cfg.focal_alpha, cfg.focal_beta)
+        if pos.any():
+            losses["size"] = F.l1_loss(maps["size"][:, 0].float()[pos], size_t[pos])
+            off_pred = maps["offset"].float().movedim(1, -1)[pos]
+            losses["offset"] = F.l1_loss(off_pred, off_t.movedim(1, -1)[pos])
+    if cfg.malignancy:
+        known = mal_t >= 0
+        if known.any():
+            losses["malignancy"] = F.binary_cross_entropy_with_logits(
+                maps["malignancy"][:, 0].float()[known], mal_t[known]
+            )
+    losses["loss"] = (
+        cfg.w_heatmap * losses["heatmap"]
+        + cfg.w_size * losses["size"]
+        + cfg.w_offset * losses["offset"]
+        + cfg.w_malignancy * losses["malignancy"]
+    )
+    return losses

@@ -1,0 +1,247 @@
+"""Res-MTNet: a residual multi-task network for nodule detection and malignancy grading.
+
+One network for CT volumes (``spatial_dims=3``) and radiographs (``spatial_dims=2``)::
+
+    image ─ stem(s2) ─ stage1(s4) ─ stage2(s8) ─ stage3(s16)      shared ResNet backbone
+                          └────────── top-down fusion to stride 4 ──▶ F
+    F ─ det block ─┬─(+ 1x1 of mal)─ det block ─ heatmap, size, offset     detection branch
+                   ╳  cross-task residual connections
+    F ─ mal block ─┴─(+ 1x1 of det)─ mal block ─ malignancy logit map      malignancy branch
+
+**Why anchor-free centre heatmaps** (CenterNet/CenterPoint style) rather than anchors:
+lung nodules are compact, roughly spherical objects from 3 to 30 mm, so one centre plus one
+diameter describes them; a heatmap needs no anchor sizes tuned to the data, no box matching,
+and its peaks give one location per nodule where the malignancy map is read, which is what
+couples the two tasks. Peaks are extracted with a max-pool, so decoding is vectorised.
+
+Outputs at stride 4 (cell ``j`` is centred on input voxel ``4 j``):
+``heatmap`` (1 ch, logit of "a nodule centre is here"), ``size`` (1 ch, log of the diameter
+in input voxels), ``offset`` (``spatial_dims`` ch, sub-cell centre offset in cells),
+``malignancy`` (1 ch, logit of "the nodule centred here is malignant").
+
+Training mode (``targets`` given) returns a dict of named losses (see `losses.py`); inference
+returns per image a dict with ``boxes`` (corner boxes, array order, voxels of the input, see
+`napari_resmtnet.boxes`), ``scores`` (detection probability) and ``malignancy`` (probability).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRIDE = 4
+
+
+@dataclass
+class ResMTNetConfig:
+    """Hyper-parameters of the network and its joint loss (no paths here)."""
+
+    spatial_dims: int = 3
+    in_channels: int = 1
+    widths: tuple = (16, 32, 64, 96)   # stem (s2), stage1 (s4), stage2 (s8), stage3 (s16)
+    blocks: tuple = (1, 2, 2)          # residual blocks in stage1..3
+    head_width: int = 32
+    detection: bool = True             # the detection head is trained/used
+    malignancy: bool = True            # the malignancy head is trained/used
+    cross_task: bool = True            # cross-task residual connections between branches
+    # joint loss: weighted sum of the terms below
+    w_heatmap: float = 1.0
+    w_size: float = 0.5
+    w_offset: float = 0.5
+    w_malignancy: float = 1.0
+    focal_alpha: float = 2.0
+    focal_beta: float = 4.0
+    min_sigma: float = 0.75            # Gaussian sigma of the centre heatmap, in cells
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResMTNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown network config keys: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("widths", "blocks"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _conv(nd):
+    return nn.Conv3d if nd == 3 else nn.Conv2d
+
+
+def _norm(nd, c):
+    # GroupNorm: batch sizes are small on a CPU and windows differ at inference.
+    return nn.GroupNorm(min(8, c), c)
+
+
+class ResBlock(nn.Module):
+    """Basic residual block (two 3x3(x3) convolutions), projection shortcut when needed."""
+
+    def __init__(self, nd, cin, cout, stride=1):
+        super().__init__()
+        Conv = _conv(nd)
+        self.conv1 = Conv(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = _norm(nd, cout)
+        self.conv2 = Conv(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = _norm(nd, cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(Conv(cin, cout, 1, stride, bias=False), _norm(nd, cout))
+
+    def forward(self, x):
+        y = F.relu(self.n1(self.conv1(x)), inplace=True)
+        y = self.n2(self.conv2(y))
+        s = x if self.short is None else self.short(x)
+        return F.relu(y + s, inplace=True)
+
+
+class Backbone(nn.Module):
+    """Shared ResNet backbone with top-down fusion to a stride-4 feature map."""
+
+    def __init__(self, cfg: ResMTNetConfig):
+        super().__init__()
+        nd, w = cfg.spatial_dims, cfg.widths
+        Conv = _conv(nd)
+        self.stem = nn.Sequential(Conv(cfg.in_channels, w[0], 3, 2, 1, bias=False), _norm(nd, w[0]), nn.ReLU(inplace=True))
+        stages = []
+        for i, nb in enumerate(cfg.blocks):
+            layers = [ResBlock(nd, w[i], w[i + 1], stride=2)]
+            layers += [ResBlock(nd, w[i + 1], w[i + 1]) for _ in range(nb - 1)]
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        hw = cfg.head_width
+        self.lateral = nn.ModuleList([Conv(w[i + 1], hw, 1) for i in range(len(cfg.blocks))])
+        self.fuse = nn.Sequential(Conv(hw, hw, 3, 1, 1, bias=False), _norm(nd, hw), nn.ReLU(inplace=True))
+        self.mode = "trilinear" if nd == 3 else "bilinear"
+
+    def forward(self, x):
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        y = self.lateral[-1](feats[-1])
+        for i in range(len(feats) - 2, -1, -1):
+            lat = self.lateral[i](feats[i])
+            y = lat + F.interpolate(y, size=lat.shape[2:], mode=self.mode, align_corners=False)
+        return self.fuse(y)
+
+
+class ResMTNet(nn.Module):
+    """Residual multi-task network: shared backbone, detection and malignancy branches.
+
+    Parameters
+    ----------
+    config : ResMTNetConfig
+    backbone : nn.Module, optional
+        Replaces the default `Backbone`; must map (N, C, *S) to (N, head_width, *S/4).
+    """
+
+    def __init__(self, config: ResMTNetConfig | None = None, backbone: nn.Module | None = None):
+        super().__init__()
+        cfg = config or ResMTNetConfig()
+        if cfg.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {cfg.spatial_dims}")
+        if not (cfg.detection or cfg.malignancy):
+            raise ValueError("at least one of detection / malignancy must be enabled")
+        self.config = cfg
+        nd, hw = cfg.spatial_dims, cfg.head_width
+        Conv = _conv(nd)
+        self.backbone = backbone or Backbone(cfg)
+        self.det1, self.det2 = ResBlock(nd, hw, hw), ResBlock(nd, hw, hw)
+        self.mal1, self.mal2 = ResBlock(nd, hw, hw), ResBlock(nd, hw, hw)
+        if cfg.cross_task:
+            self.mal_to_det = Conv(hw, hw, 1)
+            self.det_to_mal = Conv(hw, hw, 1)
+            for m in (self.mal_to_det, self.det_to_mal):  # start as identity branches
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.heatmap = Conv(hw, 1, 1)
+        self.size = Conv(hw, 1, 1)
+        self.offset = Conv(hw, nd, 1)
+        self.malignancy_head = Conv(hw, 1, 1)
+        nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
+        nn.init.constant_(self.size.bias, 1.0)
+
+    # -- raw maps --------------------------------------------------------------------------
+    def forward_maps(self, x: torch.Tensor) -> dict:
+        """(N, C, *S) -> dict of stride-4 maps: heatmap, size, offset, malignancy (logits)."""
+        f = self.backbone(x)
+        d = self.det1(f)
+        m = self.mal1(f)
+        if self.config.cross_task:
+            d, m = d + self.mal_to_det(m), m + self.det_to_mal(d)
+        d = self.det2(d)
+        m = self.mal2(m)
+        return {
+            "heatmap": self.heatmap(d),
+            "size": self.size(d),
+            "offset": self.offset(d),
+            "malignancy": self.malignancy_head(m),
+        }
+
+    def forward(self, images: torch.Tensor, targets: list | None = None):
+        """Training (``targets`` given): dict of named losses incl. ``loss`` (the joint sum).
+
+        Inference: list (one per image) of dicts ``boxes`` (K, 2*nd corner boxes in input
+        voxels), ``scores`` (K,), ``malignancy`` (K,).
+        """
+        maps = self.forward_maps(images)
+        if targets is not None:
+            from .losses import compute_loss
+
+            return compute_loss(maps, targets, self.config, images.shape[2:])
+        return decode(maps)
+
+    @property
+    def stride(self) -> int:
+        return STRIDE
+
+
+@torch.no_grad()
+def decode(maps: dict, score_floor: float = 0.02, max_detections: int = 100, kernel: int = 3) -> list:
+    """Peaks of the centre heatmap -> per-image detections (corner boxes in input voxels).
+
+    A cell is a peak when it equals the max of its ``kernel``-neighbourhood (vectorised
+    max-pool suppression), its probability is at least ``score_floor``; the top
+    ``max_detections`` are kept.
+    """
+    hm = torch.sigmoid(maps["heatmap"].float())
+    nd = hm.dim() - 2
+    pool = F.max_pool3d if nd == 3 else F.max_pool2d
+    peaks = (hm == pool(hm, kernel, 1, kernel // 2)) & (hm >= score_floor)
+    out = []
+    for b in range(hm.shape[0]):
+        idx = peaks[b, 0].nonzero()  # (K, nd) cell indices
+        scores = hm[b, 0][peaks[b, 0]]
+        if len(scores) > max_detections:
+            top = torch.topk(scores, max_detections).indices
+            idx, scores = idx[top], scores[top]
+        sel = tuple(idx.T)
+        off = maps["offset"][b][(slice(None),) + sel].T.float()  # (K, nd)
+        centres = (idx.float() + off) * STRIDE
+        diam = torch.exp(maps["size"][b, 0][sel].float()).clamp(1.0, 100.0) * STRIDE
+        mal = torch.sigmoid(maps["malignancy"][b, 0][sel].float())
+        boxes = torch.cat([centres - diam[:, None] / 2, centres + diam[:, None] / 2], dim=1)
+        order = torch.argsort(scores, descending=True)
+        out.append({"boxes": boxes[order], "scores": scores[order], "malignancy": mal[order]})
+    return out
+
+
+def malignancy_at(maps: dict, centres_vox: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """Malignancy probability read from the map at given input-voxel centres (K, nd)."""
+    mal = maps["malignancy"]
+    cell = torch.round(centres_vox / STRIDE).long()
+    for d in range(cell.shape[1]):
+        cell[:, d] = cell[:, d].clamp(0, mal.shape[2 + d] - 1)
+    sel = (batch_index, torch.zeros_like(batch_index)) + tuple(cell.T)
+    return torch.sigmoid(mal[sel].float())

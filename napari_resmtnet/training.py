@@ -1,0 +1,298 @@
+"""Training of Res-MTNet: a library function (`train`) and the ``resmtnet-train`` CLI.
+
+    resmtnet-train --config configs/ct.json [--out runs/ct] [--resume] [--set epochs=5 ...]
+    torchrun --nproc_per_node 2 -m napari_resmtnet.training --config ...   # DDP (gloo on CPU)
+
+The data are split patient-disjoint by ``seriesuid`` (`datasets.split_by_series`); the split
+is recorded in every checkpoint and in the exported weights. A checkpoint (``last.pt``) is
+written atomically after every epoch; ``--resume`` continues from it. Every loss term is
+logged to ``log.jsonl``. The exported ``model.pt`` holds only tensors and plain values, so it
+loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .model import ResMTNet, ResMTNetConfig
+from .transforms import AugmentConfig, augment_batch, normalize_ct
+
+WEIGHTS_FORMAT = "resmtnet-weights/1"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "resmtnet-ct"
+    modality: str = "CT"
+    data: str = "../shared/data/ct_nodule_cubes"
+    out: str = "runs/ct"
+    val_fraction: float = 0.2
+    seed: int = 0
+    epochs: int = 40
+    max_steps: int = 0            # stop after this many optimiser steps (0: no limit)
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    threads: int = 0              # torch threads per process (0: torch's default)
+    limit: int = 0                # use only the first N records (smoke tests)
+    spacing_mm: float = 1.0       # model input spacing
+    implant: dict = field(default_factory=dict)   # CXR: nodule implantation settings
+    network: dict = field(default_factory=dict)
+    augment: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path, overrides=()):
+        d = json.loads(Path(path).read_text())
+        for ov in overrides:
+            key, _, val = ov.partition("=")
+            try:
+                val = json.loads(val)
+            except json.JSONDecodeError:
+                pass
+            tgt = d
+            *parents, leaf = key.split(".")
+            for p in parents:
+                tgt = tgt.setdefault(p, {})
+            tgt[leaf] = val
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def network_config(self) -> ResMTNetConfig:
+        d = dict(self.network)
+        d.setdefault("spatial_dims", 3 if self.modality == "CT" else 2)
+        return ResMTNetConfig.from_dict(d)
+
+    def augment_config(self) -> AugmentConfig:
+        d = dict(self.augment)
+        for k in ("scale", "aniso_factor"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return AugmentConfig(**d)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def load_records(cfg: TrainConfig):
+    """All records of the configured data set, for either modality."""
+    if cfg.modality == "CT":
+        from .datasets import load_ct_records
+
+        return load_ct_records(cfg.data, limit=cfg.limit or None)
+    from .cxr_data import load_cxr_records
+
+    return load_cxr_records(cfg.data, limit=cfg.limit or None)
+
+
+def split_records(records, cfg: TrainConfig):
+    from .datasets import split_by_series
+
+    train_uids, val_uids = split_by_series([r.seriesuid for r in records], cfg.val_fraction, cfg.seed)
+    tr, va = set(train_uids), set(val_uids)
+    return [r for r in records if r.seriesuid in tr], [r for r in records if r.seriesuid in va], train_uids, val_uids
+
+
+def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator, context=None):
+    """Normalised, augmented training batch: (N, 1, *crop) tensor and target dicts."""
+    if cfg.modality == "CXR":
+        from .cxr_data import make_cxr_batch
+
+        return make_cxr_batch(records, cfg, aug, g, context)
+    imgs = torch.from_numpy(np.stack([normalize_ct(r.array) for r in records]))[:, None]
+    centres = [r.centers[r.main] for r in records]
+    return augment_batch(imgs, [r.target() for r in records], aug, g, "CT", centers=centres)
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def _atomic_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_weights(model: ResMTNet, cfg: TrainConfig, split: dict, path: Path, extra: dict | None = None):
+    """Write deployable weights: state_dict + plain metadata (weights_only-loadable)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    obj = {
+        "format": WEIGHTS_FORMAT,
+        "name": cfg.name,
+        "version": __version__,
+        "modality": cfg.modality,
+        "spacing_mm": float(cfg.spacing_mm),
+        "network": cfg.network_config().to_dict(),
+        "train_config": asdict(cfg),
+        "split": split,
+        "state_dict": state,
+        **(extra or {}),
+    }
+    _atomic_save(obj, path)
+    return path
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train per ``cfg``; returns the path of the exported ``model.pt``."""
+    world, rank = _dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    records = load_records(cfg)
+    if not records:
+        raise RuntimeError(f"{cfg.data}: no training records found")
+    train_recs, val_recs, train_uids, val_uids = split_records(records, cfg)
+    split = {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "train": train_uids, "val": val_uids}
+
+    net_cfg = cfg.network_config()
+    model = ResMTNet(net_cfg).to(device)
+    if net_cfg.spatial_dims == 3 and device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, len(train_recs) // (per_rank * world))  # full global batches per epoch
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    epoch, step = 0, 0
+    ckpt_path = out / "last.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        epoch, step = int(ck["epoch"]), int(ck["step"])
+        g.set_state(ck["generator"][rank] if rank < len(ck["generator"]) else ck["generator"][0])
+        if ck["split"]["val"] != val_uids:
+            raise RuntimeError(f"{ckpt_path}: the checkpoint's split differs from this config's split")
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model)
+
+    context = None
+    if cfg.modality == "CXR":
+        from .cxr_data import training_context
+
+        context = training_context(cfg, train_recs)
+    aug = cfg.augment_config()
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=cfg.name, unit="step", file=sys.stderr)
+    model.train()
+    t0 = time.time()
+    while step < total:
+        # one permutation shared by all ranks; each global batch wraps around the end, so
+        # every rank runs the same number of steps (no rank waits for a missing all-reduce)
+        perm = torch.randperm(len(train_recs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            first = b * per_rank * world + rank * per_rank
+            idx = [perm[(first + k) % len(perm)] for k in range(per_rank)]
+            images, targets = make_batch([train_recs[i] for i in idx], cfg, aug, g, context)
+            images = images.to(device)
+            if images.dim() == 5 and device.type == "cpu":
+                images = images.contiguous(memory_format=torch.channels_last_3d)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step)
+            losses = ddp_model(images, targets)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            if rank == 0:
+                rec = {"step": step, "epoch": epoch, "lr": lr_at(step), "time": round(time.time() - t0, 1)}
+                rec.update({k: round(float(v.detach()), 5) for k, v in losses.items()})
+                log.write(json.dumps(rec) + "\n")
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", hm=f"{rec['heatmap']:.3f}", mal=f"{rec['malignancy']:.3f}")
+        epoch += 1
+        if rank == 0:
+            log.flush()
+            gens = [g.get_state()]
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
+                          "generator": gens, "split": split, "config": asdict(cfg)}, ckpt_path)
+    if bar:
+        bar.close()
+    path = out / "model.pt"
+    if rank == 0:
+        log.close()
+        export_weights(model, cfg, split, path)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="resmtnet-train", description="Train Res-MTNet from a JSON config.")
+    p.add_argument("--config", required=True, help="JSON config (see configs/)")
+    p.add_argument("--out", help="output folder (overrides the config's 'out')")
+    p.add_argument("--data", help="data folder (overrides the config's 'data')")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. epochs=5 network.cross_task=false")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    overrides = list(a.set)
+    if a.out:
+        overrides.append(f"out={json.dumps(a.out)}")
+    if a.data:
+        overrides.append(f"data={json.dumps(a.data)}")
+    try:
+        cfg = TrainConfig.from_file(a.config, overrides)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"resmtnet-train: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = train(cfg, resume=a.resume, progress=not a.no_progress)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"resmtnet-train: {e}", file=sys.stderr)
+        return 1
+    if _dist_info()[1] == 0:
+        print(f"weights written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Bundled weights registry and safe loading.
+
+``resources/weights/registry.json`` lists, per modality, the weights file, its sha256, the
+model version, the input spacing and the operating threshold chosen on the validation split.
+Weights are read only after their sha256 matches (bundled: the recorded one; a user file:
+the ``.sha256`` file beside it, or the hash given by the caller), and only with
+``torch.load(weights_only=True)``, which refuses pickled code. The file's ``format`` and
+network config are validated before a model is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+WEIGHTS_FORMAT = "resmtnet-weights/1"
+MODALITIES = ("CT", "CXR")
+
+
+class WeightsError(Exception):
+    """The weights file is missing, altered, unsafe or of an unknown format (one line)."""
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("napari_resmtnet.resources") / "weights"))
+
+
+def registry() -> dict:
+    p = weights_dir() / "registry.json"
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text())
+
+
+def bundled_entry(modality: str) -> dict:
+    m = modality.upper()
+    reg = registry()
+    if m not in reg:
+        raise WeightsError(f"no bundled weights for modality {m!r} (have: {sorted(reg) or 'none'})")
+    e = dict(reg[m])
+    e["path"] = str(weights_dir() / e["file"])
+    return e
+
+
+def load_checkpoint(path, sha256: str | None = None) -> dict:
+    """Verify and read a weights file; returns its dict (state_dict + metadata).
+
+    ``sha256``: the expected hash; when None, ``<path>.sha256`` must exist beside the file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if sha256 is None:
+        side = path.with_name(path.name + ".sha256")
+        if not side.exists():
+            raise WeightsError(f"{path}: no expected sha256 given and no {side.name} beside it; refusing unverified weights")
+        sha256 = side.read_text().split()[0].strip()
+    actual = sha256_of(path)
+    if actual != sha256.lower():
+        raise WeightsError(f"{path}: sha256 mismatch (expected {sha256[:12]}..., got {actual[:12]}...); the file is altered or truncated")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not a safe weights file ({first})") from None
+    if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise WeightsError(f"{path}: unknown weights format {got!r}, expected {WEIGHTS_FORMAT!r}")
+    for key in ("network", "state_dict", "modality"):
+        if key not in obj:
+            raise WeightsError(f"{path}: weights lack {key!r}")
+    if obj["modality"] not in MODALITIES:
+        raise WeightsError(f"{path}: unknown modality {obj['modality']!r}")
+    obj["sha256"] = actual
+    obj["path"] = str(path)
+    return obj
+
+
+def build_model(ckpt: dict):
+    """A ResMTNet in eval mode from a verified checkpoint dict."""
+    from .model import ResMTNet, ResMTNetConfig
+
+    try:
+        cfg = ResMTNetConfig.from_dict(ckpt["network"])
+        model = ResMTNet(cfg)
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise WeightsError(f"{ckpt.get('path', 'weights')}: does not match this version's network ({first})") from None
+    return model.eval()
+
+
+def load_model(modality: str = "CT", weights=None, sha256: str | None = None, device="cpu"):
+    """(model, info) for bundled weights of ``modality`` or a user ``weights`` file.
+
+    ``info``: name, version, sha256, modality, spacing_mm, threshold, path.
+    """
+    if weights is None:
+        entry = bundled_entry(modality)
+        ckpt = load_checkpoint(entry["path"], entry["sha256"])
+        threshold = float(entry.get("threshold", 0.5))
+    else:
+        ckpt = load_checkpoint(weights, sha256)
+        threshold = float(ckpt.get("threshold", 0.5))
+    if ckpt["modality"] != modality.upper():
+        raise WeightsError(f"{ckpt['path']}: weights are for {ckpt['modality']}, not {modality.upper()}")
+    model = build_model(ckpt).to(device)
+    info = {
+        "name": ckpt.get("name", "resmtnet"),
+        "version": ckpt.get("version", "?"),
+        "sha256": ckpt["sha256"],
+        "modality": ckpt["modality"],
+        "spacing_mm": float(ckpt.get("spacing_mm", 1.0)),
+        "threshold": threshold,
+        "path": ckpt["path"],
+    }
+    return model, info
+
+
+def bundle(src, modality: str, threshold: float, metrics: dict | None = None) -> dict:
+    """Copy trained weights into resources/weights and record them in the registry."""
+    import shutil
+
+    m = modality.upper()
+    dst_dir = Path(__file__).resolve().parents[1] / "resources" / "weights"
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    name = f"resmtnet_{m.lower()}.pt"
+    tmp = dst_dir / (name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst_dir / name)
+    reg_path = dst_dir / "registry.json"
+    reg = json.loads(reg_path.read_text()) if reg_path.exists() else {}
+    ck = load_checkpoint(dst_dir / name, sha256_of(dst_dir / name))
+    reg[m] = {"file": name, "sha256": ck["sha256"], "version": ck.get("version"), "name": ck.get("name"),
+              "spacing_mm": ck.get("spacing_mm"), "threshold": float(threshold), "metrics": metrics or {}}
+    tmp = reg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    tmp.replace(reg_path)
+    return reg[m]

@@ -1,0 +1,117 @@
+"""Res-MTNet network, joint loss, decoding and augmentation on tiny tensors."""
+import numpy as np
+import pytest
+import torch
+
+from napari_resmtnet.model import ResMTNet, ResMTNetConfig, decode
+from napari_resmtnet.model.losses import build_targets
+from napari_resmtnet.transforms import AugmentConfig, augment_batch, normalize_ct
+
+SMALL = dict(widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)
+
+
+def _targets(nd, n=2):
+    return [{"centers": [[12.0] * nd], "diameters": [6.0], "malignant": [1.0]},
+            {"centers": [[20.0] * nd, [8.0] * nd], "diameters": [9.0, 4.0], "malignant": [0.0, -1.0]}][:n]
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_forward_backward_and_inference_shapes(nd):
+    torch.manual_seed(0)
+    net = ResMTNet(ResMTNetConfig(spatial_dims=nd, **SMALL))
+    x = torch.randn(2, 1, *(32,) * nd)
+    net.train()
+    losses = net(x, _targets(nd))
+    assert set(losses) == {"heatmap", "size", "offset", "malignancy", "loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:5])
+    net.eval()
+    out = net(x)
+    assert len(out) == 2
+    for o in out:
+        assert o["boxes"].shape[1] == 2 * nd
+        assert len(o["boxes"]) == len(o["scores"]) == len(o["malignancy"])
+        assert torch.all(o["boxes"][:, nd:] > o["boxes"][:, :nd])
+        assert torch.all((o["scores"] >= 0) & (o["scores"] <= 1))
+
+
+def test_odd_input_sizes_work():
+    net = ResMTNet(ResMTNetConfig(spatial_dims=3, **SMALL)).eval()
+    maps = net.forward_maps(torch.randn(1, 1, 50, 37, 41))
+    assert maps["heatmap"].shape[2:] == (13, 10, 11)
+
+
+def test_cross_task_residuals_are_connected():
+    """With cross-task residuals the malignancy output depends on the detection branch."""
+    torch.manual_seed(0)
+    cfg = ResMTNetConfig(spatial_dims=2, **SMALL)
+    net = ResMTNet(cfg).eval()
+    torch.nn.init.normal_(net.det_to_mal.weight)
+    x = torch.randn(1, 1, 32, 32)
+    base = net.forward_maps(x)["malignancy"].clone()
+    with torch.no_grad():
+        net.det1.conv1.weight.mul_(3.0)  # only the detection branch changes
+    assert not torch.allclose(net.forward_maps(x)["malignancy"], base)
+    no_cross = ResMTNet(ResMTNetConfig(spatial_dims=2, cross_task=False, **SMALL))
+    assert not hasattr(no_cross, "det_to_mal")
+
+
+def test_disabled_head_contributes_no_loss():
+    net = ResMTNet(ResMTNetConfig(spatial_dims=2, malignancy=False, cross_task=False, **SMALL))
+    losses = net(torch.randn(2, 1, 32, 32), _targets(2))
+    assert float(losses["malignancy"]) == 0.0 and float(losses["heatmap"]) > 0
+    with pytest.raises(ValueError):
+        ResMTNet(ResMTNetConfig(detection=False, malignancy=False))
+
+
+def test_targets_encode_and_decode_round_trip():
+    """Dense targets decoded as if they were predictions give back the boxes."""
+    cfg = ResMTNetConfig(spatial_dims=3)
+    tg = [{"centers": [[21.0, 13.0, 30.0]], "diameters": [10.0], "malignant": [1.0]}]
+    heat, pos, size, offset, mal = build_targets(tg, (12, 12, 12), cfg, "cpu")
+    logit = torch.logit(heat.clamp(1e-4, 1 - 1e-4))[:, None]
+    maps = {"heatmap": logit, "size": size[:, None], "offset": offset, "malignancy": torch.logit(mal.clamp(1e-4, 1 - 1e-4))[:, None]}
+    det = decode(maps, score_floor=0.5)[0]
+    assert len(det["boxes"]) == 1
+    c = (det["boxes"][0, :3] + det["boxes"][0, 3:]) / 2
+    assert torch.allclose(c, torch.tensor([21.0, 13.0, 30.0]), atol=1e-4)
+    assert torch.allclose(det["boxes"][0, 3:] - det["boxes"][0, :3], torch.full((3,), 10.0), atol=1e-3)
+    assert float(det["malignancy"][0]) > 0.99
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    net = ResMTNet(ResMTNetConfig(spatial_dims=2, **SMALL))
+    x = torch.randn(2, 1, 32, 32)
+    x[0, 0, 10:15, 10:15] += 3
+    tg = _targets(2)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    first = None
+    for _ in range(40):
+        losses = net(x, tg)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        first = first or {k: float(v) for k, v in losses.items()}
+    last = {k: float(v) for k, v in net(x, tg).items()}
+    for k in ("heatmap", "size", "malignancy", "loss"):
+        assert last[k] < first[k], (k, first[k], last[k])
+
+
+def test_augmentation_moves_targets_with_the_image_and_is_seeded():
+    img = np.full((1, 1, 50, 50, 50), -900.0, np.float32)
+    zz, yy, xx = np.mgrid[:50, :50, :50]
+    img[0, 0][(zz - 30) ** 2 + (yy - 20) ** 2 + (xx - 27) ** 2 <= 16] = 100.0
+    x = torch.from_numpy(normalize_ct(img))
+    tg = [{"centers": [[30.0, 20.0, 27.0]], "diameters": [8.0], "malignant": [1.0]}]
+    cfg = AugmentConfig(out_size=40, noise_std=0.0, window_jitter=0.0, aniso_prob=0.0)
+    for seed in range(5):
+        out, t = augment_batch(x, tg, cfg, torch.Generator().manual_seed(seed), "CT", centers=[[30, 20, 27]])
+        z, y, xx_ = [int(round(float(v))) for v in t[0]["centers"][0]]
+        assert float(out[0, 0, z, y, xx_]) > 0.0  # the bright sphere is where the target says
+        assert 0.9 * 8 <= float(t[0]["diameters"][0]) <= 1.1 * 8
+    a, _ = augment_batch(x, tg, AugmentConfig(), torch.Generator().manual_seed(3), "CT")
+    b, _ = augment_batch(x, tg, AugmentConfig(), torch.Generator().manual_seed(3), "CT")
+    assert torch.equal(a, b)
