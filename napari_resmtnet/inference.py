@@ -1,6 +1,7 @@
 """Whole-scan inference: a `Scan` (any size, spacing, orientation) -> `Detections`. Qt-free.
 
-Pipeline (CT; radiographs take the same path in 2D without the lung mask)::
+Pipeline (CT; radiographs take the same path in 2D, without the lung mask and with the
+CXR training's own resampling and normalisation, `napari_resmtnet.cxr_data.preprocess_radiograph`)::
 
     scan array ─ resample (SimpleITK, index space) ─ HU window ─┬─ sliding windows ─ stitched
                  to the model's spacing                          │  (batched, overlap)    stride-4 maps
@@ -10,10 +11,12 @@ Pipeline (CT; radiographs take the same path in 2D without the lung mask)::
 
 **Geometry.** Resampling happens in the scan's *index space*: the model grid has the scan's
 origin and direction and only a different spacing, so the network sees the voxel-grid axes
-(the axial plane stays the axial plane whatever the direction cosines say). A box found at
-model voxel ``k`` is mapped to world millimetres with the model grid's geometry
-(``origin + direction @ (spacing_model * k)``) and back to scan voxels with the scan's
-geometry, so detections come out right for any slice spacing, origin and direction.
+(the axial plane stays the axial plane whatever the direction cosines say). Model voxel
+``k`` is world point ``origin + direction @ (spacing_model * k)``, which is scan voxel
+``k * spacing_model / spacing_scan``; boxes are mapped to scan voxels by that per-axis scale
+and carry the scan's geometry (`Detections.geometry`), so their world millimetres are right
+for any slice spacing, origin and direction (radiographs: the resampling's pixel-centre
+convention, ``(k + 0.5) / zoom - 0.5``).
 
 **Windows.** The model grid is padded (edge values) to a multiple of 4 voxels, so that the
 network's stride-4 output cell ``j`` of every window lies on the global cell grid (windows
@@ -198,14 +201,11 @@ def _sitk_image(array: np.ndarray, spacing_arr):
     return img
 
 
-def _resample(img, spacing_arr, size_arr, smooth_mm=None):
+def _resample(img, spacing_arr, size_arr):
     """Linear resampling onto a grid of ``spacing_arr``/``size_arr`` (array order) with the
     same origin (index space); outside the image the nearest edge value is used."""
     import SimpleITK as sitk
 
-    if smooth_mm is not None and np.any(np.asarray(smooth_mm) > 0):
-        img = sitk.Cast(img, sitk.sitkFloat32)
-        img = sitk.SmoothingRecursiveGaussian(img, [max(float(s), 1e-6) for s in smooth_mm[::-1]])
     nd = img.GetDimension()
     f = sitk.ResampleImageFilter()
     f.SetOutputSpacing(tuple(float(s) for s in spacing_arr[::-1]))
@@ -314,7 +314,7 @@ class Predictor:
         t0 = time.perf_counter()
         report(0.0, "preprocessing")
         _check_cancel(cancel)
-        vol, hu_cells, model_sp = self._preprocess(scan)
+        vol, hu_cells, to_scan = self._preprocess(scan)
         timings["preprocessing"] = time.perf_counter() - t0
         _check_cancel(cancel)
 
@@ -323,7 +323,7 @@ class Predictor:
         if self.use_lung_mask and hu_cells is not None:
             report(0.08, "lung mask")
             fov = [n * s for n, s in zip(scan.shape[1:], scan.spacing[1:])]
-            mask, mask_info = lung_mask_cells(hu_cells, 4 * model_sp, fov)
+            mask, mask_info = lung_mask_cells(hu_cells, 4 * self.spacing_mm, fov)
         del hu_cells
         timings["lung_mask"] = time.perf_counter() - t
         _check_cancel(cancel)
@@ -335,13 +335,13 @@ class Predictor:
 
         t = time.perf_counter()
         report(0.95, "postprocessing")
-        det = self._postprocess(maps, mask, scan, model_sp)
+        det = self._postprocess(maps, mask, scan, to_scan)
         timings["postprocessing"] = time.perf_counter() - t
         det.meta.update({
             "model_info": self.model_info,
             "threshold": self.threshold,
             "modality": self.modality,
-            "model_spacing_mm": model_sp,
+            "model_spacing_mm": self.spacing_mm,
             "device": str(self.device),
             "windows": win_info,
             "lung_mask": mask_info,
@@ -379,40 +379,56 @@ class Predictor:
         return np.full(self.ndim, m), n
 
     def _preprocess(self, scan):
-        """-> (normalised model-grid tensor, HU on the stride-4 cell grid or None, spacing)."""
+        """-> (normalised model-grid tensor, HU on the stride-4 cell grid or None,
+        (a, b): per-axis map of model voxel ``k`` to scan voxel ``a * k + b``)."""
         import torch
 
-        from .transforms import CT_WINDOW, normalize_cxr
+        sp = np.asarray(scan.spacing, float)
+        if self.modality == "CXR":
+            return self._preprocess_cxr(scan, sp)
+        from .transforms import CT_WINDOW
 
         model_sp, n = self._grid(scan)
-        sp = np.asarray(scan.spacing, float)
         img = _sitk_image(scan.array, sp)
-        if self.modality == "CT":
-            res = _resample(img, model_sp, n)
-            hu_cells = None
-            if self.use_lung_mask:
-                cells = sitk_array(_resample(img, 4 * model_sp, n // 4))
-                hu_cells = cells
-            del img
-            view = sitk_view(res)
-            lo, hi = CT_WINDOW
-            vol = np.empty(view.shape, np.float32)
-            np.clip(view, lo, hi, out=vol)
-            del view, res
-            vol -= lo
-            vol *= 2.0 / (hi - lo)
-            vol -= 1.0
-            np.nan_to_num(vol, copy=False, nan=-1.0, posinf=1.0, neginf=-1.0)
-            return torch.from_numpy(vol), hu_cells, self.spacing_mm
-        # radiograph: anti-aliasing when shrinking (as skimage.transform.resize does)
-        factor = model_sp / sp
-        smooth = np.where(factor > 1, (factor - 1) / 2 * sp, 0.0)
-        res = _resample(img, model_sp, n, smooth_mm=smooth)
+        res = _resample(img, model_sp, n)
+        hu_cells = None
+        if self.use_lung_mask:
+            hu_cells = sitk_array(_resample(img, 4 * model_sp, n // 4))
         del img
-        arr = sitk_array(res)
-        del res
-        arr = np.nan_to_num(arr, nan=float(np.nanmin(arr)) if np.isfinite(arr).any() else 0.0)
-        return torch.from_numpy(normalize_cxr(arr)), None, self.spacing_mm
+        view = sitk_view(res)
+        lo, hi = CT_WINDOW
+        vol = np.empty(view.shape, np.float32)
+        np.clip(view, lo, hi, out=vol)
+        del view, res
+        vol -= lo
+        vol *= 2.0 / (hi - lo)
+        vol -= 1.0
+        np.nan_to_num(vol, copy=False, nan=-1.0, posinf=1.0, neginf=-1.0)
+        return torch.from_numpy(vol), hu_cells, (model_sp / sp, np.zeros(3))
+
+    def _preprocess_cxr(self, scan, sp):
+        """Radiographs go through the CXR training's own preprocessing (block-mean + linear
+        resampling to the model spacing, percentile normalisation), padded with edge values
+        to a multiple of 4 pixels at the bottom/right (which moves no pixel)."""
+        import torch
+
+        from . import cxr_data
+        from .transforms import normalize_cxr
+
+        a = scan.array
+        if not np.all(np.isfinite(a)):
+            a = np.nan_to_num(a.astype(np.float32), nan=float(np.nanmin(a)) if np.isfinite(a).any() else 0.0,
+                              posinf=0.0, neginf=0.0)
+        if abs(self.spacing_mm - cxr_data.MODEL_SPACING_MM) < 1e-9:
+            img, zoom = cxr_data.preprocess_radiograph(a, tuple(sp))
+        else:
+            img, zoom = cxr_data.resample_to_spacing(a, tuple(sp), target_mm=self.spacing_mm)
+            img = normalize_cxr(img)
+        n = np.maximum(_MIN_SIDE, (np.asarray(img.shape) + 3) // 4 * 4)
+        if tuple(n) != img.shape:
+            img = np.pad(img, [(0, int(n[i] - img.shape[i])) for i in range(2)], mode="edge")
+        z = np.broadcast_to(np.asarray(zoom, float), (2,))
+        return torch.from_numpy(np.ascontiguousarray(img, np.float32)), None, (1.0 / z, 0.5 / z - 0.5)
 
     def _run_windows(self, vol, mask, report, cancel):
         """Sliding windows over ``vol`` (model grid) -> stitched stride-4 maps (CPU float32)."""
@@ -467,7 +483,7 @@ class Predictor:
                 report(0.1 + 0.85 * done / max(1, len(todo)), "network")
         return maps, info
 
-    def _postprocess(self, maps, mask, scan, model_sp) -> Detections:
+    def _postprocess(self, maps, mask, scan, to_scan) -> Detections:
         import torch
 
         from . import boxes as B
@@ -475,22 +491,19 @@ class Predictor:
 
         if mask is not None:
             maps["heatmap"][0, 0][~torch.from_numpy(mask)] = -1e4
-        geom = Detections.geometry_of(scan)
         dets = decode(maps, score_floor=self.score_floor, max_detections=max(200, 2 * self.max_detections))[0]
         bx, sc, mal = dets["boxes"], dets["scores"], dets["malignancy"]
         if len(bx):
             keep = B.nms(bx, sc, self.nms_iou)[: self.max_detections]
             bx, sc, mal = bx[keep], sc[keep], mal[keep]
-        bx = bx.double().numpy()
+        bx = bx.double().numpy().reshape(-1, 2 * self.ndim)
         if len(bx):
+            # model voxel k -> scan voxel a * k + b: the model grid shares the scan's origin
+            # and direction, so this is the world-mm round trip model -> world -> scan.
+            a, b = to_scan
             centres, sizes = B.boxes_to_centers_sizes(bx)
-            model_geom = {"spacing": tuple(np.full(self.ndim, model_sp)), "origin": scan.origin,
-                          "direction": scan.direction}
-            world = B.voxel_to_world_points(centres, model_geom)
-            c_scan = B.world_to_voxel_points(world, geom)
-            s_scan = sizes * model_sp / np.asarray(scan.spacing, float)
-            bx = B.centers_sizes_to_boxes(c_scan, s_scan)
-        return Detections(bx.reshape(-1, 2 * self.ndim), sc.numpy(), mal.numpy(), geom, {})
+            bx = B.centers_sizes_to_boxes(centres * a + b, sizes * a)
+        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {})
 
 
 def sitk_view(img):
