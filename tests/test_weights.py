@@ -1,0 +1,86 @@
+"""Safe weights: sha256 first, weights_only loading, format and config checks."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from napari_resmtnet.model import ResMTNet, ResMTNetConfig
+from napari_resmtnet.training import TrainConfig, export_weights
+from napari_resmtnet.weights import WeightsError, load_checkpoint, load_model, registry, sha256_of
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    cfg = TrainConfig(network={"widths": [8, 8, 16, 16], "blocks": [1, 1, 1], "head_width": 8})
+    model = ResMTNet(cfg.network_config())
+    p = export_weights(model, cfg, {"train": ["a"], "val": ["b"]}, tmp_path / "w.pt")
+    (tmp_path / "w.pt.sha256").write_text(sha256_of(p) + "  w.pt\n")
+    return p
+
+
+def test_good_file_loads_and_predicts(weights_file):
+    model, info = load_model("CT", weights=weights_file)
+    assert info["sha256"] == sha256_of(weights_file) and info["modality"] == "CT"
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 24, 24, 24))
+    assert len(out) == 1
+
+
+def test_one_corrupted_byte_is_refused(weights_file):
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_model("CT", weights=weights_file)
+
+
+def test_truncated_file_is_refused_even_with_matching_hash(weights_file):
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="not a safe weights file"):
+        load_checkpoint(weights_file, sha256_of(weights_file))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, capsys):
+    p = tmp_path / "evil.pt"
+    torch.save({"format": "resmtnet-weights/1", "payload": _Evil()}, p)
+    with pytest.raises(WeightsError, match="not a safe weights file"):
+        load_checkpoint(p, sha256_of(p))
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_unverified_user_file_and_wrong_modality_and_foreign_format(tmp_path, weights_file):
+    other = tmp_path / "copy.pt"
+    other.write_bytes(weights_file.read_bytes())
+    with pytest.raises(WeightsError, match="refusing unverified"):
+        load_model("CT", weights=other)
+    with pytest.raises(WeightsError, match="not CXR"):
+        load_model("CXR", weights=weights_file)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(WeightsError, match="unknown weights format"):
+        load_checkpoint(plain, sha256_of(plain))
+
+
+def test_network_mismatch_is_a_message(tmp_path, weights_file):
+    ck = torch.load(weights_file, weights_only=True)
+    ck["network"]["widths"] = [16, 16, 32, 32]
+    p = tmp_path / "mismatch.pt"
+    torch.save(ck, p)
+    with pytest.raises(WeightsError, match="does not match"):
+        load_model("CT", weights=p, sha256=sha256_of(p))
+
+
+@pytest.mark.parametrize("modality", ["CT", "CXR"])
+def test_bundled_weights_match_their_recorded_sha256(modality):
+    reg = registry()
+    if modality not in reg:
+        pytest.skip(f"no bundled {modality} weights in this checkout")
+    model, info = load_model(modality)
+    assert info["sha256"] == reg[modality]["sha256"]
+    assert 0 < info["threshold"] < 1
