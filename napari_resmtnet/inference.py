@@ -112,26 +112,38 @@ def resolve_device(device="auto"):
 
 # --- windows -------------------------------------------------------------------------------
 
-def window_starts(size: int, window: int, overlap: int) -> tuple[list[int], int]:
-    """Start voxels (multiples of 4) of the windows along one axis of ``size`` voxels
-    (a multiple of 4) and the window side actually used (``min(window, size)``)."""
-    w = min(window, size)
-    if size <= w:
-        return [0], w
-    step = max(4, w - overlap)
-    starts = list(range(0, size - w, step))
-    last = size - w
-    if not starts or starts[-1] != last:
-        starts.append(last)
-    return starts, w
+def window_starts(size: int, window: int, overlap: int, lo: int = 0, hi: int | None = None) -> tuple[list[int], int]:
+    """Windows along one axis covering voxels [lo, hi) of an axis of ``size`` voxels (all
+    multiples of 4): (start voxels, window side). The side is at most ``window``, as small
+    as covers the range with the fewest windows, and neighbours overlap by at least
+    ``overlap`` voxels; starts are multiples of 4."""
+    hi = size if hi is None else hi
+    if hi - lo < _MIN_SIDE:  # grow a tiny range to the smallest input the network takes
+        lo = max(0, min(lo, hi - _MIN_SIDE))
+        hi = min(size, lo + _MIN_SIDE)
+    extent = hi - lo
+    if extent <= window:
+        return [lo], extent
+    n = 2
+    while True:
+        # side such that n windows with steps of at most (side - overlap) cover the range
+        side = -(-(extent + (n - 1) * overlap) // n)
+        side = -(-side // 4) * 4
+        step = -(-(extent - side) // (n - 1))
+        step = -(-step // 4) * 4
+        if side <= window and side - step >= overlap:
+            break
+        n += 1
+    starts = [min(lo + i * step, hi - side) for i in range(n)]
+    return starts, side
 
 
-def _core_bounds(starts: list[int], w: int, ncells: int) -> list[tuple[int, int]]:
+def _core_bounds(starts: list[int], w: int, lo_cell: int, hi_cell: int) -> list[tuple[int, int]]:
     """Per window, the cell range [a, b) it owns: overlaps are split in their middle."""
     bounds = []
     for i, s in enumerate(starts):
-        a = 0 if i == 0 else int(round((s + starts[i - 1] + w) / 2 / 4))
-        b = ncells if i == len(starts) - 1 else int(round((starts[i + 1] + s + w) / 2 / 4))
+        a = lo_cell if i == 0 else int(round((s + starts[i - 1] + w) / 2 / 4))
+        b = hi_cell if i == len(starts) - 1 else int(round((starts[i + 1] + s + w) / 2 / 4))
         bounds.append((a, b))
     return bounds
 
@@ -437,9 +449,15 @@ class Predictor:
         nd = self.ndim
         size = vol.shape
         cells = [s // 4 for s in size]
-        per_axis = [window_starts(s, self.window, self.overlap) for s in size]
+        if mask is not None:  # tile only the bounding box of the lungs
+            nz = np.nonzero(mask.any(axis=tuple(range(1, nd))))[0], \
+                *[np.nonzero(mask.any(axis=tuple(a for a in range(nd) if a != ax)))[0] for ax in range(1, nd)]
+            region = [(int(ix[0]) * 4, (int(ix[-1]) + 1) * 4) for ix in nz]
+        else:
+            region = [(0, s) for s in size]
+        per_axis = [window_starts(s, self.window, self.overlap, lo, hi) for s, (lo, hi) in zip(size, region)]
         wshape = [w for _, w in per_axis]
-        bounds = [_core_bounds(st, w, c) for (st, w), c in zip(per_axis, cells)]
+        bounds = [_core_bounds(st, w, st[0] // 4, (st[-1] + w) // 4) for st, w in per_axis]
         grid = np.stack(np.meshgrid(*[np.arange(len(st)) for st, _ in per_axis], indexing="ij"), -1).reshape(-1, nd)
         todo = []
         for ij in grid:
@@ -455,7 +473,7 @@ class Predictor:
             "malignancy": torch.zeros((1, 1, *cells), dtype=torch.float32),
         }
         info = {"run": len(todo), "total": int(len(grid)), "window": wshape, "overlap": self.overlap,
-                "grid": [int(s) for s in size]}
+                "grid": [int(s) for s in size], "region": [[int(a), int(b)] for a, b in region]}
         dev = self.device
         gpu = dev.type == "cuda"
         report(0.1, "network")

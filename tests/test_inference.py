@@ -160,7 +160,9 @@ def test_whole_scan_lung_mask_restricts_and_skips_windows():
     found = det.above(0.5).centers_world()
     assert det.meta["lung_mask"]["used"] is True, det.meta["lung_mask"]
     assert 300 < det.meta["lung_mask"]["volume_ml"] < 500
-    assert det.meta["windows"]["run"] < det.meta["windows"]["total"]
+    win = det.meta["windows"]
+    (z0, z1), grid_z = win["region"][0], win["grid"][0]
+    assert z0 >= 20 and z1 == grid_z  # the abdomen below the lungs is not searched
     assert len(found) == 1 and np.linalg.norm(found[0] - np.array(IN_LUNG)) <= 1.0
 
     everywhere = ct_predictor(window=96, overlap=16, lung_mask=False).predict(scan).above(0.5).centers_world()
@@ -260,9 +262,14 @@ def test_wrong_inputs_are_clear_errors():
         predict(42)
 
 
-def test_window_starts_cover_the_axis():
-    for size in (16, 64, 100, 128, 132, 372, 376):
-        starts, w = window_starts(size, 128, 32)
-        assert starts[0] == 0 and starts[-1] + w == size
-        assert all(s % 4 == 0 for s in starts)
-        assert all(b - a <= w - 32 or len(starts) == 1 for a, b in zip(starts, starts[1:]))
+@pytest.mark.parametrize("window,overlap", [(128, 32), (64, 16), (16, 12), (48, 0)])
+def test_window_starts_cover_the_range_with_overlap(window, overlap):
+    for size in (16, 64, 100, 128, 132, 372, 376, 752):
+        for lo, hi in ((0, size), (size // 4 // 4 * 4, size - size // 8 // 4 * 4), (0, 16)):
+            starts, w = window_starts(size, window, overlap, lo, hi)
+            assert w <= max(window, 16) and w % 4 == 0
+            assert starts[0] <= lo and starts[-1] + w >= hi and starts[-1] + w <= size
+            assert all(s % 4 == 0 for s in starts)
+            assert all(b - a <= w - overlap for a, b in zip(starts, starts[1:])), (size, lo, hi, starts, w)
+            if len(starts) > 1:  # no more windows than needed
+                assert (len(starts) - 2) * (window - overlap) + window < hi - lo + 4 * len(starts)
