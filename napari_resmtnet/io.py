@@ -350,15 +350,60 @@ def _parse_metaimage_header(path: Path) -> tuple[dict, int]:
     return fields, pos
 
 
+def _check_data_file_inside(header: Path, name: str, what: str = "data file") -> None:
+    """A header may name its data only inside its own folder (or below).
+
+    A downloaded header with ``ElementDataFile = ../../etc/passwd`` (or an absolute path)
+    would otherwise make the viewer read, show and export any file of the user's; such
+    headers are refused. (Symbolic links inside the folder are the user's own choice and
+    are followed.)
+    """
+    folder = os.path.normpath(os.path.abspath(header.parent))
+    target = os.path.normpath(os.path.join(folder, name))
+    try:
+        inside = os.path.commonpath([folder, target]) == folder
+    except ValueError:  # different drives (Windows)
+        inside = False
+    if not inside:
+        raise ScanReadError(
+            header, f"{what} '{name}' named in the header is outside the header's folder; refused "
+            "for safety (put the data file next to the header and name it without a folder)",
+        )
+
+
+def _metaimage_data_names(path: Path, datafile: str, header_len: int) -> list[str]:
+    """The file names a MetaImage header reads its data from (LIST, pattern or one file)."""
+    if datafile.upper() == "LOCAL":
+        return []
+    if datafile.upper().startswith("LIST"):
+        with open(path, "rb") as f:
+            f.seek(header_len)
+            rest = f.read(1 << 20).decode("latin-1", "replace")
+        return [tok for line in rest.splitlines() for tok in line.split()[:1]]
+    if " " in datafile:  # "slice%03d.raw 1 100 1"
+        return [datafile.split()[0]]
+    return [datafile]
+
+
 def _check_metaimage(path: Path):
     fields, header_len = _parse_metaimage_header(path)
     for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
         if key not in fields:
             raise ScanReadError(path, f"not a valid MetaImage header: no '{key}' field")
+    for name in _metaimage_data_names(path, fields["ElementDataFile"], header_len):
+        _check_data_file_inside(path, name)
     try:
         dims = [int(float(v)) for v in fields["DimSize"].split()]
     except ValueError:
         raise ScanReadError(path, f"MetaImage DimSize {fields['DimSize']!r} is not a list of integers") from None
+    etype = fields["ElementType"].upper()
+    if etype in _MET_SIZES and dims and all(d > 0 for d in dims):
+        # a header claiming more than memory allows is refused before anything else
+        try:
+            nchan0 = int(fields.get("ElementNumberOfChannels", "1"))
+        except ValueError:
+            nchan0 = 1
+        _check_size(path, dims, nchan0, _MET_SIZES[etype])
     if fields.get("CompressedData", "False").lower() == "true":
         _check_compressed_metaimage(path, fields, header_len)
         return
@@ -466,6 +511,7 @@ def _check_nifti(path: Path):
     dims = [int(d) for d in dim[1 : nd + 1]]
     if any(d <= 0 for d in dims):
         raise ScanReadError(path, f"image has a zero-size dimension (dim {dims})")
+    _check_size(path, dims, 1, max(bitpix // 8, 1))
     expected = max(vox_offset, 348) + math.prod(dims) * bitpix // 8
     if gz:
         # The gzip trailer holds the uncompressed size (mod 2**32): a cheap first test;
@@ -498,8 +544,16 @@ def _check_nrrd(path: Path):
         low = line.lower()
         if low.startswith(("data file:", "datafile:")):
             name = line.split(":", 1)[1].strip()
-            if name.upper().startswith("LIST") or " " in name or "%" in name:
+            if name.upper().startswith("LIST"):
+                after = head.split(line, 1)[1].splitlines()[1:]
+                for entry in after:
+                    if entry.strip():
+                        _check_data_file_inside(path, entry.strip())
                 return
+            if " " in name or "%" in name:
+                _check_data_file_inside(path, name.split()[0])
+                return
+            _check_data_file_inside(path, name)
             data_path = Path(name) if os.path.isabs(name) else path.parent / name
             if not data_path.is_file():
                 raise ScanReadError(path, f"data file '{name}' named in the header does not exist")
@@ -712,6 +766,41 @@ def _dicom_series_in(folder: Path, max_dirs: int = 500) -> list[tuple[Path, str,
     return found
 
 
+def _looks_dicom(p: Path) -> bool:
+    return p.name.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(_head(p, 132))
+
+
+def _count_dicom_files(folder: Path, max_files: int = 5000) -> int:
+    n = seen = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            seen += 1
+            if seen > max_files:
+                return n
+            if _looks_dicom(Path(root) / name):
+                n += 1
+    return n
+
+
+def _dicom_files_outside_series(root: Path, series, max_files: int = 5000) -> list[str]:
+    """DICOM files in ``root`` that no series found there lists (GDCM skips broken files)."""
+    listed = {os.path.normcase(os.path.abspath(f)) for r, _, fs in series if r == root for f in fs}
+    out = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)[:max_files]
+    except OSError:
+        return out
+    for e in entries:
+        if not e.is_file() or e.name.upper() == "DICOMDIR":
+            continue
+        if os.path.normcase(os.path.abspath(e.path)) in listed:
+            continue
+        if _looks_dicom(Path(e.path)):
+            out.append(e.name)
+    return out
+
+
 def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
     try:
         entries = list(os.scandir(folder))
@@ -721,10 +810,23 @@ def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
         raise ScanReadError(folder, "folder is empty: expected a DICOM series")
     series = _dicom_series_in(folder)
     if not series:
+        n = _count_dicom_files(folder)
+        if n:
+            raise ScanReadError(
+                folder, f"{n} DICOM file(s) found but none holds a readable image (no pixel data, "
+                "damaged files, or non-image objects such as reports)",
+            )
         raise ScanReadError(folder, "no DICOM series found in this folder or its sub-folders")
     series.sort(key=lambda s: len(s[2]), reverse=True)
     root, uid, files = series[0]
     warnings: list[str] = []
+    left_out = _dicom_files_outside_series(root, series)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        warnings.append(
+            f"{len(left_out)} DICOM file(s) in {root.name or root} are not part of any image series "
+            f"(damaged, without pixel data, or not images) and were left out: {shown}"
+        )
     if len(series) > 1:
         others = ", ".join(f"{u} ({len(f)} files)" for _, u, f in series[1:6])
         more = f" and {len(series) - 6} more" if len(series) > 6 else ""
