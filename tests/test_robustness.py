@@ -633,3 +633,188 @@ def test_corpus_is_large_enough():
     assert len(CASES) >= 30
     kinds = {c.expect for c in CASES}
     assert kinds == {"loaded", "warning", "refused"}
+
+
+# --------------------------------------------------------------------------- napari reader
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """napari notifications (reader and widget) captured instead of shown."""
+    from napari.utils import notifications as n
+
+    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        monkeypatch.setattr(n, f"show_{kind}", lambda m, k=kind: seen[k].append(str(m)))
+    try:
+        from napari_resmtnet import _widget as W
+    except ImportError:  # no Qt
+        return seen
+    monkeypatch.setattr(W, "show_error", lambda m: seen["error"].append(str(m)))
+    monkeypatch.setattr(W, "show_info", lambda m: seen["info"].append(str(m)))
+    if hasattr(W, "show_warning"):
+        monkeypatch.setattr(W, "show_warning", lambda m: seen["warning"].append(str(m)))
+    return seen
+
+
+#: refused cases that the reader does not claim: napari's other readers get them
+NOT_CLAIMED = {"text_as_png", "empty_dir", "dir_without_images", "jsrt_img_wrong_size"}
+
+
+@pytest.mark.robustness
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_napari_reader(case, tmp_path, notes):
+    from napari_resmtnet._reader import napari_get_reader
+
+    path = build(case, tmp_path)
+    kind, text, scan = load_outcome(path)
+    reader = napari_get_reader(str(path))
+    if reader is None:
+        record(case.name, "reader", "not claimed: left to napari's other readers")
+        assert kind == "refused" and case.name in NOT_CLAIMED, f"{case.name}: a readable scan was not claimed"
+        return
+    assert case.name not in NOT_CLAIMED
+    out = reader(str(path))
+    if kind == "refused":
+        record(case.name, "reader", f"refused: one error notification")
+        assert out == [(None,)], "nothing to add, and no exception"
+        assert notes["error"] == [text] and notes["warning"] == []
+        return
+    record(case.name, "reader", f"{'loaded with warning' if kind == 'warning' else 'loaded'}: "
+           f"{len(notes['warning'])} warning notification(s)")
+    assert notes["error"] == []
+    assert len(out) == 1 and out[0][2] == "image"
+    data, kwargs, _ = out[0]
+    np.testing.assert_array_equal(data, scan.array)
+    assert len(notes["warning"]) == len(scan.warnings)
+    assert all("\n" not in w for w in notes["warning"])
+    np.testing.assert_allclose(kwargs["scale"], scan.spacing)
+
+
+# --------------------------------------------------------------------------- resmtnet predict
+
+
+def _tiny_net(nd: int):
+    import torch
+
+    from napari_resmtnet.model import ResMTNet, ResMTNetConfig
+
+    torch.manual_seed(nd)
+    cfg = ResMTNetConfig(spatial_dims=nd, widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)
+    return ResMTNet(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_nets():
+    """Small random Res-MTNets (the real network code, random weights)."""
+    return {"CT": _tiny_net(3), "CXR": _tiny_net(2)}
+
+
+TINY_INFO = {"name": "tiny-random", "version": "0", "sha256": "0" * 64, "threshold": 0.5}
+
+
+def tiny_predictor(tiny_nets, modality: str):
+    from napari_resmtnet.inference import Predictor
+
+    spacing = 1.0 if modality == "CT" else 1.6
+    return Predictor(modality, model=tiny_nets[modality], device="cpu", info=dict(TINY_INFO, spacing_mm=spacing))
+
+
+@pytest.fixture
+def tiny_cli_predictor(monkeypatch, tiny_nets):
+    """`resmtnet predict` builds its Predictor through inference.Predictor: give it the tiny
+    networks (a user ``--weights`` file still goes through the real loading and checks)."""
+    import napari_resmtnet.inference as inference
+
+    real = inference.Predictor
+
+    def make(modality, weights=None, sha256=None, device="auto", **kw):
+        if weights is not None:
+            return real(modality, weights=weights, sha256=sha256, device=device, **kw)
+        spacing = 1.0 if modality == "CT" else 1.6
+        return real(modality, model=tiny_nets[modality], device="cpu", info=dict(TINY_INFO, spacing_mm=spacing), **kw)
+
+    monkeypatch.setattr(inference, "Predictor", make)
+
+
+def run_predict(argv, capsys):
+    from napari_resmtnet.cli import main
+
+    rc = main(["predict", *map(str, argv)])
+    cap = capsys.readouterr()
+    err = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert "Traceback" not in cap.err and "Traceback" not in cap.out
+    return rc, err, cap.out
+
+
+@pytest.mark.robustness
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_predict_cli(case, tmp_path, tiny_cli_predictor, capsys):
+    path = build(case, tmp_path)
+    out = tmp_path / "out.csv"
+    rc, err, stdout = run_predict([path, "--out", out, "--device", "cpu", "--quiet"], capsys)
+    if case.expect == "refused":
+        record(case.name, "predict", f"refused: exit {rc}, {len(err)} stderr line")
+        assert rc != 0
+        assert len(err) == 1, err
+        assert str(path) in err[0], err[0]
+    else:
+        record(case.name, "predict", f"ran: exit {rc}")
+        assert rc == 0 and err == [], err
+        assert "1 of 1 scan(s) done" in stdout
+        with open(out, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            assert math.isfinite(float(r["coordX"])) and math.isfinite(float(r["diameter_mm"]))
+
+
+@pytest.mark.robustness
+def test_predict_subprocess_bad_files_one_line_each(tmp_path):
+    """The installed command path (``python -m napari_resmtnet predict``), no in-process help:
+    three bad inputs, three lines, each naming its file; exit status 1."""
+    bad = [build(c, tmp_path) for c in CASES if c.name in ("truncated_raw", "text_as_mha", "header_claims_50GB_mhd")]
+    out = tmp_path / "o.csv"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "napari_resmtnet", "predict", *map(str, bad), "--out", str(out),
+                        "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1, r.stderr
+    assert len(err) == 3, r.stderr
+    for p, line in zip(bad, err):
+        assert str(p) in line
+    assert "Traceback" not in r.stderr
+    assert out.read_text().startswith("seriesuid,")  # the (empty) table is still written
+
+
+# --------------------------------------------------------------------------- GUI
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+@pytest.mark.parametrize("case", GUI_CASES, ids=[c.name for c in GUI_CASES])
+def test_gui_open_then_detect(case, tmp_path, make_napari_viewer, qtbot, notes, monkeypatch, tiny_nets):
+    """viewer.open through our reader, then "Detect nodules": a message, never an exception."""
+    from napari_resmtnet import _widget as W
+
+    monkeypatch.setenv("RESMTNET_SYNC", "1")
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_RESTORE", "never")
+    path = build(case, tmp_path)
+    kind, text, scan = load_outcome(path)
+    viewer = make_napari_viewer()
+    w = W.NoduleWidget(viewer, predictor_factory=lambda m, d: tiny_predictor(tiny_nets, m))
+    viewer.window.add_dock_widget(w)
+    viewer.open(str(path), plugin="napari-resmtnet")
+    if kind == "refused":
+        assert len(viewer.layers) == 0
+        assert notes["error"] == [text]
+        w.detect()
+        assert len(notes["error"]) == 2 and "Open a chest CT or X-ray first" in notes["error"][1]
+        record(case.name, "gui", "refused: error notification, no layer")
+        return
+    assert len(viewer.layers) == 1 and notes["error"] == []
+    assert len(notes["warning"]) == len(scan.warnings)
+    w.detect()
+    assert notes["error"] == [], notes["error"]
+    assert w.nodule_layer is not None
+    record(case.name, "gui", f"loaded: detection ran ({len(w.nodules)} candidates)")
