@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -76,15 +77,59 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
         raise WeightsError(f"{path}: not a safe weights file ({first})") from None
     if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        family = WEIGHTS_FORMAT.split("/")[0] + "/"
+        if isinstance(got, str) and got.startswith(family):
+            raise WeightsError(f"{path}: weights format {got!r} is not supported by this version of "
+                               f"napari-resmtnet (it reads {WEIGHTS_FORMAT!r}); update the plugin or "
+                               "export the weights again")
         raise WeightsError(f"{path}: unknown weights format {got!r}, expected {WEIGHTS_FORMAT!r}")
     for key in ("network", "state_dict", "modality"):
         if key not in obj:
             raise WeightsError(f"{path}: weights lack {key!r}")
     if obj["modality"] not in MODALITIES:
         raise WeightsError(f"{path}: unknown modality {obj['modality']!r}")
+    _check_metadata(path, obj)
     obj["sha256"] = actual
     obj["path"] = str(path)
     return obj
+
+
+#: network dimensionality each modality needs
+SPATIAL_DIMS = {"CT": 3, "CXR": 2}
+#: model input spacing (mm) a weights file may declare
+SPACING_RANGE_MM = (0.05, 10.0)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _check_metadata(path, obj: dict) -> None:
+    """The config a weights file carries must make sense before a model is built from it:
+    the network's dimensionality matches the modality; threshold and spacing are numbers in
+    range; name and version are text."""
+    net = obj["network"]
+    if not isinstance(net, dict):
+        raise WeightsError(f"{path}: network config must be a dict, got {type(net).__name__}")
+    dims = net.get("spatial_dims", 3)
+    want = SPATIAL_DIMS[obj["modality"]]
+    if dims != want:
+        raise WeightsError(f"{path}: {obj['modality']} weights need a {want}D network, the file's is {dims!r}D")
+    if "threshold" in obj:
+        t = _number(obj["threshold"])
+        if t is None or not math.isfinite(t) or not 0.0 <= t <= 1.0:
+            raise WeightsError(f"{path}: threshold must be a number in [0, 1], got {obj['threshold']!r}")
+    if "spacing_mm" in obj:
+        sp = _number(obj["spacing_mm"])
+        lo, hi = SPACING_RANGE_MM
+        if sp is None or not math.isfinite(sp) or not lo <= sp <= hi:
+            raise WeightsError(f"{path}: spacing_mm must be a number of mm in [{lo:g}, {hi:g}], "
+                               f"got {obj['spacing_mm']!r}")
+    for key in ("name", "version"):
+        if key in obj and not isinstance(obj[key], str):
+            raise WeightsError(f"{path}: {key} must be text, got {type(obj[key]).__name__}")
 
 
 def build_model(ckpt: dict):
