@@ -16,6 +16,15 @@ from "new nodule label"), flip benign/malignant (key ``m`` or button), mark revi
 ``r`` or button), undo (Ctrl+Z or button). Export writes LUNA16-style CSV + full JSON;
 Import restores a JSON (or CSV) made for the same image.
 
+Weights: "Weights…" picks a user weights file for its modality (checked at once: sha256
+from ``<file>.sha256``, ``weights_only`` loading, format, network config); a file that fails
+is refused with a notification and the bundled weights stay in use.
+
+No lost work: every change of the nodules is autosaved (`napari_resmtnet.autosave`, about
+one second after the last edit, atomically); when an image whose autosave holds nodules is
+opened again, the widget asks whether to restore them (``RESMTNET_AUTOSAVE_RESTORE=always``
+or ``never`` answers for scripted sessions).
+
 The nodule table in ``layer.metadata["nodules"]`` is the truth; every change goes through
 `NoduleWidget._set_table`, which ends in `NoduleWidget._on_nodules_changed` -- the one
 place to hook autosave (the ``nodules_changed`` signal carries the new table).
@@ -24,13 +33,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from functools import partial
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QPushButton,
-    QSlider, QVBoxLayout, QWidget,
+    QApplication, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QMessageBox,
+    QPushButton, QSlider, QVBoxLayout, QWidget,
 )
 
 from napari.utils.notifications import show_error, show_info
@@ -46,6 +56,10 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 UNDO_DEPTH = 50
 #: napari keeps shape vertices in float32: closer than this (voxels) counts as unchanged
 SAME_VOXELS = 1e-3
+#: autosave this long after the last change of the nodules (ms) ...
+AUTOSAVE_DELAY_MS = 1000
+#: ... but at the latest this long after the first unsaved change (s), during long edits
+AUTOSAVE_MAX_DELAY_S = 10.0
 
 
 def default_predictor_factory(modality: str, device: str):
@@ -53,6 +67,38 @@ def default_predictor_factory(modality: str, device: str):
     from .inference import Predictor
 
     return Predictor(modality=modality, device=device)
+
+
+def user_weights_predictor_factory(modality: str, device: str, weights: str):
+    """Res-MTNet from a user weights file (the same checks as the bundled weights)."""
+    from .inference import Predictor
+
+    return Predictor(modality=modality, weights=weights, device=device)
+
+
+def check_user_weights(path) -> dict:
+    """Verify a user weights file now (sha256 from ``<file>.sha256``, weights_only loading,
+    format, config, and that this version's network accepts it); returns its info dict.
+    Raises `napari_resmtnet.weights.WeightsError` with a one-line message."""
+    from .weights import WeightsError, load_checkpoint, load_model
+
+    ckpt = load_checkpoint(path)
+    _, info = load_model(ckpt["modality"], weights=path, sha256=ckpt["sha256"], device="cpu")
+    if info["sha256"] != ckpt["sha256"]:  # changed between the two reads
+        raise WeightsError(f"{path}: the file changed while it was checked")
+    return info
+
+
+def ask_restore(parent, question: str, on_answer) -> None:
+    """Ask (without blocking the viewer) whether to restore autosaved nodules; calls
+    ``on_answer(True/False)``. Tests and scripts replace this function."""
+    box = QMessageBox(QMessageBox.Question, "Restore autosaved nodules?", question,
+                      QMessageBox.Yes | QMessageBox.No, parent)
+    box.setDefaultButton(QMessageBox.Yes)
+    box.setWindowModality(Qt.NonModal)
+    box.setAttribute(Qt.WA_DeleteOnClose)
+    box.finished.connect(lambda result: on_answer(result == QMessageBox.Yes))
+    box.show()
 
 
 def probe_cuda() -> tuple[bool, str]:
@@ -107,7 +153,21 @@ class NoduleWidget(QWidget):
         self._sync_scheduled = False
         self._last_selected: tuple = ()
         self.cuda_available = False
+        self.weights_path: str | None = None
+        self.weights_info: dict | None = None
+        self._weights_factory = user_weights_predictor_factory
+        self._autosave_pending: dict = {}
+        self._autosave_since: float | None = None
+        self._autosave_error = ""
+        self._autosave_offered: set = set()
         self._build_ui()
+        self._autosave_timer = QTimer(self)
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.setInterval(AUTOSAVE_DELAY_MS)
+        self._autosave_timer.timeout.connect(self.flush_autosave)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.flush_autosave)
         self._relay = None
         from ._qt.runner import ProgressRelay
 
@@ -124,6 +184,8 @@ class NoduleWidget(QWidget):
         for layer in layers:
             if is_nodule_layer(layer):
                 self._adopt(layer)
+        for layer in self._image_layers():
+            QTimer.singleShot(0, partial(self._offer_restore, layer))
         QTimer.singleShot(0, self._probe_devices)
 
     # --- UI -------------------------------------------------------------------------------
@@ -144,6 +206,20 @@ class NoduleWidget(QWidget):
         form.addRow("device", self.device_combo)
         self.device_label = QLabel("checking for a GPU…")
         form.addRow("", self.device_label)
+        wrow = QHBoxLayout()
+        self.weights_label = QLabel("bundled")
+        self.weights_label.setWordWrap(True)
+        self.weights_button = QPushButton("Weights…")
+        self.weights_button.setToolTip("Use a weights file of your own (a <file>.sha256 must lie beside it)")
+        self.weights_button.clicked.connect(self._weights_dialog)
+        self.bundled_button = QPushButton("Bundled")
+        self.bundled_button.setToolTip("Go back to the weights that come with the plugin")
+        self.bundled_button.clicked.connect(self.use_bundled_weights)
+        self.bundled_button.setEnabled(False)
+        wrow.addWidget(self.weights_label, 1)
+        wrow.addWidget(self.weights_button)
+        wrow.addWidget(self.bundled_button)
+        form.addRow("weights", wrow)
         root.addLayout(form)
 
         row = QHBoxLayout()
@@ -290,11 +366,48 @@ class NoduleWidget(QWidget):
 
     # --- detection ------------------------------------------------------------------------
     def _get_predictor(self, modality: str, device: str):
-        key = (modality, device)
+        weights = self.weights_path if self.weights_info and self.weights_info.get("modality") == modality else None
+        key = (modality, device, weights)
         with self._predictor_lock:
             if key not in self._predictors:
-                self._predictors[key] = self._factory(modality, device)
+                if weights is None:
+                    self._predictors[key] = self._factory(modality, device)
+                else:
+                    self._predictors[key] = self._weights_factory(modality, device, weights)
             return self._predictors[key]
+
+    # --- user weights ---------------------------------------------------------------------
+    def set_weights(self, path) -> bool:
+        """Use the weights file ``path`` for its modality, after checking it; a file that
+        fails the checks is refused with a notification (the current weights stay)."""
+        from .weights import WeightsError
+
+        path = os.fspath(path)
+        try:
+            info = check_user_weights(path)
+        except WeightsError as exc:
+            show_error(f"Weights not used: {exc}")
+            return False
+        except (OSError, RuntimeError, ValueError) as exc:  # unexpected, still one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            show_error(f"Weights not used: {path}: {first}")
+            return False
+        self.weights_path, self.weights_info = path, info
+        self.weights_label.setText(f"{os.path.basename(path)} ({info['modality']}, {info['name']} "
+                                   f"{info['version']}, sha256 {info['sha256'][:8]}…)")
+        self.bundled_button.setEnabled(True)
+        show_info(f"Using weights {path} for {info['modality']} (sha256 {info['sha256'][:12]}…)")
+        return True
+
+    def use_bundled_weights(self, *_) -> None:
+        self.weights_path, self.weights_info = None, None
+        self.weights_label.setText("bundled")
+        self.bundled_button.setEnabled(False)
+
+    def _weights_dialog(self, *_) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Res-MTNet weights", "", "Weights (*.pt *.pth);;All files (*)")
+        if path:
+            self.set_weights(path)
 
     @property
     def is_running(self) -> bool:
@@ -561,8 +674,117 @@ class NoduleWidget(QWidget):
 
     def _on_nodules_changed(self) -> None:
         """Called after every change of the nodules (edits, detection, import, undo,
-        threshold). Autosave plugs in here (or connects to ``nodules_changed``)."""
+        threshold): emits ``nodules_changed`` and schedules the autosave."""
         self.nodules_changed.emit(self.nodules)
+        self.schedule_autosave(self.nodules)
+
+    # --- autosave -------------------------------------------------------------------------
+    def schedule_autosave(self, table) -> None:
+        """Autosave ``table`` AUTOSAVE_DELAY_MS after the last change (debounced: a
+        dragged slider or a burst of edits is one write), at the latest
+        AUTOSAVE_MAX_DELAY_S after the first unsaved change."""
+        if table is None:
+            return
+        from .autosave import image_key
+
+        self._autosave_pending[image_key(table.image)] = table
+        now = time.monotonic()
+        if self._autosave_since is None:
+            self._autosave_since = now
+        if now - self._autosave_since >= AUTOSAVE_MAX_DELAY_S:
+            self.flush_autosave()
+        else:
+            self._autosave_timer.start()
+
+    def flush_autosave(self) -> list[str]:
+        """Write the pending autosaves now; a failure is one error notification (not
+        repeated while the same problem persists). Returns the paths written."""
+        self._autosave_timer.stop()
+        pending, self._autosave_pending = self._autosave_pending, {}
+        self._autosave_since = None
+        if not pending:
+            return []
+        from . import autosave
+        from .export import NoduleFileError
+
+        written = []
+        for table in pending.values():
+            try:
+                written.append(str(autosave.save(table)))
+            except NoduleFileError as exc:
+                msg = f"Autosave failed: {exc}"
+                if msg != self._autosave_error:
+                    show_error(msg + " (export your nodules to keep them)")
+                self._autosave_error = msg
+                continue
+            self._autosave_error = ""
+        return written
+
+    def _offer_restore(self, layer) -> None:
+        """When ``layer`` (an image) has autosaved nodules and no nodule layer yet, offer
+        them back (ask, or as ``RESMTNET_AUTOSAVE_RESTORE`` says)."""
+        from napari.layers import Image
+
+        from . import autosave
+        from .export import NoduleFileError
+
+        if not isinstance(layer, Image) or layer not in self.viewer.layers:
+            return
+        policy = autosave.restore_policy()
+        if policy == "never":
+            return
+        try:
+            image = image_identity(scan_for_layer(layer, self.modality_for(layer)))
+        except (ValueError, TypeError):
+            return
+        key = autosave.image_key(image)
+        if key in self._autosave_offered:
+            return
+        self._autosave_offered.add(key)
+        if key in self._autosave_pending or any(
+                is_nodule_layer(ly) and autosave.image_key(ly.metadata[META_KEY].image) == key
+                for ly in self.viewer.layers):
+            return
+        try:
+            info = autosave.peek(image)
+        except NoduleFileError as exc:
+            show_error(f"Autosaved nodules of {layer.name} cannot be restored: {exc}")
+            return
+        if info is None or info.n_nodules == 0:
+            return
+        name = layer.name
+
+        def answer(yes: bool) -> None:
+            if yes:
+                self.restore_autosave(name)
+
+        if policy == "always":
+            answer(True)
+            return
+        when = f" on {info.saved_at.replace('T', ' at ')[:22]}" if info.saved_at else ""
+        ask_restore(self, f"{info.n_nodules} nodule(s) of {name} ({info.n_shown} shown) were autosaved"
+                          f"{when}. Restore them?", answer)
+
+    def restore_autosave(self, image_layer_name: str):
+        """Show the autosaved nodules of the image layer ``image_layer_name``; returns the
+        nodule layer (None when there is nothing to restore)."""
+        from . import autosave
+        from .export import NoduleFileError
+
+        layer = next((ly for ly in self._image_layers() if ly.name == image_layer_name), None)
+        if layer is None:
+            return None
+        try:
+            image = image_identity(scan_for_layer(layer, self.modality_for(layer)))
+            table = autosave.load(image)
+        except (ValueError, NoduleFileError) as exc:
+            show_error(f"Autosaved nodules of {image_layer_name} cannot be restored: {exc}")
+            return None
+        if table is None:
+            return None
+        out = self.show_nodules(table, image_layer_name=image_layer_name)
+        show_info(f"Restored {len(table)} autosaved nodule(s) of {image_layer_name}")
+        return out
 
     def _update_counts(self) -> None:
         t = self.nodules
@@ -855,6 +1077,9 @@ class NoduleWidget(QWidget):
         self._refresh_images()
         if is_nodule_layer(layer) and self.nodule_layer is None and not self._updating:
             self._adopt(layer)
+        elif layer in self._image_layers():
+            # after napari (and a sample/script that adds nodules with it) is done
+            QTimer.singleShot(0, partial(self._offer_restore, layer))
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -864,6 +1089,7 @@ class NoduleWidget(QWidget):
             pass
         self._refresh_images()
         if layer is self.nodule_layer:
+            self.flush_autosave()
             self._release()
             self._undo.pop(id(layer), None)
             self.table.set_table(None)
@@ -881,4 +1107,5 @@ class NoduleWidget(QWidget):
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self._cancel.set()
+        self.flush_autosave()
         super().closeEvent(event)

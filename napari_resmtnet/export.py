@@ -57,6 +57,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(target: Path) -> int:
+    """Permissions the written file should have: those of the file it replaces, else what
+    ``open()`` would give (0o666 minus the umask), not mkstemp's private 0o600."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write_texts(files: dict) -> list[str]:
     """Write ``{path: text}`` atomically: every file goes to a temporary file in its folder
     first; only when all are written and fsynced are they moved into place."""
@@ -70,6 +92,10 @@ def atomic_write_texts(files: dict) -> list[str]:
                 raise FileNotFoundError(f"folder {folder} does not exist")
             fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=folder)
             temps.append((tmp, current))
+            try:
+                os.fchmod(fd, _final_mode(current))
+            except (OSError, AttributeError):  # e.g. Windows, some network shares
+                pass
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
                 fh.write(text)
                 fh.flush()

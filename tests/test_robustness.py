@@ -68,19 +68,27 @@ RESULTS: dict[str, dict[str, str]] = {}
 PATHS = ("load_scan", "reader", "predict", "gui")
 
 
+#: other robustness checks (weights, kills): name -> outcome text
+NOTES: dict[str, str] = {}
+
+
 def record(case: str, path: str, outcome: str) -> None:
     RESULTS.setdefault(case, {})[path] = " ".join(outcome.split())
+
+
+def note(name: str, outcome: str) -> None:
+    NOTES[name] = " ".join(outcome.split())
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
     yield
-    if not RESULTS:
+    if not RESULTS and not NOTES:
         return
     rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"bad-input corpus: {len(RESULTS)} cases"]
+    lines = [f"bad-input corpus: {len(RESULTS)} cases (case -> load_scan outcome [other paths])"]
     counts: dict[str, int] = {}
-    width = max(len(c) for c in RESULTS)
+    width = max([len(c) for c in RESULTS] + [len(c) for c in NOTES])
     for case in sorted(RESULTS):
         r = RESULTS[case]
         main = r.get("load_scan", "")
@@ -89,6 +97,9 @@ def _summary(request):
         others = ", ".join(f"{p}={r[p].split(':', 1)[0]}" for p in PATHS[1:] if p in r)
         lines.append(f"  {case:<{width}}  {main[:150]}" + (f"  [{others}]" if others else ""))
     lines.append("  outcomes (load_scan): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if NOTES:
+        lines.append(f"other robustness checks: {len(NOTES)}")
+        lines += [f"  {k:<{width}}  {v[:170]}" for k, v in sorted(NOTES.items())]
     text = "\n".join(lines)
     if rep is not None:
         rep.write_line("")
@@ -705,7 +716,19 @@ def _tiny_net(nd: int):
 
 
 @pytest.fixture(scope="module")
-def tiny_nets():
+def one_thread():
+    """One torch thread: these networks are tiny, and on a busy machine more threads only
+    wait for each other (10-100x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_nets(one_thread):
     """Small random Res-MTNets (the real network code, random weights)."""
     return {"CT": _tiny_net(3), "CXR": _tiny_net(2)}
 
@@ -818,3 +841,465 @@ def test_gui_open_then_detect(case, tmp_path, make_napari_viewer, qtbot, notes, 
     assert notes["error"] == [], notes["error"]
     assert w.nodule_layer is not None
     record(case.name, "gui", f"loaded: detection ran ({len(w.nodules)} candidates)")
+
+
+# =========================================================================== safe weights
+
+
+def weights_file(path: Path, modality="CT", nd=None, sidecar=True, **override) -> Path:
+    """A small, valid Res-MTNet weights file (random weights) with ``<file>.sha256``."""
+    import torch
+
+    from napari_resmtnet.model import ResMTNet, ResMTNetConfig
+    from napari_resmtnet.weights import WEIGHTS_FORMAT, sha256_of
+
+    nd = nd or (3 if modality == "CT" else 2)
+    torch.manual_seed(0)
+    cfg = ResMTNetConfig(spatial_dims=nd, widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)
+    obj = {"format": WEIGHTS_FORMAT, "name": "tiny-user", "version": "0.1.0", "modality": modality,
+           "spacing_mm": 1.0 if modality == "CT" else 1.6, "threshold": 0.4, "network": cfg.to_dict(),
+           "state_dict": ResMTNet(cfg).state_dict()}
+    obj.update(override)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    if sidecar:
+        path.with_name(path.name + ".sha256").write_text(sha256_of(path) + f"  {path.name}\n")
+    return path
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo PWNED > pwned.txt",))
+
+
+def _bad_weights(kind: str, d: Path) -> Path:
+    """Weights files that must be refused: (kind) -> path, with a sidecar hash where the
+    hash would otherwise be the reason."""
+    import torch
+
+    from napari_resmtnet.weights import sha256_of
+
+    d.mkdir(parents=True, exist_ok=True)
+    if kind == "altered":
+        p = weights_file(d / "altered.pt")
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        return p
+    if kind == "truncated":
+        p = weights_file(d / "truncated.pt")
+        p.write_bytes(p.read_bytes()[:2000])
+        p.with_name(p.name + ".sha256").write_text(sha256_of(p) + "\n")
+        return p
+    if kind == "pickled_code":
+        p = d / "evil.pt"
+        torch.save({"format": "resmtnet-weights/1", "payload": _Evil()}, p)
+        p.with_name(p.name + ".sha256").write_text(sha256_of(p) + "\n")
+        return p
+    if kind == "no_sidecar":
+        return weights_file(d / "unverified.pt", sidecar=False)
+    if kind == "wrong_network_dims":
+        return weights_file(d / "dims.pt", nd=2)
+    if kind == "nan_threshold":
+        return weights_file(d / "nan.pt", threshold=float("nan"))
+    if kind == "newer_format":
+        return weights_file(d / "newer.pt", format="resmtnet-weights/2")
+    if kind == "other_network":
+        p = weights_file(d / "other.pt")
+        ck = torch.load(p, weights_only=True)
+        ck["network"]["widths"] = [16, 16, 32, 32]
+        torch.save(ck, p)
+        p.with_name(p.name + ".sha256").write_text(sha256_of(p) + "\n")
+        return p
+    if kind == "not_torch":
+        p = d / "notes.pt"
+        p.write_text("these are not weights\n")
+        p.with_name(p.name + ".sha256").write_text(sha256_of(p) + "\n")
+        return p
+    raise KeyError(kind)
+
+
+BAD_WEIGHTS = {
+    "altered": r"sha256 mismatch",
+    "truncated": r"not a safe weights file",
+    "pickled_code": r"not a safe weights file",
+    "no_sidecar": r"refusing unverified weights",
+    "wrong_network_dims": r"need a 3D network",
+    "nan_threshold": r"threshold must be a number",
+    "newer_format": r"not supported by this version",
+    "other_network": r"does not match this version's network",
+    "not_torch": r"not a safe weights file",
+}
+
+
+@pytest.mark.robustness
+@pytest.mark.parametrize("kind", sorted(BAD_WEIGHTS))
+def test_predict_cli_refuses_bad_weights_in_one_line(kind, tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    w = _bad_weights(kind, tmp_path / "w")
+    scan = write_image(tmp_path / "scan.mha", ct_array((10, 32, 32)))
+    out = tmp_path / "out.csv"
+    rc, err, _ = run_predict([scan, "--out", out, "--weights", w, "--device", "cpu", "--quiet"], capsys)
+    note(f"weights_{kind}", f"predict refused: exit {rc}: {err[0] if err else ''}".replace(str(tmp_path), "."))
+    assert rc != 0
+    assert len(err) == 1, err
+    assert str(w) in err[0] and re.search(BAD_WEIGHTS[kind], err[0]), err[0]
+    assert not (tmp_path / "pwned.txt").exists(), "pickled code ran"
+
+
+@pytest.mark.robustness
+def test_predict_cli_user_weights_good_and_missing(tmp_path, capsys, one_thread):
+    w = weights_file(tmp_path / "good.pt")
+    scan = write_image(tmp_path / "scan.mha", ct_array((10, 32, 32)))
+    out = tmp_path / "out.csv"
+    rc, err, stdout = run_predict([scan, "--out", out, "--weights", w, "--device", "cpu", "--quiet"], capsys)
+    assert rc == 0 and err == [] and "1 of 1 scan(s) done" in stdout
+    rc, err, _ = run_predict([scan, "--out", out, "--weights", tmp_path / "nope.pt", "--quiet"], capsys)
+    assert rc == 2 and len(err) == 1 and "nope.pt" in err[0] and "not found" in err[0]
+
+
+# =========================================================================== GUI: weights
+
+
+class FixedPredictor:
+    """Stands in for Res-MTNet: two CT candidates (or two radiograph ones) at fixed boxes."""
+
+    threshold = 0.5
+    model_info = {"name": "fixed", "version": "1", "sha256": "a" * 64}
+
+    def __init__(self, modality="CT"):
+        self.modality = modality
+
+    def predict(self, scan, progress=None, cancel=None):
+        from napari_resmtnet.detections import Detections
+
+        if scan.ndim == 3:
+            boxes = [[2.2, 10, 12, 6.6, 20, 24], [5.0, 22, 20, 8.0, 30, 30]]
+        else:
+            boxes = [[10, 20, 30, 40], [50, 50, 60, 64]]
+        return Detections(boxes, [0.9, 0.3], [0.8, 0.2], Detections.geometry_of(scan))
+
+
+@pytest.fixture
+def gui_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESMTNET_SYNC", "1")
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_RESTORE", "ask")
+    return tmp_path / "autosave"
+
+
+def open_with_widget(make_napari_viewer, path, factory=None):
+    from napari_resmtnet import _widget as W
+
+    viewer = make_napari_viewer()
+    w = W.NoduleWidget(viewer, predictor_factory=factory or (lambda m, d: FixedPredictor(m)))
+    viewer.window.add_dock_widget(w)
+    if path is not None:
+        viewer.open(str(path), plugin="napari-resmtnet")
+    return viewer, w
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, qtbot, notes, gui_env, tmp_path,
+                                                          one_thread):
+    scan = write_image(tmp_path / "scan.mha", ct_array((10, 32, 32)))
+    viewer, w = open_with_widget(make_napari_viewer, scan, factory=lambda m, d: pytest.fail("bundled weights used"))
+    for kind in ("altered", "pickled_code", "wrong_network_dims", "no_sidecar"):
+        bad = _bad_weights(kind, tmp_path / "w")
+        assert w.set_weights(bad) is False
+        assert re.search(BAD_WEIGHTS[kind], notes["error"][-1]) and str(bad) in notes["error"][-1]
+        assert w.weights_path is None and w.weights_label.text() == "bundled"
+    assert len(notes["error"]) == 4
+    good = weights_file(tmp_path / "w" / "good.pt")
+    assert w.set_weights(good) is True
+    assert w.weights_info["modality"] == "CT" and "good.pt" in w.weights_label.text()
+    w.detect()  # the real Predictor with the user file
+    assert w.nodule_layer is not None and len(notes["error"]) == 4
+    # the file is altered after it was chosen: detection re-checks and says so
+    w._predictors.clear()
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0x01
+    good.write_bytes(bytes(data))
+    w.detect()
+    assert len(notes["error"]) == 5
+    assert notes["error"][-1].startswith("Nodule detection failed:") and "sha256 mismatch" in notes["error"][-1]
+    w.use_bundled_weights()
+    assert w.weights_path is None
+
+
+# =========================================================================== no lost work
+
+
+def _table(n=3, seriesuid="1.2.840.113619.2.55.3", origin=(-100.0, 10.0, -50.0), seed=0):
+    from napari_resmtnet.detections import Detections
+    from napari_resmtnet.layers import NoduleTable, image_identity
+    from napari_resmtnet.scan import Scan
+
+    rng = np.random.default_rng(seed)
+    scan = Scan(np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), origin, np.eye(3), "CT", seriesuid=seriesuid,
+                path="/data/ct 1.mhd")
+    lo = rng.uniform(0, 40, (n, 3))
+    boxes = np.concatenate([lo, lo + rng.uniform(1, 12, (n, 3))], 1)
+    det = Detections(boxes, rng.uniform(0, 1, n), rng.uniform(0, 1, n), Detections.geometry_of(scan))
+    return NoduleTable.from_detections(det, image_identity(scan), threshold=0.5, model_info={"name": "m"})
+
+
+@pytest.mark.robustness
+def test_autosave_round_trip_key_and_policy(tmp_path, monkeypatch):
+    from napari_resmtnet import autosave as A
+    from napari_resmtnet.export import NoduleFileError
+
+    monkeypatch.setenv(A.ENV_DIR, str(tmp_path / "as"))
+    t = _table(5).flipped([2]).with_reviewed([1, 3])
+    assert A.peek(t.image) is None and A.load(t.image) is None
+    p = A.save(t)
+    assert p.parent == tmp_path / "as" and p.name == A.image_key(t.image) + ".json"
+    info = A.peek(t.image)
+    assert info.n_nodules == 5 and info.n_shown == int(t.visible_mask().sum()) and info.saved_at
+    assert A.load(t.image).equals(t)
+    # the key ignores the path (a moved scan finds its autosave) but not the geometry
+    moved = dict(t.image, path="/elsewhere/ct.mhd")
+    assert A.image_key(moved) == A.image_key(t.image) and A.load(moved) is not None
+    assert A.image_key(dict(t.image, origin=[-100.0, 10.0, -49.0])) != A.image_key(t.image)
+    assert A.image_key(dict(t.image, seriesuid="other")) != A.image_key(t.image)
+    assert A.image_key(dict(t.image, spacing=[2.0, 0.7, 0.7000000001])) == A.image_key(t.image)
+    # a damaged autosave is a clear error, not a crash
+    p.write_text("{ not json")
+    with pytest.raises(NoduleFileError, match="not valid JSON"):
+        A.peek(t.image)
+    assert A.discard(t.image) and not A.discard(t.image)
+    for value, policy in (("", "ask"), ("ALWAYS", "always"), ("never", "never"), ("bogus", "ask")):
+        monkeypatch.setenv(A.ENV_RESTORE, value)
+        assert A.restore_policy() == policy
+    monkeypatch.delenv(A.ENV_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert "napari-resmtnet" in str(A.autosave_dir())
+
+
+@pytest.mark.robustness
+def test_autosave_tidies_stale_temp_files(tmp_path, monkeypatch):
+    from napari_resmtnet import autosave as A
+
+    monkeypatch.setenv(A.ENV_DIR, str(tmp_path))
+    stale = tmp_path / ".abc.json.x1.tmp"
+    fresh = tmp_path / ".abc.json.x2.tmp"
+    stale.write_text("half")
+    fresh.write_text("half")
+    old = time.time() - 2 * A.STALE_TEMP_S
+    os.utime(stale, (old, old))
+    A.save(_table(1))
+    assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_viewer, qtbot, notes, gui_env,
+                                                                  tmp_path, monkeypatch):
+    from napari_resmtnet import _widget as W
+    from napari_resmtnet import autosave as A
+
+    scan_path = write_mhd(tmp_path / "data", name="1.3.6.1.4.1.14519.5.2.1.6279.6001.77", shape=(12, 40, 40))
+    viewer, w = open_with_widget(make_napari_viewer, scan_path)
+    writes = []
+    real_save = A.save
+    monkeypatch.setattr(A, "save", lambda table: writes.append(table) or real_save(table))
+    w.detect()
+    w.table.select_ids([1])
+    w.flip_selected()
+    w.mark_reviewed()
+    nid = w.add_nodule([3.0, 5, 5, 5.0, 9, 11], label="malignant")
+    for v in (40, 35, 30, 25, 20):  # a dragged slider: many changes, one write
+        w.set_threshold(v / 100)
+    assert writes == []  # debounced: nothing written while the user is busy
+    qtbot.waitUntil(lambda: len(writes) == 1, timeout=5000)
+    qtbot.wait(1300)
+    assert len(writes) == 1
+    expected = w.nodules.copy()
+    assert nid in expected and expected.threshold == 0.2
+    image = expected.image
+    assert A.load(image).equals(expected)
+    # delete one more, then the viewer closes before the debounce fires: still saved
+    w.table.select_ids([2])
+    w.delete_selected()
+    after_delete = w.nodules.copy()
+    w.close()
+    assert len(writes) == 2 and A.load(image).equals(after_delete)
+    viewer.close()
+
+    # reopen the same scan in a new session: the widget asks, and restores exactly
+    asked = []
+    monkeypatch.setattr(W, "ask_restore", lambda parent, q, on_answer: asked.append(q) or on_answer(True))
+    viewer2, w2 = open_with_widget(make_napari_viewer, scan_path)
+    qtbot.waitUntil(lambda: w2.nodule_layer is not None, timeout=5000)
+    assert len(asked) == 1 and "2 nodule(s)" in asked[0] and "1.3.6.1.4.1.14519.5.2.1.6279.6001.77" in asked[0]
+    assert w2.nodules.equals(after_delete)
+    assert any("Restored 2 autosaved nodule(s)" in m for m in notes["info"])
+    shapes_before = len(w2.nodule_layer.data)
+    assert shapes_before > 0
+    viewer2.close()
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+@pytest.mark.parametrize("policy", ["never", "always", "declined"])
+def test_restore_policies(policy, make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch):
+    from napari_resmtnet import _widget as W
+    from napari_resmtnet import autosave as A
+    from napari_resmtnet.io import load_scan
+    from napari_resmtnet.layers import image_identity
+
+    scan_path = write_image(tmp_path / "d" / "case7.nrrd", ct_array((10, 32, 32)), spacing=(0.8, 0.8, 2.0))
+    scan = load_scan(scan_path)
+    saved = FixedPredictor()
+    from napari_resmtnet.layers import NoduleTable
+
+    t = NoduleTable.from_detections(saved.predict(scan), image_identity(scan), threshold=0.5)
+    A.save(t)
+    asked = []
+    monkeypatch.setattr(W, "ask_restore", lambda parent, q, on_answer: asked.append(q) or on_answer(False))
+    monkeypatch.setenv(A.ENV_RESTORE, "ask" if policy == "declined" else policy)
+    viewer, w = open_with_widget(make_napari_viewer, scan_path)
+    qtbot.wait(50)
+    if policy == "always":
+        assert asked == [] and w.nodules.equals(t)
+    elif policy == "never":
+        assert asked == [] and w.nodule_layer is None
+    else:
+        assert len(asked) == 1 and "2 nodule(s) of case7 (1 shown)" in asked[0] and w.nodule_layer is None
+    # opening the same image again in this session does not ask twice
+    viewer.layers.clear()
+    viewer.open(str(scan_path), plugin="napari-resmtnet")
+    qtbot.wait(50)
+    assert len(asked) == (policy == "declined")
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+def test_failed_autosave_is_one_notification(make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch):
+    from napari_resmtnet import autosave as A
+
+    blocker = tmp_path / "not a folder"
+    blocker.write_text("x")
+    monkeypatch.setenv(A.ENV_DIR, str(blocker / "autosave"))
+    viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
+    w.detect()
+    assert w.flush_autosave() == []
+    w.table.select_ids([1])
+    w.flip_selected()
+    assert w.flush_autosave() == []
+    fails = [m for m in notes["error"] if m.startswith("Autosave failed")]
+    assert len(fails) == 1 and str(blocker) in fails[0]
+
+
+def _make_read_only(folder: Path):
+    """Make ``folder`` read-only for this process (root ignores modes: use the immutable
+    flag); returns an undo function, or None when it cannot be done here."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    r = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        return None
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+@pytest.mark.gui
+@pytest.mark.robustness
+def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, qtbot, notes, gui_env, tmp_path,
+                                                          monkeypatch):
+    from napari_resmtnet import export as E
+
+    viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
+    w.detect()
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = w.export_nodules(out / "nodules.csv")
+    before = {p: Path(p).read_text() for p in paths}
+    assert oct(Path(paths[0]).stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    w.table.select_ids([1])
+    w.flip_selected()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E.os, "fsync", full)
+        assert w.export_nodules(out / "nodules.csv") == []
+    assert "No space left on device" in notes["error"][-1] and "nodules" in notes["error"][-1]
+    assert {p: Path(p).read_text() for p in paths} == before
+    assert sorted(os.listdir(out)) == ["nodules.csv", "nodules.json"]
+
+    undo = _make_read_only(out)
+    if undo is None:
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        assert w.export_nodules(out / "nodules.csv") == []
+    finally:
+        undo()
+    assert re.search(r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied)",
+                     notes["error"][-1]), notes["error"][-1]
+    assert {p: Path(p).read_text() for p in paths} == before
+    assert sorted(os.listdir(out)) == ["nodules.csv", "nodules.json"]
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+KILL_CHILD = r"""
+import os, sys
+from napari_resmtnet import export as E
+ref, target = sys.argv[1], sys.argv[2]
+tables = [E.read_nodules_json(os.path.join(ref, n)) for n in ("A.json", "B.json")]
+i = 0
+while True:
+    E.export_nodules(target, tables[i % 2], exported_at="2024-01-01T00:00:00+00:00")
+    if i == 0:
+        print("ready", flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.robustness
+def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
+    """A process exports a large nodule set (two versions, alternately) to one path in a
+    loop and is killed with SIGKILL at random moments: each file is always one version,
+    whole, never a mix or a prefix."""
+    from napari_resmtnet import export as E
+
+    a = _table(4000, seed=1)
+    b = a.flipped(list(range(1, 4000, 7))).removed([5, 6, 7])
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    stamp = "2024-01-01T00:00:00+00:00"
+    E.export_nodules(ref / "A", a, exported_at=stamp)
+    E.export_nodules(ref / "B", b, exported_at=stamp)
+    versions = {suffix: {(ref / f"{v}{suffix}").read_text(): v for v in "AB"} for suffix in (".csv", ".json")}
+    assert len(versions[".json"]) == 2 and len((ref / "A.json").read_text()) > 1_000_000
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "nodules"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rng = random.Random(1234)
+    seen, interrupted = [], 0
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(ref), str(target)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+        try:
+            assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()[-2000:]
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            p.kill()
+            p.wait(timeout=30)
+        assert p.returncode == -signal.SIGKILL
+        for suffix in (".csv", ".json"):
+            text = (out / f"nodules{suffix}").read_text()
+            assert text in versions[suffix], f"nodules{suffix} is neither version (half-written?)"
+            seen.append(versions[suffix][text])
+        json.loads((out / "nodules.json").read_text())
+        interrupted = max(interrupted, len([f for f in os.listdir(out) if f.endswith(".tmp")]))
+    note("sigkill_during_export", f"6 kills, files always whole ({''.join(seen)}); {interrupted} temp file(s) left by killed writes")
+
