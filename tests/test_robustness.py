@@ -14,6 +14,7 @@ end of this module's tests.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -101,12 +102,14 @@ def _summary(request):
         lines.append(f"other robustness checks: {len(NOTES)}")
         lines += [f"  {k:<{width}}  {v[:170]}" for k, v in sorted(NOTES.items())]
     text = "\n".join(lines)
-    if rep is not None:
-        rep.write_line("")
-        for ln in text.splitlines():
-            rep.write_line(ln)
-    else:  # pragma: no cover - without the terminal plugin
-        print(text)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        if rep is not None:
+            rep.write_line("")
+            for ln in text.splitlines():
+                rep.write_line(ln)
+        else:  # pragma: no cover - without the terminal plugin
+            print(text)
 
 
 # --------------------------------------------------------------------------- writers
@@ -1303,3 +1306,38 @@ def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
         interrupted = max(interrupted, len([f for f in os.listdir(out) if f.endswith(".tmp")]))
     note("sigkill_during_export", f"6 kills, files always whole ({''.join(seen)}); {interrupted} temp file(s) left by killed writes")
 
+
+
+MAXRSS_CHILD = r"""
+import resource, sys, time
+from napari_resmtnet.io import ScanReadError, load_scan
+import SimpleITK  # imported before the baseline, as in any session that read a scan
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+for p in sys.argv[1:]:
+    try:
+        load_scan(p)
+        print("LOADED", p)
+    except ScanReadError as e:
+        print("REFUSED", e)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("PEAK_DELTA_KB", after - before, "SECONDS", round(time.perf_counter() - t, 3))
+"""
+
+
+@pytest.mark.robustness
+def test_50gb_headers_refused_without_a_memory_spike(tmp_path):
+    """The peak RSS of the process does not grow while the 50 GB headers are refused."""
+    paths = [build(c, tmp_path) for c in CASES if c.name.startswith("header_claims_50GB")]
+    assert len(paths) == 3
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", MAXRSS_CHILD, *map(str, paths)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    refused = [ln for ln in lines if ln.startswith("REFUSED")]
+    assert len(refused) == 3 and all("50.0 GB" in ln for ln in refused), r.stdout
+    delta_kb, seconds = int(lines[-1].split()[1]), float(lines[-1].split()[3])
+    note("header_claims_50GB_memory", f"3 headers refused in {seconds:.2f} s; peak RSS grew by {delta_kb / 1024:.1f} MB")
+    assert delta_kb < 50 * 1024, f"peak RSS grew by {delta_kb / 1024:.0f} MB while refusing"
+    assert seconds < 10
