@@ -34,8 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .transforms import normalize_cxr
-
 MODEL_SPACING_MM = 1.6
 JSRT_SHAPE = (2048, 2048)
 JSRT_SPACING_MM = 0.175
@@ -152,6 +150,8 @@ def preprocess_radiograph(array, spacing_mm, lung_mask=None):
     zoom of `resample_to_spacing` (model pixel ``o`` <-> input pixel ``(o + 0.5) / zoom -
     0.5``). ``spacing_mm``: mm per pixel, one number or (row, col).
     """
+    from .transforms import normalize_cxr  # imports torch: late, so this module stays light
+
     img, zoom = resample_to_spacing(array, spacing_mm)
     return normalize_cxr(img, lung_mask), zoom
 
