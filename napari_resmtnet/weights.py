@@ -70,6 +70,10 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
     actual = sha256_of(path)
     if actual != sha256.lower():
         raise WeightsError(f"{path}: sha256 mismatch (expected {sha256[:12]}..., got {actual[:12]}...); the file is altered or truncated")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: zip, or legacy pickle
+        raise WeightsError(f"{path}: not a PyTorch weights file (expected a file written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files

@@ -517,6 +517,10 @@ def _unicode_dicom(d):
     return dicom_series(d / "Patiënt ø" / "série 1", [0, 2.5, 5, 7.5, 10])
 
 
+def _ct_slice_2d_file(d):  # one axial CT slice as a plain 2D file: opened as a 2D image
+    return write_image(d / "axial_slice.nrrd", ct_array((1, 64, 64))[0], spacing=(0.7, 0.7))
+
+
 def _ct_two_slices(d):
     return write_image(d / "thin.mha", ct_array((2, 40, 40)), spacing=(0.7, 0.7, 5.0))
 
@@ -587,6 +591,7 @@ CASES = [
     Case("header_claims_50GB_nii", _huge_nifti, "refused", r"50\.0 GB.*refused before reading"),
     Case("unicode_and_spaces_path", _unicode_path, "loaded", gui=True),
     Case("unicode_dicom_folder", _unicode_dicom, "loaded"),
+    Case("ct_slice_as_2d_file", _ct_slice_2d_file, "loaded"),
     Case("ct_two_slices", _ct_two_slices, "loaded"),
     Case("float64_ct", _float64_ct, "loaded"),
 ]
@@ -931,7 +936,7 @@ BAD_WEIGHTS = {
     "nan_threshold": r"threshold must be a number",
     "newer_format": r"not supported by this version",
     "other_network": r"does not match this version's network",
-    "not_torch": r"not a safe weights file",
+    "not_torch": r"not a PyTorch weights file",
 }
 
 
@@ -1215,7 +1220,7 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
 
     viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
     w.detect()
-    out = tmp_path / "out"
+    out = tmp_path / "résultats Müller 测试"
     out.mkdir()
     paths = w.export_nodules(out / "nodules.csv")
     before = {p: Path(p).read_text() for p in paths}
