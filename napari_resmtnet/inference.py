@@ -73,6 +73,8 @@ DEFAULTS = {
     "CXR": {"window": 512, "overlap": 64, "batch_cpu": 1, "batch_gpu": 4, "spacing_mm": 1.6},
 }
 _MIN_SIDE = 16  # smallest model input side (the backbone reaches stride 16)
+#: Windows with fewer voxels run on one CPU thread unless ``threads`` says otherwise.
+SMALL_WINDOW = 1 << 20
 
 
 class Cancelled(Exception):
@@ -153,10 +155,11 @@ def _core_bounds(starts: list[int], w: int, lo_cell: int, hi_cell: int) -> list[
 
 # --- lung mask -----------------------------------------------------------------------------
 
-def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm) -> tuple[np.ndarray | None, dict]:
-    """Lung mask on a coarse grid (z, y, x) of HU values, or None where the scan does not
-    show a whole thorax; returns (mask or None, info dict with ``used``, ``reason``,
-    ``volume_ml``)."""
+def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: int = 0) -> tuple[np.ndarray | None, dict]:
+    """Lung mask on a coarse 3D grid of HU values, or None where the scan does not show a
+    whole thorax; returns (mask or None, info dict with ``used``, ``reason``, ``volume_ml``).
+    ``axial_axis``: the array axis closest to the patient's head-feet axis; air touching the
+    faces of the two other axes is outside air."""
     from scipy import ndimage
     from skimage import measure
 
@@ -171,8 +174,11 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm) -> tuple[np.
     if lab.max() == 0:
         info["reason"] = "no air-filled region: whole image searched"
         return None, info
-    border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
-                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    faces = []
+    for ax in range(3):
+        if ax != axial_axis:
+            faces += [np.take(lab, 0, axis=ax).ravel(), np.take(lab, -1, axis=ax).ravel()]
+    border = np.unique(np.concatenate(faces))
     counts = np.bincount(lab.ravel())
     counts[0] = 0
     counts[border] = 0
@@ -235,6 +241,28 @@ def _resample(img, spacing_arr, size_arr):
 
 # --- the predictor -------------------------------------------------------------------------
 
+class _torch_threads:
+    """Run a block with ``n`` torch CPU threads (None: unchanged), restoring them after."""
+
+    def __init__(self, n):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        import torch
+
+        if self.n is not None and self.n != torch.get_num_threads():
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import torch
+
+            torch.set_num_threads(self.old)
+        return False
+
+
 def _check_cancel(cancel):
     if cancel is None:
         return
@@ -259,15 +287,18 @@ class Predictor:
     batch_size : windows per network call (default 1 on CPU, 4 on GPU).
     lung_mask : restrict CT detection to the lungs where the scan shows a whole thorax.
     score_floor : lowest detection probability kept (the candidates below the operating
-        threshold are kept down to this floor, for review).
+        threshold are kept down to this floor, for review; never above the threshold).
     max_detections : most candidates returned per scan.
     nms_iou : IoU above which the weaker of two overlapping boxes is dropped.
+    threads : CPU threads for the network (default: torch's setting, but one thread for
+        windows under ``SMALL_WINDOW`` voxels, e.g. radiographs and cubes: there a second
+        thread saves little when the CPU is idle and costs up to 100x when it is busy).
     """
 
     def __init__(self, modality: str = "CT", weights=None, device="auto", model=None, info=None,
                  window: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  sha256: str | None = None, lung_mask: bool = True, score_floor: float = 0.05,
-                 max_detections: int = 100, nms_iou: float = 0.1):
+                 max_detections: int = 100, nms_iou: float = 0.1, threads: int | None = None):
         import torch
 
         m = str(modality).upper()
@@ -309,7 +340,9 @@ class Predictor:
         self.score_floor = float(score_floor)
         self.max_detections = int(max_detections)
         self.nms_iou = float(nms_iou)
-        self._torch = torch
+        if threads is not None and int(threads) < 1:
+            raise PredictionError(f"threads must be at least 1, got {threads}")
+        self.threads = None if threads is None else int(threads)
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -337,8 +370,9 @@ class Predictor:
         mask, mask_info = None, {"used": False, "reason": "not used for radiographs" if self.ndim == 2 else "disabled"}
         if self.use_lung_mask and hu_cells is not None:
             report(0.08, "lung mask")
-            fov = [n * s for n, s in zip(scan.shape[1:], scan.spacing[1:])]
-            mask, mask_info = lung_mask_cells(hu_cells, 4 * self.spacing_mm, fov)
+            axial = int(np.argmax(np.abs(np.asarray(scan.direction, float)[0])))  # world z row
+            fov = [n * s for ax, (n, s) in enumerate(zip(scan.shape, scan.spacing)) if ax != axial]
+            mask, mask_info = lung_mask_cells(hu_cells, 4 * self.spacing_mm, fov, axial)
         del hu_cells
         timings["lung_mask"] = time.perf_counter() - t
         _check_cancel(cancel)
@@ -481,7 +515,10 @@ class Predictor:
         gpu = dev.type == "cuda"
         report(0.1, "network")
         done = 0
-        with torch.inference_mode():
+        threads = self.threads
+        if threads is None and not gpu and int(np.prod(wshape)) * self.batch_size < SMALL_WINDOW:
+            threads = 1
+        with torch.inference_mode(), _torch_threads(threads):
             for b0 in range(0, len(todo), self.batch_size):
                 _check_cancel(cancel)
                 batch = todo[b0 : b0 + self.batch_size]
@@ -512,7 +549,8 @@ class Predictor:
 
         if mask is not None:
             maps["heatmap"][0, 0][~torch.from_numpy(mask)] = -1e4
-        dets = decode(maps, score_floor=self.score_floor, max_detections=max(200, 2 * self.max_detections))[0]
+        floor = min(self.score_floor, self.threshold)
+        dets = decode(maps, score_floor=floor, max_detections=max(200, 2 * self.max_detections))[0]
         bx, sc, mal = dets["boxes"], dets["scores"], dets["malignancy"]
         if len(bx):
             keep = B.nms(bx, sc, self.nms_iou)[: self.max_detections]

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. for PNG/JPEG without a pixel size); CT volumes keep their own")
     p.add_argument("--weights", metavar="PATH", help="weights file (default: the bundled weights for each modality)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of --weights (default: read from PATH.sha256)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the network (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     # -- usage checks, before any work -------------------------------------------------------
     if args.threshold is not None and not (0.0 <= args.threshold <= 1.0):
         return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.threads is not None and args.threads < 1:
+        return _fail(f"--threads must be at least 1, got {args.threads}")
     if args.spacing is not None and not (0.0 < args.spacing < 1e4):
         return _fail(f"--spacing must be a positive number of mm, got {args.spacing}")
     out_csv = Path(args.out)
@@ -116,7 +119,11 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
     def predictor_for(modality: str):
         if modality not in predictors:
             try:
-                predictors[modality] = Predictor(modality, weights=args.weights, sha256=args.sha256, device=device)
+                kw = {"threads": args.threads} if args.threads else {}
+                if args.threshold is not None:  # keep candidates down to a lower --threshold
+                    kw["score_floor"] = min(0.05, float(args.threshold))
+                predictors[modality] = Predictor(modality, weights=args.weights, sha256=args.sha256, device=device,
+                                                 **kw)
             except (WeightsError, ValueError, OSError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 predictors[modality] = f"cannot load the {modality} model: {first}"

@@ -170,6 +170,18 @@ def test_whole_scan_lung_mask_restricts_and_skips_windows():
     assert min(np.linalg.norm(everywhere - np.array(IN_BODY), axis=1)) <= 1.0
 
 
+def test_lung_mask_on_a_coronal_volume():
+    """The same chest stored with the head-feet axis second (a coronal acquisition)."""
+    ax = synthetic_chest(nodules=[IN_LUNG, IN_BODY])
+    perm = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # array (y, z, x) -> world (z, y, x)
+    cor = Scan(np.ascontiguousarray(ax.array.transpose(1, 0, 2)), (ax.spacing[1], ax.spacing[0], ax.spacing[2]),
+               ax.origin, perm, "CT", seriesuid="coronal")
+    det = ct_predictor(window=96, overlap=16).predict(cor)
+    assert det.meta["lung_mask"]["used"] is True, det.meta["lung_mask"]
+    found = det.above(0.5).centers_world()
+    assert len(found) == 1 and np.linalg.norm(found[0] - np.array(IN_LUNG)) <= 1.0
+
+
 def test_cube_and_whole_scan_share_the_api():
     """A 50 mm cube cut from the chest (no restriction) finds the same nodule."""
     scan = synthetic_chest(nodules=[IN_LUNG])
