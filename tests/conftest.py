@@ -2,6 +2,10 @@
 import os
 from pathlib import Path
 
+# One intra-op thread per test process: on a loaded 2-core machine, two spinning OpenMP
+# threads per process slow small torch workloads down by two orders of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,19 +23,3 @@ def data_path(*parts) -> Path:
 @pytest.fixture
 def data_dir():
     return data_path()
-
-
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    """Keep tests from oversubscribing small CI machines (only where torch is in use: this
-    fixture does not import it, so Qt-only tests keep their import order)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
-    yield
-    torch.set_num_threads(n)

@@ -34,7 +34,7 @@ def wheel(tmp_path_factory) -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
          "-w", str(tmp / "dist"), "-q"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     wheels = list((tmp / "dist").glob("napari_resmtnet-*.whl"))
@@ -67,7 +67,7 @@ def test_installed_wheel_reads_its_own_samples(wheel, tmp_path):
     target = tmp_path / "site"
     out = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     code = textwrap.dedent(
@@ -87,7 +87,7 @@ def test_installed_wheel_reads_its_own_samples(wheel, tmp_path):
         """
     )
     env = {"PYTHONPATH": str(target), "PATH": str(BIN)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env,
                          cwd=tmp_path)  # not the checkout: "" on sys.path would import it
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -97,6 +97,6 @@ def test_npe2_validate_installed_plugin():
     npe2 = shutil.which("npe2", path=str(BIN)) or shutil.which("npe2")
     if npe2 is None:
         pytest.skip("npe2 command not found")
-    out = subprocess.run([npe2, "validate", "napari-resmtnet"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([npe2, "validate", "napari-resmtnet"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "valid" in out.stdout
