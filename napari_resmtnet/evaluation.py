@@ -139,14 +139,17 @@ def _spacing(rec) -> float:
     return float(getattr(rec, "spacing", 1.0))
 
 
-def model_outputs(model, records, modality: str, batch_size: int = 8):
-    """Raw maps decoded per record: list of dict(centres_vox, scores, malignancy, maps_mal).
+def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool = False, tta_floor: float = 0.05):
+    """Raw maps decoded per record: list of dict(centres, scores, malignancy, mal_map, mal_truth).
 
-    CT records are whole 50 mm cubes (1 mm); CXR records provide ``model_input()``.
+    CT records are whole 50 mm cubes (1 mm); CXR records provide ``model_input()``. With
+    ``tta`` the malignancy of each detection scoring at least ``tta_floor`` (and the value at
+    the true centre) is re-read with `model.malignancy_tta` (flip-averaged, patch centred on
+    the detection) -- the same rule the `Predictor` applies.
     """
     import torch
 
-    from .model import decode
+    from .model import centre_patches, decode, malignancy_tta
     from .transforms import normalize_ct
 
     outs = []
@@ -162,9 +165,22 @@ def model_outputs(model, records, modality: str, batch_size: int = 8):
             dets = decode(maps, score_floor=0.01, max_detections=50)
             for b, d in enumerate(dets):
                 nd = x.dim() - 2
+                rec = chunk[b]
                 c = ((d["boxes"][:, :nd] + d["boxes"][:, nd:]) / 2).numpy()
-                outs.append({"centres": c, "scores": d["scores"].numpy(), "malignancy": d["malignancy"].numpy(),
-                             "mal_map": torch.sigmoid(maps["malignancy"][b, 0]).numpy()})
+                mal = d["malignancy"].numpy().copy()
+                mal_map = torch.sigmoid(maps["malignancy"][b, 0]).numpy()
+                truth = rec.centers[rec.main] if len(rec.centers) else None
+                mal_truth = mal_at(mal_map, truth) if truth is not None else float("nan")
+                if tta:
+                    sel = np.nonzero(d["scores"].numpy() >= tta_floor)[0]
+                    pts = [c[k] for k in sel] + ([truth] if truth is not None else [])
+                    if pts:
+                        probs = malignancy_tta(model, centre_patches(x[b, 0], pts)).numpy()
+                        mal[sel] = probs[: len(sel)]
+                        if truth is not None:
+                            mal_truth = float(probs[-1])
+                outs.append({"centres": c, "scores": d["scores"].numpy(), "malignancy": mal,
+                             "mal_map": mal_map, "mal_truth": mal_truth})
     return outs
 
 
@@ -173,9 +189,9 @@ def mal_at(mal_map, centre_vox, stride=4):
     return float(mal_map[tuple(cell)])
 
 
-def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: float | None = None) -> dict:
+def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: float | None = None, tta: bool = False) -> dict:
     """Detection and malignancy metrics of one model on ``records``."""
-    outs = model_outputs(model, records, modality)
+    outs = model_outputs(model, records, modality, tta=tta)
     res: dict = {"n_images": len(records)}
     labelled = [(k, r) for k, r in enumerate(records) if r.label in (0, 1)]
     if cfg_net.get("detection", True):
@@ -207,7 +223,7 @@ def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: floa
             res["malignancy"]["read_at"] = "detected nodules (hits at the operating threshold)"
     elif cfg_net.get("malignancy", True):
         ys = [r.label for _, r in labelled]
-        ps = [mal_at(outs[k]["mal_map"], r.centers[r.main]) for k, r in labelled]
+        ps = [outs[k]["mal_truth"] for k, r in labelled]
         res["malignancy"] = malignancy_metrics(ys, ps)
         res["malignancy"]["read_at"] = "true nodule centres (no detection head)"
     return res
@@ -261,7 +277,7 @@ def _load_val(ck, data, modality):
     return [r for r in records if r.seriesuid in train], [r for r in records if r.seriesuid in val]
 
 
-def evaluate(weights_list, modality="CT", data=None, threshold=None) -> dict:
+def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None) -> dict:
     from .weights import build_model, bundled_entry, load_checkpoint, sha256_of
 
     entries = []
@@ -280,7 +296,10 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None) -> dict:
         if ck["split"]["val"] != first["split"]["val"]:
             raise ValueError(f"{ck['path']}: its validation split differs from {first['path']}'s")
         model = build_model(ck)
-        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=thr if thr is not None else threshold)
+        use_tta = bool(ck.get("malignancy_tta", False)) if tta is None else tta
+        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=thr if thr is not None else threshold,
+                           tta=use_tta)
+        r["malignancy_tta"] = use_tta
         r["weights"] = {"path": ck["path"], "sha256": ck["sha256"]}
         result["models"][name] = r
     result["baselines"] = baselines(train_recs, val_recs)
@@ -293,11 +312,14 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="*", default=[], help="weights files, optionally NAME=PATH (default: bundled)")
     p.add_argument("--data", help="data folder (default: the one recorded in the weights)")
     p.add_argument("--threshold", type=float, help="operating threshold (default: recorded, else 0.25 FP/image on val)")
+    p.add_argument("--tta", dest="tta", action="store_true", default=None,
+                   help="flip-averaged malignancy at each detection (default: as recorded with the weights)")
+    p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--markdown", help="write the Markdown table here")
     a = p.parse_args(argv)
     try:
-        res = evaluate(a.weights, a.modality, a.data, a.threshold)
+        res = evaluate(a.weights, a.modality, a.data, a.threshold, a.tta)
     except Exception as e:  # report any failure as one line: this is a command-line edge
         print(f"resmtnet-evaluate: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -23,3 +23,11 @@ def data_path(*parts) -> Path:
 @pytest.fixture
 def data_dir():
     return data_path()
+
+
+@pytest.fixture(autouse=True)
+def _autosave_sandbox(tmp_path_factory, monkeypatch):
+    """Autosaves of every test go to a temporary folder, never to the user's cache, and no
+    test is asked to restore one unless it sets the policy itself."""
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_DIR", str(tmp_path_factory.mktemp("autosave")))
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_RESTORE", "never")

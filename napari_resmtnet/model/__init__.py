@@ -1,4 +1,4 @@
 """Res-MTNet model: network, joint loss."""
-from .network import STRIDE, ResMTNet, ResMTNetConfig, decode, malignancy_at
+from .network import PATCH, STRIDE, ResMTNet, ResMTNetConfig, centre_patches, decode, malignancy_at, malignancy_tta
 
-__all__ = ["ResMTNet", "ResMTNetConfig", "decode", "malignancy_at", "STRIDE"]
+__all__ = ["ResMTNet", "ResMTNetConfig", "decode", "malignancy_at", "malignancy_tta", "centre_patches", "STRIDE", "PATCH"]

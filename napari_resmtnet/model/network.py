@@ -245,3 +245,51 @@ def malignancy_at(maps: dict, centres_vox: torch.Tensor, batch_index: torch.Tens
         cell[:, d] = cell[:, d].clamp(0, mal.shape[2 + d] - 1)
     sel = (batch_index, torch.zeros_like(batch_index)) + tuple(cell.T)
     return torch.sigmoid(mal[sel].float())
+
+
+PATCH = 49  # 4k+1 voxels: flipping the input flips the stride-4 grid exactly onto itself
+
+
+def _flip_sets(nd: int):
+    import itertools
+
+    axes = list(range(2, 2 + nd))
+    return [list(c) for r in range(nd + 1) for c in itertools.combinations(axes, r)]
+
+
+@torch.no_grad()
+def malignancy_tta(model: "ResMTNet", patches: torch.Tensor) -> torch.Tensor:
+    """Malignancy probability of the nodule at the centre of each patch, averaged over flips.
+
+    ``patches``: (N, 1, 49, 49[, 49]) normalised input centred on the nodules (see
+    `centre_patches`). The centre voxel 24 is cell 6 of the stride-4 grid, and with a side
+    of 4k+1 every flip maps that cell onto itself, so the 2^nd flipped passes read the same
+    location. Logits are averaged, then turned into a probability.
+    """
+    nd = patches.dim() - 2
+    c = (PATCH // 2) // STRIDE
+    logits = []
+    for axes in _flip_sets(nd):
+        x = torch.flip(patches, axes) if axes else patches
+        m = model.forward_maps(x)["malignancy"]
+        logits.append(m[(slice(None), 0) + (c,) * nd].float())
+    return torch.sigmoid(torch.stack(logits).mean(0))
+
+
+def centre_patches(volume: torch.Tensor, centres_vox, pad_value: float = -1.0) -> torch.Tensor:
+    """(N, 1, 49, ...) patches of a normalised (1, *S) or (*S) volume around integer-rounded
+    centres (array order, voxels); regions outside the volume are filled with ``pad_value``
+    (air after CT normalisation)."""
+    vol = volume.reshape(volume.shape[-len(centres_vox[0]):]) if len(centres_vox) else volume
+    nd = vol.dim()
+    h = PATCH // 2
+    padded = F.pad(vol[None, None], (h, h) * nd, value=pad_value)[0, 0]
+    out = []
+    for c in centres_vox:
+        idx = [int(round(float(v))) for v in c]
+        idx = [min(max(i, 0), s - 1) for i, s in zip(idx, vol.shape)]
+        sl = tuple(slice(i, i + PATCH) for i in idx)  # padded coords: i - h + h
+        out.append(padded[sl])
+    if not out:
+        return torch.zeros((0, 1) + (PATCH,) * nd)
+    return torch.stack(out)[:, None]
