@@ -115,3 +115,23 @@ def test_augmentation_moves_targets_with_the_image_and_is_seeded():
     a, _ = augment_batch(x, tg, AugmentConfig(), torch.Generator().manual_seed(3), "CT")
     b, _ = augment_batch(x, tg, AugmentConfig(), torch.Generator().manual_seed(3), "CT")
     assert torch.equal(a, b)
+
+
+def test_flip_tta_reads_the_same_cell_under_every_flip():
+    """A patch that is symmetric under all flips gives the plain centre-cell value."""
+    from napari_resmtnet.model import PATCH, centre_patches, malignancy_tta
+
+    torch.manual_seed(0)
+    net = ResMTNet(ResMTNetConfig(spatial_dims=2, **SMALL)).eval()
+    x = torch.randn(PATCH, PATCH)
+    sym = (x + x.flip(0) + x.flip(1) + x.flip(0).flip(1))[None, None]
+    tta = malignancy_tta(net, sym)
+    c = (PATCH // 2) // 4
+    plain = torch.sigmoid(net.forward_maps(sym)["malignancy"][0, 0, c, c])
+    assert torch.allclose(tta[0], plain, atol=1e-5)
+    # patches are centred on the requested voxel, padded with air outside the volume
+    vol = torch.zeros(30, 40)
+    vol[3, 35] = 7.0
+    p = centre_patches(vol, [[3, 35]])
+    assert p.shape == (1, 1, PATCH, PATCH) and float(p[0, 0, PATCH // 2, PATCH // 2]) == 7.0
+    assert float(p[0, 0, 0, 0]) == -1.0
