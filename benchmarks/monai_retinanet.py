@@ -33,6 +33,15 @@ import sys
 import time
 
 
+def other_load() -> dict:
+    """Load average and whether model training ran beside this run."""
+    import os
+    import subprocess
+
+    r = subprocess.run(["pgrep", "-f", "resmtnet-train"], capture_output=True, text=True)
+    return {"loadavg_1m": round(os.getloadavg()[0], 2), "training_processes": len(r.stdout.split())}
+
+
 def peak_rss_mb() -> float:
     """High-water mark of this process's resident memory (VmHWM; ``ru_maxrss`` would keep
     the parent's across fork/exec)."""
@@ -54,6 +63,7 @@ def main(argv=None) -> int:
                     help="sliding-window size (default: the bundle's; smaller only to smoke-test this script)")
     args = ap.parse_args(argv)
 
+    load_before = other_load()
     t_start = time.perf_counter()
     import numpy as np
     import SimpleITK as sitk
@@ -138,6 +148,8 @@ def main(argv=None) -> int:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "python": platform.python_version(),
         "roi_size": list(args.roi),
+        "load_before": load_before,
+        "load_after": other_load(),
         "repeats": 1,
     }
     line = json.dumps(res)
