@@ -229,6 +229,21 @@ def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: floa
     return res
 
 
+def thick_slices(record, slice_mm: float):
+    """A copy of a 1 mm CT cube as if scanned with ``slice_mm`` slices (box-averaged along z,
+    then linearly interpolated back to 1 mm, as the Predictor resamples thick-slice scans)."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.from_numpy(record.array.astype(np.float32))[None, None]
+    z = max(2, int(round(a.shape[2] / slice_mm)))
+    low = F.interpolate(a, size=(z, a.shape[3], a.shape[4]), mode="area")
+    back = F.interpolate(low, size=a.shape[2:], mode="trilinear", align_corners=False)
+    return dataclasses.replace(record, array=np.round(back[0, 0].numpy()).astype(np.int16))
+
+
 def baselines(train_recs, val_recs) -> dict:
     tr = [r for r in train_recs if r.label in (0, 1)]
     va = [r for r in val_recs if r.label in (0, 1)]
@@ -277,7 +292,7 @@ def _load_val(ck, data, modality):
     return [r for r in records if r.seriesuid in train], [r for r in records if r.seriesuid in val]
 
 
-def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None) -> dict:
+def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, slice_mm=None) -> dict:
     from .weights import build_model, bundled_entry, load_checkpoint, sha256_of
 
     entries = []
@@ -290,8 +305,12 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None) -
         entries.append((label or Path(path).parent.name, ck, threshold))
     first = entries[0][1]
     train_recs, val_recs = _load_val(first, data, modality)
+    if slice_mm:
+        if modality != "CT":
+            raise ValueError("--slice-mm applies to CT only")
+        val_recs = [thick_slices(r, slice_mm) for r in val_recs]
     result = {"modality": modality, "data": data or first["train_config"]["data"], "n_val_images": len(val_recs),
-              "n_val_series": len(first["split"]["val"]), "models": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "n_val_series": len(first["split"]["val"]), "slice_mm": slice_mm, "models": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     for name, ck, thr in entries:
         if ck["split"]["val"] != first["split"]["val"]:
             raise ValueError(f"{ck['path']}: its validation split differs from {first['path']}'s")
@@ -315,11 +334,12 @@ def main(argv=None) -> int:
     p.add_argument("--tta", dest="tta", action="store_true", default=None,
                    help="flip-averaged malignancy at each detection (default: as recorded with the weights)")
     p.add_argument("--no-tta", dest="tta", action="store_false")
+    p.add_argument("--slice-mm", type=float, help="CT: evaluate on the validation cubes re-sampled through this slice thickness")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--markdown", help="write the Markdown table here")
     a = p.parse_args(argv)
     try:
-        res = evaluate(a.weights, a.modality, a.data, a.threshold, a.tta)
+        res = evaluate(a.weights, a.modality, a.data, a.threshold, a.tta, a.slice_mm)
     except Exception as e:  # report any failure as one line: this is a command-line edge
         print(f"resmtnet-evaluate: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

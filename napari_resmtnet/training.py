@@ -47,6 +47,7 @@ class TrainConfig:
     threads: int = 0              # torch threads per process (0: torch's default)
     limit: int = 0                # use only the first N records (smoke tests)
     spacing_mm: float = 1.0       # model input spacing
+    init: str = ""                # start from these weights (fine-tuning); "" = random init
     implant: dict = field(default_factory=dict)   # CXR: nodule implantation settings
     network: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
@@ -171,7 +172,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     split = {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "train": train_uids, "val": val_uids}
 
     net_cfg = cfg.network_config()
-    model = ResMTNet(net_cfg).to(device)
+    model = ResMTNet(net_cfg)
+    if cfg.init:
+        from .weights import load_checkpoint, sha256_of
+
+        init = load_checkpoint(cfg.init, sha256_of(cfg.init))
+        if init["network"] != net_cfg.to_dict():
+            raise RuntimeError(f"{cfg.init}: its network config differs from this config's network")
+        if init["split"]["val"] != val_uids:
+            raise RuntimeError(f"{cfg.init}: it was trained on another split; fine-tuning would leak validation data")
+        model.load_state_dict(init["state_dict"])
+    model = model.to(device)
     if net_cfg.spatial_dims == 3 and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

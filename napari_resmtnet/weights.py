@@ -172,21 +172,34 @@ def load_model(modality: str = "CT", weights=None, sha256: str | None = None, de
         "modality": ckpt["modality"],
         "spacing_mm": float(ckpt.get("spacing_mm", 1.0)),
         "threshold": threshold,
+        "malignancy_tta": bool(ckpt.get("malignancy_tta", False)),
         "path": ckpt["path"],
     }
     return model, info
 
 
-def bundle(src, modality: str, threshold: float, metrics: dict | None = None) -> dict:
-    """Copy trained weights into resources/weights and record them in the registry."""
-    import shutil
+def bundle(src, modality: str, threshold: float, metrics: dict | None = None, half: bool = False,
+           extra: dict | None = None) -> dict:
+    """Copy trained weights into resources/weights and record them in the registry.
+
+    ``half`` stores floating tensors as float16 (half the size; they are cast back to the
+    network's float32 when loaded). ``extra`` adds inference settings to the file, e.g.
+    ``{"malignancy_tta": True}``; the operating ``threshold`` is written into it as well.
+    """
+    import torch
 
     m = modality.upper()
+    src_ck = load_checkpoint(src, sha256_of(src))
+    obj = {k: v for k, v in src_ck.items() if k not in ("sha256", "path")}
+    if half:
+        obj["state_dict"] = {k: (v.half() if v.is_floating_point() else v) for k, v in obj["state_dict"].items()}
+    obj["threshold"] = float(threshold)
+    obj.update(extra or {})
     dst_dir = Path(__file__).resolve().parents[1] / "resources" / "weights"
     dst_dir.mkdir(parents=True, exist_ok=True)
     name = f"resmtnet_{m.lower()}.pt"
     tmp = dst_dir / (name + ".tmp")
-    shutil.copyfile(src, tmp)
+    torch.save(obj, tmp)
     tmp.replace(dst_dir / name)
     reg_path = dst_dir / "registry.json"
     reg = json.loads(reg_path.read_text()) if reg_path.exists() else {}
