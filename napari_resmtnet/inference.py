@@ -54,6 +54,10 @@ from .scan import Scan
 __all__ = ["Predictor", "predict", "Cancelled", "PredictionError", "DeviceError", "resolve_device",
            "lung_mask_cells", "window_starts"]
 
+#: Largest model grid (bytes) a CT may need after resampling; a whole-body CT at 1 mm
+#: (500 x 500 x 2000 mm) needs about 2.4 GB, so this only refuses absurd spacings.
+MAX_GRID_BYTES = 4e9
+
 #: Hounsfield units below which a voxel counts as air/lung for the lung mask.
 LUNG_HU = -400.0
 #: The lung mask restricts detection only for an in-plane field of view above this (mm).
@@ -438,6 +442,12 @@ class Predictor:
         from .transforms import CT_WINDOW
 
         model_sp, n = self._grid(scan)
+        need = float(np.prod(n.astype(float))) * 4 * 1.2  # float32 grid + the stride-4 cell grid
+        if need > MAX_GRID_BYTES:
+            raise PredictionError(
+                f"{scan.path or scan.name}: at the model's {self.spacing_mm:g} mm the scan is a "
+                f"{' x '.join(str(int(v)) for v in n)} grid ({need / 1e9:.1f} GB), more than the "
+                f"{MAX_GRID_BYTES / 1e9:.0f} GB limit; check the voxel spacing {tuple(round(v, 3) for v in sp)} mm")
         img = _sitk_image(scan.array, sp)
         res = _resample(img, model_sp, n)
         hu_cells = None

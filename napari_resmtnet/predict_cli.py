@@ -91,8 +91,13 @@ def main(argv=None) -> int:
             return _fail(f"output folder {p.parent} does not exist")
     if out_json is not None and out_json.resolve() == out_csv.resolve():
         return _fail("--out and --json name the same file")
-    if args.weights is not None and not Path(args.weights).is_file():
-        return _fail(f"weights file {args.weights} not found")
+    if args.weights is not None:
+        from .weights import WeightsError, load_checkpoint
+
+        try:  # verified once here, so a bad file is one line, not one per input
+            load_checkpoint(args.weights, args.sha256)
+        except WeightsError as e:
+            return _fail(str(e))
 
     from .inference import DeviceError, resolve_device
 

@@ -285,3 +285,20 @@ def test_window_starts_cover_the_range_with_overlap(window, overlap):
             assert all(b - a <= w - overlap for a, b in zip(starts, starts[1:])), (size, lo, hi, starts, w)
             if len(starts) > 1:  # no more windows than needed
                 assert (len(starts) - 2) * (window - overlap) + window < hi - lo + 4 * len(starts)
+
+
+def test_absurd_spacing_is_refused_before_allocating_the_grid():
+    """20 mm voxels make a 64^3 volume a 1280^3 grid at 1 mm: refused with a message."""
+    import numpy as np
+    import pytest
+
+    from napari_resmtnet.inference import PredictionError, Predictor
+    from napari_resmtnet.model import ResMTNet, ResMTNetConfig
+    from napari_resmtnet.scan import Scan
+
+    net = ResMTNet(ResMTNetConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)).eval()
+    p = Predictor("CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.5, "name": "t", "version": "0", "sha256": ""},
+                  device="cpu")
+    scan = Scan(np.zeros((64, 64, 64), np.int16), (20.0, 20.0, 20.0), (0, 0, 0), np.eye(3), "CT", path="big.mha")
+    with pytest.raises(PredictionError, match="big.mha: .*GB.*spacing"):
+        p.predict(scan)

@@ -233,3 +233,14 @@ def test_lung1_nodule_found_with_bundled_weights(tmp_path):
         # Known limit of the bundled CT weights (model card, "Whole scans"): trained on 50 mm
         # cubes only, they fire on mediastinal and chest-wall structures of a whole scan.
         pytest.xfail(f"{n_other} other detections above the default threshold (target: at most 2)")
+
+
+def test_bad_weights_are_one_line_whatever_the_number_of_inputs(tmp_path, capsys):
+    bad = tmp_path / "w.pt"
+    bad.write_bytes(b"not weights at all")
+    (tmp_path / "w.pt.sha256").write_text("0" * 64)
+    inputs = [str(tmp_path / f"scan{i}.nrrd") for i in range(3)]
+    rc = main([*inputs, "--out", str(tmp_path / "o.csv"), "--weights", str(bad), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "sha256 mismatch" in err[0]
+    assert not (tmp_path / "o.csv").exists()
