@@ -23,7 +23,6 @@ prints one JSON line with the medians, MONAI's time and the speed ratio.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -63,12 +62,7 @@ BARS = {"ct_end_to_end_s": 30.0, "speedup_vs_monai": 3.0, "ct600_peak_rss_mb": 4
 
 # --- data ------------------------------------------------------------------------------------
 
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from napari_resmtnet.weights import sha256_of  # noqa: E402  (the project's one file hash)
 
 
 def make_data(folder: Path) -> dict:
