@@ -91,7 +91,11 @@ def save(table: NoduleTable) -> Path:
         raise NoduleFileError(f"could not create the autosave folder {folder}: {exc.strerror or exc}") from exc
     path = folder / f"{image_key(table.image)}.json"
     saved_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write_texts({path: json_text(table, exported_at=saved_at)})
+    try:
+        text = json_text(table, exported_at=saved_at)
+    except (ValueError, TypeError) as exc:  # e.g. a non-finite value: refuse, as export does
+        raise NoduleFileError(f"could not autosave to {path}: {exc}") from None
+    atomic_write_texts({path: text})
     _tidy(folder, keep=path)
     return path
 

@@ -145,7 +145,7 @@ def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool 
     CT records are whole 50 mm cubes (1 mm); CXR records provide ``model_input()``. With
     ``tta`` the malignancy of each detection scoring at least ``tta_floor`` (and the value at
     the true centre) is re-read with `model.malignancy_tta` (flip-averaged, patch centred on
-    the detection) -- the same rule the `Predictor` applies.
+    the detection). This is an analysis option; the `Predictor` reads the map once.
     """
     import torch
 
@@ -302,7 +302,7 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, s
     for w in weights_list:
         label, _, path = w.rpartition("=") if "=" in w else ("", "", w)
         ck = load_checkpoint(path, sha256_of(path))
-        entries.append((label or Path(path).parent.name, ck, threshold))
+        entries.append((label or Path(path).parent.name, ck, ck.get("threshold")))
     first = entries[0][1]
     train_recs, val_recs = _load_val(first, data, modality)
     if slice_mm:
@@ -315,10 +315,9 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, s
         if ck["split"]["val"] != first["split"]["val"]:
             raise ValueError(f"{ck['path']}: its validation split differs from {first['path']}'s")
         model = build_model(ck)
-        use_tta = bool(ck.get("malignancy_tta", False)) if tta is None else tta
-        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=thr if thr is not None else threshold,
-                           tta=use_tta)
-        r["malignancy_tta"] = use_tta
+        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=threshold if threshold is not None else thr,
+                           tta=bool(tta))
+        r["malignancy_tta"] = bool(tta)
         r["weights"] = {"path": ck["path"], "sha256": ck["sha256"]}
         result["models"][name] = r
     result["baselines"] = baselines(train_recs, val_recs)
@@ -331,8 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="*", default=[], help="weights files, optionally NAME=PATH (default: bundled)")
     p.add_argument("--data", help="data folder (default: the one recorded in the weights)")
     p.add_argument("--threshold", type=float, help="operating threshold (default: recorded, else 0.25 FP/image on val)")
-    p.add_argument("--tta", dest="tta", action="store_true", default=None,
-                   help="flip-averaged malignancy at each detection (default: as recorded with the weights)")
+    p.add_argument("--tta", dest="tta", action="store_true", default=False,
+                   help="flip-averaged malignancy at each detection (an analysis; the plugin does not use it)")
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--slice-mm", type=float, help="CT: evaluate on the validation cubes re-sampled through this slice thickness")
     p.add_argument("--json", help="write the full result here")
@@ -347,10 +346,16 @@ def main(argv=None) -> int:
     print(table)
     for name, r in res["models"].items():
         print(f"{name}: threshold={r.get('threshold')}, " + json.dumps({k: r[k] for k in ('detection', 'malignancy') if k in r})[:600])
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+    from .export import NoduleFileError, atomic_write_texts
+
+    files = {Path(a.json): json.dumps(res, indent=1)} if a.json else {}
     if a.markdown:
-        Path(a.markdown).write_text(table)
+        files[Path(a.markdown)] = table
+    try:
+        atomic_write_texts(files)
+    except NoduleFileError as e:
+        print(f"resmtnet-evaluate: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -215,24 +215,34 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         _req(image, k, where + " image")
     nd = len(image["shape"])
     rows = list(_req(d, "nodules", where)) + list(d.get("hidden", []))
-    rows.sort(key=lambda r: r.get("id", 0) if isinstance(r, dict) else 0)
+    # by id; rows whose id is not an integer sort first and are refused below with a message
+    rows.sort(key=lambda r: r["id"] if isinstance(r, dict) and type(r.get("id")) is int else -1)
     cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed")}
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
         if not isinstance(r, dict):
             raise NoduleFileError(f"{w}: expected an object, got {type(r).__name__}")
         box = _req(r, "box_voxel", w)
-        if len(box) != 2 * nd:
-            raise NoduleFileError(f"{w}: box_voxel has {len(box)} values, expected {2 * nd}")
+        if not isinstance(box, (list, tuple)) or len(box) != 2 * nd:
+            raise NoduleFileError(f"{w}: box_voxel must be a list of {2 * nd} numbers, got {box!r}"[:200])
         lab, src = _req(r, "label", w), r.get("source", "user")
         if lab not in LABELS:
             raise NoduleFileError(f"{w}: label must be one of {LABELS}, got {lab!r}")
         if src not in SOURCES:
             raise NoduleFileError(f"{w}: source must be one of {SOURCES}, got {src!r}")
-        cols["boxes"].append([float(v) for v in box])
-        cols["ids"].append(int(_req(r, "id", w)))
-        cols["probability"].append(float(r.get("probability", 1.0)))
-        cols["malignancy"].append(float(_req(r, "malignancy", w)))
+        try:
+            nums = [float(v) for v in box]
+            nid = int(_req(r, "id", w))
+            prob = float(r.get("probability", 1.0))
+            mal = float(_req(r, "malignancy", w))
+        except (TypeError, ValueError) as exc:
+            raise NoduleFileError(f"{w}: id, box_voxel, probability and malignancy must be numbers ({exc})") from None
+        if not all(math.isfinite(v) for v in nums + [prob, mal]):
+            raise NoduleFileError(f"{w}: box_voxel, probability and malignancy must be finite numbers")
+        cols["boxes"].append(nums)
+        cols["ids"].append(nid)
+        cols["probability"].append(prob)
+        cols["malignancy"].append(mal)
         cols["label"].append(lab)
         cols["source"].append(src)
         cols["reviewed"].append(bool(r.get("reviewed", False)))
@@ -266,6 +276,8 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise NoduleFileError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise NoduleFileError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     reader = csv.DictReader(io.StringIO(text))
     need = {"coordX", "coordY", "diameter_mm"}
     if not reader.fieldnames or not need <= set(reader.fieldnames):
@@ -287,22 +299,25 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
             if nd == 3:
                 xyz.append(float(r.get("coordZ") or "nan"))
             dmm = float(r["diameter_mm"])
-        except ValueError as exc:
-            raise NoduleFileError(f"{w}: {exc}") from exc
+            mal = r.get("malignancy")
+            mal = float(mal) if mal not in (None, "") else None
+            prob = r.get("probability")
+            prob = float(prob) if prob not in (None, "") else 1.0
+        except (TypeError, ValueError) as exc:
+            raise NoduleFileError(f"{w}: {exc}") from None
         if not all(math.isfinite(v) for v in xyz + [dmm]):
             raise NoduleFileError(f"{w}: coordinates and diameter must be numbers"
                                   + (" (coordZ is needed for a CT)" if nd == 3 else ""))
+        if not all(math.isfinite(v) for v in [prob] + ([mal] if mal is not None else [])):
+            raise NoduleFileError(f"{w}: probability and malignancy must be finite numbers")
         centre = np.asarray(xyz[::-1], float)[None]
         box = B.world_to_voxel_boxes(centre, np.full((1, nd), dmm), geom)[0]
         lab = r.get("label") or ""
-        mal = r.get("malignancy")
-        mal = float(mal) if mal not in (None, "") else None
         if lab not in LABELS:
             lab = "malignant" if (mal is not None and mal >= 0.5) else "benign"
-        prob = r.get("probability")
         src = r.get("source") if r.get("source") in SOURCES else "user"
         nid = int(r["id"]) if (r.get("id") or "").isdigit() and int(r["id"]) not in table else None
-        table, _ = table.added(box, label=lab, probability=float(prob) if prob not in (None, "") else 1.0,
+        table, _ = table.added(box, label=lab, probability=prob,
                                malignancy=mal, source=src,
                                reviewed=str(r.get("reviewed", "")).lower() in ("true", "1", "yes"),
                                nodule_id=nid)

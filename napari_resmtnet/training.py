@@ -205,7 +205,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         epoch, step = int(ck["epoch"]), int(ck["step"])
-        g.set_state(ck["generator"][rank] if rank < len(ck["generator"]) else ck["generator"][0])
+        if rank < len(ck["generator"]):
+            g.set_state(ck["generator"][rank])
+        else:  # only rank 0's state is saved: other ranks re-seed, distinct per rank and epoch
+            g.manual_seed(cfg.seed * 1000 + rank + 7919 * epoch)
         if ck["split"]["val"] != val_uids:
             raise RuntimeError(f"{ckpt_path}: the checkpoint's split differs from this config's split")
     ddp_model = model

@@ -1,4 +1,4 @@
-"""Intensity normalisation, resampling and augmentation shared by training and inference.
+"""Intensity normalisation and augmentation shared by training and inference.
 
 Everything works on torch tensors in array order ((N, C, z, y, x) or (N, C, y, x)); targets
 follow `napari_resmtnet.model.losses` (centres and diameters in input voxels). Augmentation
@@ -149,21 +149,3 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
     if cfg.noise_std:
         out = out + torch.randn(out.shape, generator=g) * cfg.noise_std
     return out, new_targets
-
-
-def resample_sitk(image, spacing_xyz, interpolator=None, default_value=-1024.0):
-    """Resample a SimpleITK image onto a grid of ``spacing_xyz`` covering the same extent."""
-    import SimpleITK as sitk
-
-    in_sp = np.array(image.GetSpacing())
-    in_size = np.array(image.GetSize())
-    out_sp = np.asarray(spacing_xyz, dtype=float)
-    out_size = np.maximum(1, np.round(in_size * in_sp / out_sp)).astype(int)
-    f = sitk.ResampleImageFilter()
-    f.SetOutputSpacing(tuple(out_sp))
-    f.SetSize([int(s) for s in out_size])
-    f.SetOutputOrigin(image.GetOrigin())
-    f.SetOutputDirection(image.GetDirection())
-    f.SetDefaultPixelValue(default_value)
-    f.SetInterpolator(interpolator if interpolator is not None else sitk.sitkLinear)
-    return f.Execute(image)

@@ -66,8 +66,17 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
         side = path.with_name(path.name + ".sha256")
         if not side.exists():
             raise WeightsError(f"{path}: no expected sha256 given and no {side.name} beside it; refusing unverified weights")
-        sha256 = side.read_text().split()[0].strip()
-    actual = sha256_of(path)
+        try:
+            words = side.read_text(encoding="ascii").split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"{side}: cannot read the expected sha256 ({exc})") from None
+        if not words:
+            raise WeightsError(f"{side}: empty; expected the weights file's sha256")
+        sha256 = words[0].strip()
+    try:
+        actual = sha256_of(path)
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
     if actual != sha256.lower():
         raise WeightsError(f"{path}: sha256 mismatch (expected {sha256[:12]}..., got {actual[:12]}...); the file is altered or truncated")
     with open(path, "rb") as f:
@@ -172,7 +181,6 @@ def load_model(modality: str = "CT", weights=None, sha256: str | None = None, de
         "modality": ckpt["modality"],
         "spacing_mm": float(ckpt.get("spacing_mm", 1.0)),
         "threshold": threshold,
-        "malignancy_tta": bool(ckpt.get("malignancy_tta", False)),
         "path": ckpt["path"],
     }
     return model, info
@@ -183,8 +191,8 @@ def bundle(src, modality: str, threshold: float, metrics: dict | None = None, ha
     """Copy trained weights into resources/weights and record them in the registry.
 
     ``half`` stores floating tensors as float16 (half the size; they are cast back to the
-    network's float32 when loaded). ``extra`` adds inference settings to the file, e.g.
-    ``{"malignancy_tta": True}``; the operating ``threshold`` is written into it as well.
+    network's float32 when loaded). ``extra`` adds plain metadata to the file; the
+    operating ``threshold`` is written into it as well.
     """
     import torch
 
@@ -195,7 +203,9 @@ def bundle(src, modality: str, threshold: float, metrics: dict | None = None, ha
         obj["state_dict"] = {k: (v.half() if v.is_floating_point() else v) for k, v in obj["state_dict"].items()}
     obj["threshold"] = float(threshold)
     obj.update(extra or {})
-    dst_dir = Path(__file__).resolve().parents[1] / "resources" / "weights"
+    from .export import atomic_write_texts
+
+    dst_dir = weights_dir()  # the folder load_model reads (the source tree in an editable install)
     dst_dir.mkdir(parents=True, exist_ok=True)
     name = f"resmtnet_{m.lower()}.pt"
     tmp = dst_dir / (name + ".tmp")
@@ -206,7 +216,5 @@ def bundle(src, modality: str, threshold: float, metrics: dict | None = None, ha
     ck = load_checkpoint(dst_dir / name, sha256_of(dst_dir / name))
     reg[m] = {"file": name, "sha256": ck["sha256"], "version": ck.get("version"), "name": ck.get("name"),
               "spacing_mm": ck.get("spacing_mm"), "threshold": float(threshold), "metrics": metrics or {}}
-    tmp = reg_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
-    tmp.replace(reg_path)
+    atomic_write_texts({reg_path: json.dumps(reg, indent=2, sort_keys=True) + "\n"})
     return reg[m]

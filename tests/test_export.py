@@ -168,3 +168,34 @@ def test_napari_writer_from_layer_data(tmp_path):
     out = write_nodules(str(tmp_path / "plain.json"), [([rect], {"name": "s", "scale": (0.5, 0.5)}, "shapes")])
     d = json.loads(open(out[1]).read())
     assert d["nodules"][0]["box_voxel"] == [10, 10, 20, 20] and d["nodules"][0]["source"] == "user"
+
+
+@pytest.mark.parametrize("change", [
+    lambda n: n.update(id=None),
+    lambda n: n.update(box_voxel=5),
+    lambda n: n.update(box_voxel=["a", 1, 2, 3, 4, 5]),
+    lambda n: n.update(probability="xyz"),
+    lambda n: n.update(malignancy=float("nan")),
+])
+def test_json_with_bad_values_is_a_message_not_a_traceback(tmp_path, change):
+    scan, t = ct_table()
+    _, json_path = E.export_nodules(tmp_path / "out.json", t)
+    d = json.loads(open(json_path).read())
+    change(d["nodules"][0])
+    with open(json_path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(E.NoduleFileError, match="nodule 1"):
+        E.read_nodules_json(json_path)
+
+
+@pytest.mark.parametrize("body", [
+    b"seriesuid,coordX,coordY,coordZ,diameter_mm,malignancy\n1.2.840.1,1,2,3,5,abc\n",
+    b"seriesuid,coordX,coordY,coordZ,diameter_mm,probability\n1.2.840.1,1,2,3,5,nan\n",
+    b"seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.840.1,1,2,3,5\xff\n",
+])
+def test_csv_with_bad_values_or_bytes_is_a_message(tmp_path, body):
+    scan, t = ct_table()
+    p = tmp_path / "bad.csv"
+    p.write_bytes(body)
+    with pytest.raises(E.NoduleFileError, match="bad.csv"):
+        E.read_nodules_csv(p, image_identity(scan))

@@ -84,3 +84,9 @@ def test_bundled_weights_match_their_recorded_sha256(modality):
     model, info = load_model(modality)
     assert info["sha256"] == reg[modality]["sha256"]
     assert 0 < info["threshold"] < 1
+
+
+def test_empty_sha256_sidecar_is_a_message(weights_file):
+    (weights_file.parent / "w.pt.sha256").write_text("")
+    with pytest.raises(WeightsError, match="empty"):
+        load_checkpoint(weights_file)

@@ -237,16 +237,6 @@ def decode(maps: dict, score_floor: float = 0.02, max_detections: int = 100, ker
     return out
 
 
-def malignancy_at(maps: dict, centres_vox: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
-    """Malignancy probability read from the map at given input-voxel centres (K, nd)."""
-    mal = maps["malignancy"]
-    cell = torch.round(centres_vox / STRIDE).long()
-    for d in range(cell.shape[1]):
-        cell[:, d] = cell[:, d].clamp(0, mal.shape[2 + d] - 1)
-    sel = (batch_index, torch.zeros_like(batch_index)) + tuple(cell.T)
-    return torch.sigmoid(mal[sel].float())
-
-
 PATCH = 49  # 4k+1 voxels: flipping the input flips the stride-4 grid exactly onto itself
 
 
