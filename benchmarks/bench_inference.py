@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-MONAI_PYTHON = Path("/work/monai-venv/bin/python")
+MONAI_PYTHON = Path(".venv-monai/bin/python")
 
 CT_SHAPE = (300, 512, 512)
 CT_SPACING = (1.25, 0.7, 0.7)
@@ -46,12 +46,12 @@ CXR_SIZE = 2048
 CXR_SPACING = 0.175
 
 README_COMMAND = (
-    "python3 -m venv /work/monai-venv && /work/monai-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 \\\n"
-    "  && /work/monai-venv/bin/pip install monai SimpleITK numpy nibabel   # MONAI reference, separate venv\n"
+    "python3 -m venv .venv-monai && .venv-monai/bin/pip install torch==2.14.1 torchvision==0.29.1 \\\n"
+    "  && .venv-monai/bin/pip install monai SimpleITK numpy nibabel   # MONAI reference, separate venv\n"
     "DATA=/tmp/resmtnet-bench-data   # the synthetic images are written here once\n"
     ".venv/bin/python benchmarks/bench_inference.py --data $DATA --make-data\n"
     "# MONAI once (about 25 min on 2 cores), in the background:\n"
-    "nohup /work/monai-venv/bin/python benchmarks/monai_retinanet.py $DATA/chest_512x512x300.nrrd \\\n"
+    "nohup .venv-monai/bin/python benchmarks/monai_retinanet.py $DATA/chest_512x512x300.nrrd \\\n"
     "  --out benchmarks/results/monai_retinanet.json > monai.log 2>&1 &\n"
     "# ours, 5 runs each, reusing that result (same file, checked by sha256):\n"
     ".venv/bin/python benchmarks/bench_inference.py --repeats 5 --data $DATA \\\n"

@@ -2,10 +2,10 @@
 
 Runs in its own environment (MONAI needs torchvision, which the project does not use)::
 
-    python3 -m venv /work/monai-venv
-    /work/monai-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/monai-venv/bin/pip install monai SimpleITK numpy
-    /work/monai-venv/bin/python benchmarks/monai_retinanet.py CT.nrrd --out result.json
+    python3 -m venv .venv-monai
+    .venv-monai/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .venv-monai/bin/pip install monai SimpleITK numpy
+    .venv-monai/bin/python benchmarks/monai_retinanet.py CT.nrrd --out result.json
 
 The network and inference settings are those of the MONAI model-zoo bundle
 ``lung_nodule_ct_detection`` (``configs/inference.json``): a 3D ResNet-50 backbone
