@@ -447,19 +447,9 @@ def text_kwargs(text_color) -> dict:
 
 def napari_kwargs_of(image: dict) -> dict:
     """scale / translate / affine for a layer in the image's millimetres (as `Scan.napari_kwargs`)."""
-    nd = len(image["shape"])
-    spacing = tuple(float(s) for s in image["spacing"])
-    origin = np.asarray(image["origin"], float)
-    direction = np.asarray(image["direction"], float).reshape(nd, nd)
-    kw: dict[str, Any] = {"scale": spacing}
-    if np.allclose(direction, np.eye(nd)):
-        kw["translate"] = tuple(float(o) for o in origin)
-    else:
-        kw["translate"] = tuple(float(v) for v in np.linalg.solve(direction, origin))
-        aff = np.eye(nd + 1)
-        aff[:nd, :nd] = direction
-        kw["affine"] = aff
-    return kw
+    from .scan import napari_geometry_kwargs
+
+    return napari_geometry_kwargs(image["spacing"], image["origin"], image["direction"])
 
 
 def layer_name_for(image: dict) -> str:

@@ -91,31 +91,42 @@ class Scan:
 
     def index_to_world(self, index) -> np.ndarray:
         """(N, ndim) array-order voxel indices (float ok) -> (N, ndim) world mm, array order."""
-        idx = np.atleast_2d(np.asarray(index, dtype=float))
-        return idx * np.asarray(self.spacing) @ self.direction.T + np.asarray(self.origin)
+        from .boxes import voxel_to_world_points
+
+        return voxel_to_world_points(index, self)
 
     def world_to_index(self, world) -> np.ndarray:
         """(N, ndim) world mm (array order) -> (N, ndim) fractional voxel indices."""
-        w = np.atleast_2d(np.asarray(world, dtype=float)) - np.asarray(self.origin)
-        return np.linalg.solve(self.direction, w.T).T / np.asarray(self.spacing)
+        from .boxes import world_to_voxel_points
+
+        return world_to_voxel_points(world, self)
 
     def index_to_world_xyz(self, index) -> np.ndarray:
         """Voxel indices (array order) -> LPS world mm in ITK/LUNA16 order (x, y[, z])."""
         return self.index_to_world(index)[:, ::-1]
 
     def napari_kwargs(self) -> dict:
-        """`scale`, `translate` and (when not identity) `affine` for a napari layer.
+        """`scale`, `translate` and (when not identity) `affine` for a napari layer."""
+        return napari_geometry_kwargs(self.spacing, self.origin, self.direction)
 
-        napari maps data -> world as ``affine @ (translate + scale * i)``; with
-        ``affine = direction`` and ``translate = direction.T @ origin`` that equals
-        ``origin + direction @ (spacing * i)``.
-        """
-        kw: dict[str, Any] = {"scale": self.spacing}
-        if np.allclose(self.direction, np.eye(self.ndim)):
-            kw["translate"] = self.origin
-        else:
-            kw["translate"] = tuple(np.linalg.solve(self.direction, np.asarray(self.origin)))
-            aff = np.eye(self.ndim + 1)
-            aff[: self.ndim, : self.ndim] = self.direction
-            kw["affine"] = aff
-        return kw
+
+def napari_geometry_kwargs(spacing, origin, direction) -> dict:
+    """napari layer `scale`, `translate` and (when not identity) `affine` for a geometry
+    given in array order.
+
+    napari maps data -> world as ``affine @ (translate + scale * i)``; with
+    ``affine = direction`` and ``translate = direction.T @ origin`` that equals
+    ``origin + direction @ (spacing * i)``.
+    """
+    nd = len(spacing)
+    origin = np.asarray(origin, dtype=float)
+    direction = np.asarray(direction, dtype=float).reshape(nd, nd)
+    kw: dict[str, Any] = {"scale": tuple(float(s) for s in spacing)}
+    if np.allclose(direction, np.eye(nd)):
+        kw["translate"] = tuple(float(o) for o in origin)
+    else:
+        kw["translate"] = tuple(float(v) for v in np.linalg.solve(direction, origin))
+        aff = np.eye(nd + 1)
+        aff[:nd, :nd] = direction
+        kw["affine"] = aff
+    return kw
