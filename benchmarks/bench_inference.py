@@ -64,13 +64,14 @@ BARS = {"ct_end_to_end_s": 30.0, "speedup_vs_monai": 3.0, "ct600_peak_rss_mb": 4
 
 from napari_resmtnet.weights import sha256_of  # noqa: E402  (the project's one file hash)
 
+sys.path.insert(0, str(HERE))
+from procstat import other_load, peak_rss_mb  # noqa: E402
+
 
 def make_data(folder: Path) -> dict:
     """Write the synthetic images (once; deterministic) and return their paths."""
-    import numpy as np
     import SimpleITK as sitk
 
-    sys.path.insert(0, str(HERE))
     from synthetic import synthetic_chest_ct, synthetic_radiograph
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,20 +151,6 @@ def worker(kind: str, path: str, weights: str) -> dict:
     }
 
 
-def peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory (VmHWM). Not ``ru_maxrss``: on
-    Linux that keeps the parent's high-water mark across fork/exec."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_worker(kind: str, path: str, weights: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, path, "--weights", weights],
@@ -196,13 +183,6 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "os": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def other_load() -> dict:
-    """Load average and whether model training ran beside the benchmark."""
-    r = subprocess.run(["pgrep", "-f", "resmtnet-train"], capture_output=True, text=True)
-    pids = [p for p in r.stdout.split() if p.strip() and int(p) != os.getpid()]
-    return {"loadavg_1m": round(os.getloadavg()[0], 2), "training_processes": len(pids)}
 
 
 # --- summary ---------------------------------------------------------------------------------

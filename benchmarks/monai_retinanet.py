@@ -28,30 +28,10 @@ import argparse
 import hashlib
 import json
 import platform
-import resource
 import sys
 import time
 
-
-def other_load() -> dict:
-    """Load average and whether model training ran beside this run."""
-    import os
-    import subprocess
-
-    r = subprocess.run(["pgrep", "-f", "resmtnet-train"], capture_output=True, text=True)
-    return {"loadavg_1m": round(os.getloadavg()[0], 2), "training_processes": len(r.stdout.split())}
-
-
-def peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory (VmHWM; ``ru_maxrss`` would keep
-    the parent's across fork/exec)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from procstat import other_load, peak_rss_mb  # the script's own folder is on sys.path
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,6 @@ Progress is reported through ``progress(fraction, stage)``; ``cancel`` (a
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -303,8 +302,6 @@ class Predictor:
                  window: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  sha256: str | None = None, lung_mask: bool = True, score_floor: float = 0.05,
                  max_detections: int = 100, nms_iou: float = 0.1, threads: int | None = None):
-        import torch
-
         m = str(modality).upper()
         if m not in DEFAULTS:
             raise PredictionError(f"modality must be 'CT' or 'CXR', got {modality!r}")

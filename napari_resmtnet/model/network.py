@@ -25,7 +25,7 @@ returns per image a dict with ``boxes`` (corner boxes, array order, voxels of th
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
