@@ -38,6 +38,25 @@ def rating_to_label(rating) -> int:
     return -1
 
 
+def rating_to_score(rating) -> float:
+    """LIDC rating 1-5 -> soft malignancy target (rating - 1) / 4 in [0, 1]; -1 when unknown.
+
+    Used by ``malignancy_target: "rating"``: benign 1-2 -> 0 / 0.25, indeterminate 3 -> 0.5,
+    malignant 4-5 -> 0.75 / 1. The 0.5 decision threshold still separates 1-2 from 4-5, and
+    the indeterminate nodules, which the binary target must leave out, teach the ordering.
+    """
+    try:
+        r = float(rating)
+    except (TypeError, ValueError):
+        return -1.0
+    if not 1 <= r <= 5:
+        return -1.0
+    return (r - 1) / 4
+
+
+MALIGNANCY_TARGETS = ("binary", "rating")
+
+
 @dataclass
 class CubeRecord:
     name: str
@@ -50,6 +69,7 @@ class CubeRecord:
     rating: float = float("nan")     # LIDC rating of the main nodule
     origin_xyz: tuple = (0.0, 0.0, 0.0)
     extra: dict = field(default_factory=dict)
+    ratings: np.ndarray | None = None  # (K,) LIDC rating of each nodule, NaN when unknown
 
     @property
     def label(self) -> int:
@@ -59,8 +79,16 @@ class CubeRecord:
     def diameter(self) -> float:
         return float(self.diameters[self.main])
 
-    def target(self) -> dict:
-        return {"centers": self.centers, "diameters": self.diameters, "malignant": self.malignant}
+    def target(self, malignancy: str = "binary") -> dict:
+        """Training target; ``malignancy`` "binary" (1 / 0 / -1 masked) or "rating" (soft
+        score from each nodule's LIDC rating, see `rating_to_score`)."""
+        if malignancy not in MALIGNANCY_TARGETS:
+            raise ValueError(f"malignancy target must be one of {MALIGNANCY_TARGETS}, got {malignancy!r}")
+        mal = self.malignant
+        if malignancy == "rating":
+            ratings = self.ratings if self.ratings is not None else np.full(len(self.diameters), np.nan)
+            mal = np.array([rating_to_score(r) for r in ratings], dtype=np.float32)
+        return {"centers": self.centers, "diameters": self.diameters, "malignant": mal}
 
 
 def _read_csv(path):
@@ -93,7 +121,7 @@ def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings
         out.append(CubeRecord(
             name=name, seriesuid=uid, array=arr, centers=v[idx], diameters=diam[idx],
             malignant=labels[idx], main=int(np.nonzero(idx == mi)[0][0]), rating=ratings[mi],
-            origin_xyz=tuple(origin),
+            origin_xyz=tuple(origin), ratings=np.asarray(ratings, float)[idx],
         ))
     return out
 

@@ -49,6 +49,7 @@ class TrainConfig:
     spacing_mm: float = 1.0       # model input spacing
     init: str = ""                # start from these weights (fine-tuning); "" = random init
     implant: dict = field(default_factory=dict)   # CXR: nodule implantation settings
+    malignancy_target: str = "binary"  # CT: "binary" (LIDC 1-2 vs 4-5) or "rating" (soft (r-1)/4)
     network: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
 
@@ -69,7 +70,12 @@ class TrainConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.malignancy_target not in ("binary", "rating"):
+            raise ValueError(f"{path}: malignancy_target must be 'binary' or 'rating', got {cfg.malignancy_target!r}")
+        if cfg.malignancy_target == "rating" and cfg.modality != "CT":
+            raise ValueError(f"{path}: malignancy_target 'rating' needs LIDC ratings (CT only)")
+        return cfg
 
     def network_config(self) -> ResMTNetConfig:
         d = dict(self.network)
@@ -113,7 +119,8 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
         return make_cxr_batch(records, cfg, aug, g, context)
     imgs = torch.from_numpy(np.stack([normalize_ct(r.array) for r in records]))[:, None]
     centres = [r.centers[r.main] for r in records]
-    return augment_batch(imgs, [r.target() for r in records], aug, g, "CT", centers=centres)
+    targets = [r.target(cfg.malignancy_target) for r in records]
+    return augment_batch(imgs, targets, aug, g, "CT", centers=centres)
 
 
 # --- distributed -----------------------------------------------------------------------------

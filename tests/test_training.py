@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from napari_resmtnet.datasets import load_ct_records, rating_to_label, split_by_series
+from napari_resmtnet.datasets import CubeRecord, load_ct_records, rating_to_label, rating_to_score, split_by_series
 from napari_resmtnet.training import TrainConfig, main as train_main
 from napari_resmtnet.weights import load_checkpoint, sha256_of
 
@@ -30,6 +30,33 @@ def test_split_is_patient_disjoint_and_deterministic():
 
 def test_rating_labels():
     assert [rating_to_label(r) for r in (1, 2, 3, 4, 5, "", None)] == [0, 0, -1, 1, 1, -1, -1]
+
+
+def test_rating_targets_are_soft_and_keep_the_binary_order():
+    assert [rating_to_score(r) for r in (1, 2, 3, 4, 5, "", None, 0, 7, float("nan"))] == \
+        [0.0, 0.25, 0.5, 0.75, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0]
+    rec = CubeRecord(name="c", seriesuid="s", array=np.zeros((50, 50, 50), np.int16),
+                     centers=np.array([[25.0, 25, 25], [10, 10, 10], [40, 40, 40]]), diameters=np.array([8.0, 5, 12]),
+                     malignant=np.array([1, -1, 0]), ratings=np.array([4.0, 3.0, np.nan]))
+    assert rec.target()["malignant"].tolist() == [1, -1, 0]
+    soft = rec.target("rating")["malignant"]
+    assert soft.tolist() == [0.75, 0.5, -1.0]  # unknown rating: masked, even where a binary label exists
+    # the binary label and the soft score agree on which side of 0.5 a labelled nodule lies
+    for r in (1, 2, 4, 5):
+        assert (rating_to_score(r) > 0.5) == bool(rating_to_label(r))
+    with pytest.raises(ValueError, match="malignancy target"):
+        rec.target("ordinal")
+
+
+def test_malignancy_target_config_is_checked(tmp_path):
+    cfg = json.loads((REPO / "configs" / "ct.json").read_text())
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({**cfg, "malignancy_target": "soft"}))
+    with pytest.raises(ValueError, match="malignancy_target"):
+        TrainConfig.from_file(p)
+    p.write_text(json.dumps({**json.loads((REPO / "configs" / "cxr.json").read_text()), "malignancy_target": "rating"}))
+    with pytest.raises(ValueError, match="CT only"):
+        TrainConfig.from_file(p)
 
 
 @pytest.mark.data

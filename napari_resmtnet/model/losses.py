@@ -1,9 +1,9 @@
 """The joint loss of Res-MTNet: one weighted sum, every term reported.
 
 Targets, one dict per image (input-voxel units, array order):
-``centers`` (K, nd) float, ``diameters`` (K,) float, ``malignant`` (K,) float with 1 =
-malignant, 0 = benign and -1 = unknown (LIDC rating 3 or unmatched: detection only, masked
-out of the malignancy term).
+``centers`` (K, nd) float, ``diameters`` (K,) float, ``malignant`` (K,) float target in
+[0, 1] (1 = malignant, 0 = benign, or a soft score from the LIDC rating) and -1 = unknown
+(detection only, masked out of the malignancy term).
 
 Terms: ``heatmap`` (penalty-reduced focal loss on the Gaussian centre heatmap, CenterNet),
 ``size`` (L1 on log-diameter at centre cells), ``offset`` (L1 on the sub-cell offset at
