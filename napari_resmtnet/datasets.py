@@ -8,7 +8,8 @@ rating 1-2 benign (0), 4-5 malignant (1), 3 or unknown -1 (detection only).
 
 Two layouts, one code path (`load_ct_records`):
 
-* cube folder (``ct_nodule_cubes``): ``images/<uid>_dcm_<k>.mha`` + ``nodules.csv``;
+* cube folder (``ct_nodule_cubes``): ``images/<uid>_dcm_<k>.mha`` + ``nodules.csv`` (+ the
+  nodule masks ``masks/<uid>_seg_<k>.mha`` where present, for the segmentation term);
 * LUNA16: ``subset*/<seriesuid>.mhd`` + ``annotations.csv`` (+ optional malignancy CSV with
   ``seriesuid, coordX, coordY, coordZ`` and ``malignancy_rating`` or ``diagnosis``): a cube is
   resampled with SimpleITK around each annotation, then treated exactly like a cube file.
@@ -70,6 +71,7 @@ class CubeRecord:
     origin_xyz: tuple = (0.0, 0.0, 0.0)
     extra: dict = field(default_factory=dict)
     ratings: np.ndarray | None = None  # (K,) LIDC rating of each nodule, NaN when unknown
+    mask: np.ndarray | None = None     # (z, y, x) uint8 mask of the main nodule, when the data has one
 
     @property
     def label(self) -> int:
@@ -89,6 +91,22 @@ class CubeRecord:
             ratings = self.ratings if self.ratings is not None else np.full(len(self.diameters), np.nan)
             mal = np.array([rating_to_score(r) for r in ratings], dtype=np.float32)
         return {"centers": self.centers, "diameters": self.diameters, "malignant": mal}
+
+    def ignore_region(self, margin: float = 2.0) -> np.ndarray:
+        """(z, y, x) uint8: balls around the nodules other than the main one (radius + margin),
+        which the main nodule's mask does not cover; the segmentation term leaves them out."""
+        key = ("ignore", margin)
+        if key in self.extra:
+            return self.extra[key]
+        out = np.zeros(self.array.shape, np.uint8)
+        grid = np.indices(self.array.shape, dtype=np.float32)
+        for k, (c, d) in enumerate(zip(self.centers, self.diameters)):
+            if k == self.main:
+                continue
+            r2 = (float(d) / 2 + margin) ** 2
+            out |= (((grid - np.asarray(c, np.float32)[:, None, None, None]) ** 2).sum(0) <= r2).astype(np.uint8)
+        self.extra[key] = out
+        return out
 
 
 def _read_csv(path):
@@ -146,12 +164,21 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
         diam = np.array([float(r["diameter_mm"]) for r in rs])
         labels = np.array([rating_to_label(r.get("malignancy_rating")) for r in rs])
         ratings = [float(r["malignancy_rating"]) if r.get("malignancy_rating") not in (None, "") else float("nan") for r in rs]
-        cubes = []
+        cubes, masks = [], []
         for r in rs:
             img = sitk.ReadImage(str(root / "images" / r["cube"]))
             arr = _pad_to_cube(sitk.GetArrayFromImage(img).astype(np.int16))
             cubes.append((r["cube"], uid, arr, img.GetOrigin()))
-        records += _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings)
+            mpath = root / "masks" / r["cube"].replace("_dcm_", "_seg_")
+            m = None
+            if mpath.exists():
+                m = _pad_to_cube((sitk.GetArrayFromImage(sitk.ReadImage(str(mpath))) > 0).astype(np.uint8))
+                m = m if m.shape == arr.shape else None
+            masks.append(m)
+        recs = _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings)
+        for rec, m in zip(recs, masks):
+            rec.mask = m
+        records += recs
     return records
 
 

@@ -120,7 +120,10 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
     imgs = torch.from_numpy(np.stack([normalize_ct(r.array) for r in records]))[:, None]
     centres = [r.centers[r.main] for r in records]
     targets = [r.target(cfg.malignancy_target) for r in records]
-    return augment_batch(imgs, targets, aug, g, "CT", centers=centres)
+    aux = None
+    if cfg.network_config().segmentation:
+        aux = [{"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None else None for r in records]
+    return augment_batch(imgs, targets, aug, g, "CT", centers=centres, aux=aux)
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         from .weights import load_checkpoint, sha256_of
 
         init = load_checkpoint(cfg.init, sha256_of(cfg.init))
-        if init["network"] != net_cfg.to_dict():
+        if ResMTNetConfig.from_dict(init["network"]).to_dict() != net_cfg.to_dict():  # defaults filled in
             raise RuntimeError(f"{cfg.init}: its network config differs from this config's network")
         if init["split"]["val"] != val_uids:
             raise RuntimeError(f"{cfg.init}: it was trained on another split; fine-tuning would leak validation data")

@@ -109,11 +109,14 @@ def _theta(A, t, in_size, out_size):
     return torch.cat([L, off[:, None]], dim=1).float()
 
 
-def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modality="CT", centers=None):
+def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modality="CT", centers=None, aux=None):
     """Random crops + augmentation of a batch of equally sized normalised images.
 
     images : (N, 1, *S) float tensor; targets : list of dicts (centers, diameters, malignant).
     ``centers`` optionally gives, per image, the point to centre the crop on (array order).
+    ``aux`` optionally gives per image ``None`` or a dict of label volumes shaped like the
+    image (e.g. ``mask``, ``ignore``); they follow the same crop and affine (bilinear, so
+    they become soft) but no intensity change, and are returned in that image's target.
     Returns (N, 1, out, ..., out) tensor and transformed targets (nodules outside dropped).
     """
     N, nd = images.shape[0], images.dim() - 2
@@ -135,6 +138,14 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
     size = (N, 1) + (cfg.out_size,) * nd
     grid = F.affine_grid(theta, size, align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if aux is not None:
+        for i, a in enumerate(aux):
+            if not a:
+                continue
+            names = sorted(a)
+            vol = torch.stack([torch.as_tensor(np.asarray(a[k]), dtype=torch.float32) for k in names])[None]
+            warped = F.grid_sample(vol, grid[i : i + 1], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+            new_targets[i].update({k: warped[j] for j, k in enumerate(names)})
     if modality == "CT" and nd == 3 and cfg.aniso_prob > 0:
         for i in range(N):
             if _rand(g) < cfg.aniso_prob:

@@ -135,3 +135,58 @@ def test_flip_tta_reads_the_same_cell_under_every_flip():
     p = centre_patches(vol, [[3, 35]])
     assert p.shape == (1, 1, PATCH, PATCH) and float(p[0, 0, PATCH // 2, PATCH // 2]) == 7.0
     assert float(p[0, 0, 0, 0]) == -1.0
+
+
+def test_label_volumes_follow_the_image_through_augmentation():
+    img = np.full((1, 1, 50, 50, 50), -900.0, np.float32)
+    zz, yy, xx = np.mgrid[:50, :50, :50]
+    ball = (zz - 30) ** 2 + (yy - 20) ** 2 + (xx - 27) ** 2 <= 16
+    img[0, 0][ball] = 100.0
+    x = torch.from_numpy(normalize_ct(img))
+    tg = [{"centers": [[30.0, 20.0, 27.0]], "diameters": [8.0], "malignant": [1.0]}]
+    cfg = AugmentConfig(out_size=40, aniso_prob=0.0)  # noise and jitter must not touch the labels
+    for seed in range(4):
+        out, t = augment_batch(x, tg, cfg, torch.Generator().manual_seed(seed), "CT", centers=[[30, 20, 27]],
+                               aux=[{"mask": ball.astype(np.uint8), "ignore": np.zeros_like(ball, np.uint8)}])
+        m = t[0]["mask"]
+        assert m.shape == (40, 40, 40) and float(m.max()) > 0.9 and float(m.min()) >= 0.0
+        centroid = (torch.stack(torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij")) * m).flatten(1).sum(1) / m.sum()
+        assert torch.allclose(centroid, t[0]["centers"][0], atol=0.6)
+        assert float(out[0, 0][m > 0.5].mean()) > 0.2 > -0.4 > float(out[0, 0][m < 0.01].mean())  # labels on the ball
+        assert float(t[0]["ignore"].abs().max()) == 0.0
+
+
+def test_segmentation_head_is_auxiliary_and_trains():
+    from napari_resmtnet.model.losses import occupancy
+
+    m = torch.zeros(1, 1, 40, 40, 40)
+    m[0, 0, 18:23, 10:15, 26:31] = 1  # 5^3 block centred on voxel (20, 12, 28) = cell (5, 3, 7)
+    occ = occupancy(m)
+    assert occ.shape == (1, 1, 10, 10, 10)
+    assert tuple(int(i) for i in np.unravel_index(int(occ.argmax()), occ.shape[2:])) == (5, 3, 7)
+    assert float(occ.max()) == pytest.approx(1.0)
+    assert float(occ[0, 0, :4].sum()) == 0.0 and float(occ[0, 0, 7:].sum()) == 0.0  # nothing far from the block
+
+    torch.manual_seed(0)
+    net = ResMTNet(ResMTNetConfig(spatial_dims=3, segmentation=True, **SMALL))
+    plain = ResMTNet(ResMTNetConfig(spatial_dims=3, **SMALL))
+    assert set(net.state_dict()) - set(plain.state_dict()) == {"segmentation_head.weight", "segmentation_head.bias"}
+    x = torch.randn(2, 1, 40, 40, 40)
+    tg = [{"centers": [[20.0, 12.0, 28.0]], "diameters": [5.0], "malignant": [1.0], "mask": m[0, 0],
+           "ignore": torch.zeros(40, 40, 40)},
+          {"centers": [[20.0, 20.0, 20.0]], "diameters": [6.0], "malignant": [0.0]}]  # no mask: no term
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    first = float(net(x, tg)["segmentation"])
+    for _ in range(15):
+        losses = net(x, tg)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert float(net(x, tg)["segmentation"]) < first
+    assert "segmentation" not in plain(x, tg)  # the term exists only when the head does
+    # ignored cells carry no loss: a target that disagrees everywhere but is ignored is free
+    ign = dict(tg[0], mask=torch.ones(40, 40, 40), ignore=torch.ones(40, 40, 40))
+    assert float(net(x[:1], [ign])["segmentation"]) == 0.0
+    # inference output is unchanged in form
+    det = net.eval()(x)
+    assert set(det[0]) == {"boxes", "scores", "malignancy"}

@@ -3,12 +3,16 @@
 Targets, one dict per image (input-voxel units, array order):
 ``centers`` (K, nd) float, ``diameters`` (K,) float, ``malignant`` (K,) float target in
 [0, 1] (1 = malignant, 0 = benign, or a soft score from the LIDC rating) and -1 = unknown
-(detection only, masked out of the malignancy term).
+(detection only, masked out of the malignancy term). Optional ``mask`` (*S) nodule mask and
+``ignore`` (*S) region without a mask (other nodules), both in input voxels, for the
+auxiliary segmentation term.
 
 Terms: ``heatmap`` (penalty-reduced focal loss on the Gaussian centre heatmap, CenterNet),
 ``size`` (L1 on log-diameter at centre cells), ``offset`` (L1 on the sub-cell offset at
 centre cells), ``malignancy`` (binary cross-entropy on the cells within the nodule's core,
-labelled nodules only). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
+labelled nodules only), ``segmentation`` (binary cross-entropy between the segmentation
+logit and the fraction of each stride-4 cell inside the nodule mask, images with a mask
+only, cells touching ``ignore`` left out). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
 """
 from __future__ import annotations
 
@@ -62,6 +66,31 @@ def focal_heatmap_loss(logits, heat, alpha=2.0, beta=4.0):
     return (pos_loss.sum() + neg_loss.sum()) / n
 
 
+def occupancy(mask: torch.Tensor) -> torch.Tensor:
+    """(N, 1, *S) mask -> (N, 1, *ceil(S/4)) fraction of each stride-4 cell inside it; cell j
+    averages input voxels 4j-2 .. 4j+2 (it is centred on voxel 4j)."""
+    pool = F.avg_pool3d if mask.dim() == 5 else F.avg_pool2d
+    return pool(mask, 2 * (STRIDE // 2) + 1, STRIDE, STRIDE // 2, count_include_pad=True)
+
+
+def segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
+    have = [i for i, t in enumerate(targets) if t.get("mask") is not None]
+    if not have:
+        return None
+    mask = torch.stack([torch.as_tensor(targets[i]["mask"], dtype=torch.float32) for i in have])[:, None]
+    ign = torch.stack([torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32)
+                       for i in have])[:, None]
+    mask, ign = mask.to(logits.device), ign.to(logits.device)
+    occ = occupancy(mask.clamp(0, 1))
+    pool = F.max_pool3d if mask.dim() == 5 else F.max_pool2d
+    keep = 1.0 - (pool(ign, 2 * (STRIDE // 2) + 1, STRIDE, STRIDE // 2) > 0.01).float()
+    lg = logits[have].float()
+    if occ.shape != lg.shape:
+        raise ValueError(f"segmentation target {tuple(occ.shape)} does not match the map {tuple(lg.shape)}")
+    bce = F.binary_cross_entropy_with_logits(lg, occ, reduction="none")
+    return (bce * keep).sum() / keep.sum().clamp(min=1.0)
+
+
 def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
     """Dict of named loss terms and the joint ``loss``; disabled heads contribute zero."""
     hm = maps["heatmap"]
@@ -71,6 +100,8 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
     # DistributedDataParallel sees all parameters used on every step
     zero = sum(m.sum() for m in maps.values()) * 0.0
     losses = {"heatmap": zero, "size": zero, "offset": zero, "malignancy": zero}
+    if cfg.segmentation:
+        losses["segmentation"] = zero
     if cfg.detection:
         losses["heatmap"] = focal_heatmap_loss(hm[:, 0].float(), heat, cfg.focal_alpha, cfg.focal_beta)
         if pos.any():
@@ -83,10 +114,15 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
             losses["malignancy"] = F.binary_cross_entropy_with_logits(
                 maps["malignancy"][:, 0].float()[known], mal_t[known]
             )
+    if cfg.segmentation and "segmentation" in maps:
+        seg = segmentation_loss(maps["segmentation"], targets)
+        if seg is not None:
+            losses["segmentation"] = seg
     losses["loss"] = (
         cfg.w_heatmap * losses["heatmap"]
         + cfg.w_size * losses["size"]
         + cfg.w_offset * losses["offset"]
         + cfg.w_malignancy * losses["malignancy"]
+        + (cfg.w_segmentation * losses["segmentation"] if cfg.segmentation else 0.0)
     )
     return losses

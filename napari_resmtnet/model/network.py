@@ -17,7 +17,10 @@ couples the two tasks. Peaks are extracted with a max-pool, so decoding is vecto
 Outputs at stride 4 (cell ``j`` is centred on input voxel ``4 j``):
 ``heatmap`` (1 ch, logit of "a nodule centre is here"), ``size`` (1 ch, log of the diameter
 in input voxels), ``offset`` (``spatial_dims`` ch, sub-cell centre offset in cells),
-``malignancy`` (1 ch, logit of "the nodule centred here is malignant").
+``malignancy`` (1 ch, logit of "the nodule centred here is malignant"), and with
+``segmentation=True`` ``segmentation`` (1 ch, logit of the fraction of the cell inside a
+nodule): an auxiliary task on the malignancy branch, trained from nodule masks, that makes
+the branch see the nodule's extent and margin rather than only its centre.
 
 Training mode (``targets`` given) returns a dict of named losses (see `losses.py`); inference
 returns per image a dict with ``boxes`` (corner boxes, array order, voxels of the input, see
@@ -46,11 +49,13 @@ class ResMTNetConfig:
     detection: bool = True             # the detection head is trained/used
     malignancy: bool = True            # the malignancy head is trained/used
     cross_task: bool = True            # cross-task residual connections between branches
+    segmentation: bool = False         # auxiliary nodule-occupancy head on the malignancy branch
     # joint loss: weighted sum of the terms below
     w_heatmap: float = 1.0
     w_size: float = 0.5
     w_offset: float = 0.5
     w_malignancy: float = 1.0
+    w_segmentation: float = 1.0
     focal_alpha: float = 2.0
     focal_beta: float = 4.0
     min_sigma: float = 0.75            # Gaussian sigma of the centre heatmap, in cells
@@ -169,6 +174,8 @@ class ResMTNet(nn.Module):
         self.size = Conv(hw, 1, 1)
         self.offset = Conv(hw, nd, 1)
         self.malignancy_head = Conv(hw, 1, 1)
+        if cfg.segmentation:
+            self.segmentation_head = Conv(hw, 1, 1)
         nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
         nn.init.constant_(self.size.bias, 1.0)
 
@@ -182,12 +189,15 @@ class ResMTNet(nn.Module):
             d, m = d + self.mal_to_det(m), m + self.det_to_mal(d)
         d = self.det2(d)
         m = self.mal2(m)
-        return {
+        maps = {
             "heatmap": self.heatmap(d),
             "size": self.size(d),
             "offset": self.offset(d),
             "malignancy": self.malignancy_head(m),
         }
+        if self.config.segmentation:
+            maps["segmentation"] = self.segmentation_head(m)
+        return maps
 
     def forward(self, images: torch.Tensor, targets: list | None = None):
         """Training (``targets`` given): dict of named losses incl. ``loss`` (the joint sum).
