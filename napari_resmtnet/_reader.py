@@ -83,16 +83,11 @@ def contrast_limits(scan) -> tuple[float, float]:
 
 
 def geometry_dict(scan) -> dict:
-    """JSON-able geometry of a scan (array order) for layer metadata."""
-    import numpy as np
+    """JSON-able geometry of a scan (array order) for layer metadata: `scan.geometry_dict`
+    plus the array shape and the modality."""
+    from .scan import geometry_dict as geometry
 
-    return {
-        "spacing": [float(s) for s in scan.spacing],
-        "origin": [float(o) for o in scan.origin],
-        "direction": np.asarray(scan.direction, float).tolist(),
-        "shape": [int(s) for s in scan.shape],
-        "modality": scan.modality,
-    }
+    return {**geometry(scan), "shape": [int(s) for s in scan.shape], "modality": scan.modality}
 
 
 def scan_layer_data(scan, name: str | None = None) -> list[tuple]:

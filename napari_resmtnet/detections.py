@@ -68,5 +68,6 @@ class Detections:
 
     @staticmethod
     def geometry_of(scan) -> dict:
-        return {"spacing": tuple(scan.spacing), "origin": tuple(scan.origin),
-                "direction": np.asarray(scan.direction, float).tolist()}
+        from .scan import geometry_dict
+
+        return geometry_dict(scan)

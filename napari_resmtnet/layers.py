@@ -29,6 +29,7 @@ import numpy as np
 
 from . import boxes as B
 from .detections import Detections
+from .scan import geometry_dict
 
 LABELS = ("benign", "malignant")
 SOURCES = ("model", "user")
@@ -74,8 +75,8 @@ def image_identity(scan) -> dict:
 
 
 def geometry_of_image(image: dict) -> dict:
-    return {"spacing": tuple(image["spacing"]), "origin": tuple(image["origin"]),
-            "direction": np.asarray(image["direction"], float).tolist()}
+    """Geometry of an `image_identity` dict (see `scan.geometry_dict`)."""
+    return geometry_dict(image)
 
 
 # --- the nodule table ------------------------------------------------------------------------

@@ -110,6 +110,17 @@ class Scan:
         return napari_geometry_kwargs(self.spacing, self.origin, self.direction)
 
 
+def geometry_dict(geom) -> dict:
+    """The JSON-able geometry (array order) of a `Scan`, or of any object or mapping with
+    ``spacing``, ``origin`` and ``direction``: the one form that detections, nodule tables,
+    layer metadata and exports carry."""
+    get = geom.get if isinstance(geom, dict) else lambda k: getattr(geom, k)
+    nd = len(get("spacing"))
+    return {"spacing": tuple(float(v) for v in get("spacing")),
+            "origin": tuple(float(v) for v in get("origin")),
+            "direction": np.asarray(get("direction"), float).reshape(nd, nd).tolist()}
+
+
 def napari_geometry_kwargs(spacing, origin, direction) -> dict:
     """napari layer `scale`, `translate` and (when not identity) `affine` for a geometry
     given in array order.
