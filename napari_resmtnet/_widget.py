@@ -471,8 +471,12 @@ class NoduleWidget(QWidget):
         if target > pbar.n:
             pbar.update(target - pbar.n)
 
-    def _close_progress(self) -> None:
+    def _close_progress(self, complete: bool = False) -> None:
         if self._pbar is not None:
+            if complete and self._pbar.n < self._pbar.total:
+                # the worker's last progress signal may arrive after its result; a finished
+                # run shows a full bar either way
+                self._pbar.update(self._pbar.total - self._pbar.n)
             self._pbar.close()
             self._pbar = None
 
@@ -482,7 +486,7 @@ class NoduleWidget(QWidget):
     def _on_detection_done(self, outcome) -> None:
         """GUI thread: the only place detection changes layers."""
         self._running = False
-        self._close_progress()
+        self._close_progress(complete=outcome.kind not in ("cancelled", "error"))
         self._update_buttons()
         if outcome.kind == "cancelled":
             self.status_label.setText("Detection cancelled.")
