@@ -891,10 +891,15 @@ class NoduleWidget(QWidget):
             return
         if set(self._layer_selected_ids()) == ids:
             return
+        self._select_in_layer(ids)
+
+    def _select_in_layer(self, ids) -> None:
+        """Select every shape of these nodules in the layer (without echoing to the table)."""
+        layer = self.nodule_layer
         fid = layer.features["id"].to_numpy()
         self._updating = True
         try:
-            layer.selected_data = {i for i in range(len(fid)) if int(fid[i]) in ids}
+            layer.selected_data = {j for j in range(len(fid)) if int(fid[j]) in ids}
         finally:
             self._updating = False
         self._last_selected = tuple(sorted(ids))
@@ -940,18 +945,10 @@ class NoduleWidget(QWidget):
         if not ids:
             show_info(f"Select one or more nodules (in the layer or the table) to {what}.")
             return False
-        keep = ids
         self._set_table(fn(t, ids))
-        layer = self.nodule_layer
-        if "id" in layer.features and what != "delete":
-            fid = layer.features["id"].to_numpy()
-            self._updating = True
-            try:
-                layer.selected_data = {j for j in range(len(fid)) if int(fid[j]) in keep}
-            finally:
-                self._updating = False
-            self._last_selected = tuple(sorted(keep))
-            self.table.select_ids(keep)
+        if "id" in self.nodule_layer.features and what != "delete":
+            self._select_in_layer(ids)
+            self.table.select_ids(ids)
         return True
 
     def flip_selected(self, *_) -> bool:

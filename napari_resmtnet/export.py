@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from . import boxes as B
-from .layers import LABELS, SOURCES, NoduleTable, geometry_of_image
+from .layers import LABELS, SOURCES, NoduleTable
+from .scan import geometry_dict
 
 FORMAT = "resmtnet-nodules"
 FORMAT_VERSION = 1
@@ -290,7 +291,7 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
         others = sorted({r.get("seriesuid", "") for r in rows})
         raise NoduleFileError(f"{p} belongs to another image: it has seriesuid(s) "
                               f"{', '.join(others[:3])}, this image is '{uid}'")
-    geom = geometry_of_image(image)
+    geom = geometry_dict(image)
     table = NoduleTable.empty(image, threshold=threshold)
     for j, r in enumerate(mine):
         w = f"{p} row {j + 2}"

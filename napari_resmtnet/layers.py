@@ -74,11 +74,6 @@ def image_identity(scan) -> dict:
     }
 
 
-def geometry_of_image(image: dict) -> dict:
-    """Geometry of an `image_identity` dict (see `scan.geometry_dict`)."""
-    return geometry_dict(image)
-
-
 # --- the nodule table ------------------------------------------------------------------------
 
 @dataclass
@@ -201,7 +196,7 @@ class NoduleTable:
 
     @property
     def geometry(self) -> dict:
-        return geometry_of_image(self.image)
+        return geometry_dict(self.image)
 
     @property
     def spacing(self) -> np.ndarray:

@@ -71,8 +71,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         cfg = cls(**d)
-        if cfg.malignancy_target not in ("binary", "rating"):
-            raise ValueError(f"{path}: malignancy_target must be 'binary' or 'rating', got {cfg.malignancy_target!r}")
+        from .datasets import MALIGNANCY_TARGETS
+
+        if cfg.malignancy_target not in MALIGNANCY_TARGETS:
+            raise ValueError(f"{path}: malignancy_target must be one of {MALIGNANCY_TARGETS}, got {cfg.malignancy_target!r}")
         if cfg.malignancy_target == "rating" and cfg.modality != "CT":
             raise ValueError(f"{path}: malignancy_target 'rating' needs LIDC ratings (CT only)")
         return cfg

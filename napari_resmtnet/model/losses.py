@@ -66,11 +66,17 @@ def focal_heatmap_loss(logits, heat, alpha=2.0, beta=4.0):
     return (pos_loss.sum() + neg_loss.sum()) / n
 
 
+def _per_cell(x: torch.Tensor, how: str) -> torch.Tensor:
+    """(N, 1, *S) -> (N, 1, *ceil(S/4)): ``how`` ("avg" or "max") over the input voxels
+    4j-2 .. 4j+2 of each stride-4 cell j (the cell is centred on voxel 4j)."""
+    nd = x.dim() - 2
+    pool = getattr(F, f"{how}_pool{nd}d")
+    return pool(x, 2 * (STRIDE // 2) + 1, STRIDE, STRIDE // 2)
+
+
 def occupancy(mask: torch.Tensor) -> torch.Tensor:
-    """(N, 1, *S) mask -> (N, 1, *ceil(S/4)) fraction of each stride-4 cell inside it; cell j
-    averages input voxels 4j-2 .. 4j+2 (it is centred on voxel 4j)."""
-    pool = F.avg_pool3d if mask.dim() == 5 else F.avg_pool2d
-    return pool(mask, 2 * (STRIDE // 2) + 1, STRIDE, STRIDE // 2, count_include_pad=True)
+    """(N, 1, *S) mask -> fraction of each stride-4 cell inside it (see `_per_cell`)."""
+    return _per_cell(mask, "avg")
 
 
 def segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
@@ -82,8 +88,7 @@ def segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | Non
                        for i in have])[:, None]
     mask, ign = mask.to(logits.device), ign.to(logits.device)
     occ = occupancy(mask.clamp(0, 1))
-    pool = F.max_pool3d if mask.dim() == 5 else F.max_pool2d
-    keep = 1.0 - (pool(ign, 2 * (STRIDE // 2) + 1, STRIDE, STRIDE // 2) > 0.01).float()
+    keep = 1.0 - (_per_cell(ign, "max") > 0.01).float()
     lg = logits[have].float()
     if occ.shape != lg.shape:
         raise ValueError(f"segmentation target {tuple(occ.shape)} does not match the map {tuple(lg.shape)}")
@@ -114,7 +119,7 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
             losses["malignancy"] = F.binary_cross_entropy_with_logits(
                 maps["malignancy"][:, 0].float()[known], mal_t[known]
             )
-    if cfg.segmentation and "segmentation" in maps:
+    if cfg.segmentation:
         seg = segmentation_loss(maps["segmentation"], targets)
         if seg is not None:
             losses["segmentation"] = seg
