@@ -21,7 +21,6 @@ import math
 import os
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -695,7 +694,7 @@ def test_napari_reader(case, tmp_path, notes):
     assert case.name not in NOT_CLAIMED
     out = reader(str(path))
     if kind == "refused":
-        record(case.name, "reader", f"refused: one error notification")
+        record(case.name, "reader", "refused: one error notification")
         assert out == [(None,)], "nothing to add, and no exception"
         assert notes["error"] == [text] and notes["warning"] == []
         return

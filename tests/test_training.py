@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from napari_resmtnet.datasets import CubeRecord, load_ct_records, rating_to_label, rating_to_score, split_by_series
 from napari_resmtnet.training import TrainConfig, main as train_main

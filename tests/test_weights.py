@@ -1,11 +1,9 @@
 """Safe weights: sha256 first, weights_only loading, format and config checks."""
-import json
-import pickle
 
 import pytest
 import torch
 
-from napari_resmtnet.model import ResMTNet, ResMTNetConfig
+from napari_resmtnet.model import ResMTNet
 from napari_resmtnet.training import TrainConfig, export_weights
 from napari_resmtnet.weights import WeightsError, load_checkpoint, load_model, registry, sha256_of
 
