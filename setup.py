@@ -1,4 +1,5 @@
 """napari-resmtnet: lung nodule detection and malignancy grading in napari (Res-MTNet)."""
+
 from pathlib import Path
 
 from setuptools import setup
@@ -32,6 +33,8 @@ setup(
     include_package_data=False,
     install_requires=[
         "numpy",
+        "scipy",
+        "pandas",
         "napari>=0.5",
         "magicgui",
         "qtpy",
@@ -44,7 +47,7 @@ setup(
     ],
     extras_require={
         "pyqt5": ["PyQt5"],
-        "testing": ["pytest", "pytest-qt", "hypothesis", "pydicom"],
+        "testing": ["pytest", "pytest-qt", "hypothesis", "pydicom", "ruff>=0.17,<0.18", "mypy>=2.4"],
     },
     entry_points={
         "napari.manifest": ["napari-resmtnet = napari_resmtnet:napari.yaml"],
