@@ -1,11 +1,13 @@
 """napari-resmtnet: find and grade lung nodules in chest CT and X-ray with Res-MTNet.
 
 Importing this package is cheap: torch, SimpleITK and Qt load only when used.
-Public API: `load_scan`, `Scan`, `Detections`, `predict`, `Predictor`.
+Public API: `load_scan`, `Scan`, `Detections`, `predict`, `Predictor`, `sample_path`.
 """
+
+# The one place the version is written: setup.py reads it, `resmtnet --version` prints it.
 __version__ = "0.1.0"
 
-__all__ = ["load_scan", "Scan", "Detections", "predict", "Predictor", "__version__"]
+__all__ = ["Detections", "Predictor", "Scan", "__version__", "load_scan", "predict", "sample_path"]
 
 
 def __getattr__(name):
@@ -25,4 +27,8 @@ def __getattr__(name):
         from . import inference
 
         return getattr(inference, name)
+    if name == "sample_path":
+        from ._sample_data import sample_path
+
+        return sample_path
     raise AttributeError(f"module 'napari_resmtnet' has no attribute {name!r}")

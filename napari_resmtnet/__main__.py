@@ -1,3 +1,6 @@
+"""``python -m napari_resmtnet COMMAND ...``: the same as ``resmtnet COMMAND ...``."""
+
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ Opens the sample through the plugin's reader, docks the *Detect nodules* widget 
 its button. With ``--screenshot`` the window is captured once detection has finished and the
 program exits (for headless machines: run it under ``xvfb-run``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
     viewer.window.add_dock_widget(widget, name="Detect nodules", area="right")
     image = viewer.layers[0]
     if image.ndim == 3:
-        viewer.dims.set_point(0, viewer.dims.range[0].start + (viewer.dims.range[0].stop - viewer.dims.range[0].start) / 2)
+        viewer.dims.set_point(
+            0, viewer.dims.range[0].start + (viewer.dims.range[0].stop - viewer.dims.range[0].start) / 2
+        )
 
     state = {"started": False, "waited": 0.0}
 
