@@ -31,12 +31,16 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
+import shutil
+import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .paths import escape_text, file_kind, inside_folder, read_head, shown
 from .scan import Scan
 
 __all__ = [
@@ -60,6 +64,14 @@ JSRT_NBYTES = JSRT_SHAPE[0] * JSRT_SHAPE[1] * 2
 MAX_IMAGE_BYTES = 8 * 1024**3
 #: Spacing beyond this (mm) is not a medical image.
 MAX_SPACING_MM = 1e4
+#: Spacing below this (mm; 10 micrometres) is not a chest CT or radiograph either.
+MIN_SPACING_MM = 1e-2
+#: A MetaImage/NRRD header (the text before the pixel data) longer than this is refused.
+MAX_HEADER_BYTES = 1 << 20
+#: Colour radiographs are reduced to grey in row blocks of at most this many bytes of float32.
+_GREY_BLOCK_BYTES = 64 << 20
+#: A header may name at most this many data files (a slice pattern or a LIST).
+MAX_DATA_FILES = 100_000
 #: Screen/print resolutions that image software writes by default (not a detector pitch).
 _SOFTWARE_DPI = (72.0, 96.0)
 
@@ -108,8 +120,8 @@ class ScanReadError(Exception):
 
     def __init__(self, path, problem: str):
         self.path = str(path)
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.path}: {self.problem}")
+        self.problem = escape_text(" ".join(str(problem).split()))
+        super().__init__(f"{shown(self.path)}: {self.problem}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,11 +145,8 @@ def _kind_from_name(path: Path) -> str | None:
 
 
 def _head(path: Path, n: int = 512) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return b""
+    """The first ``n`` bytes of a regular file (never blocks on a FIFO or device)."""
+    return read_head(path, n)
 
 
 def _is_dicom_bytes(head: bytes) -> bool:
@@ -283,24 +292,40 @@ def _gb(nbytes: int) -> str:
     return f"{gb:.1f}" if gb >= 0.1 else f"{gb:.2g}"
 
 
+def _read_peak_bytes(size, ncomp: int, bytes_per_comp: int) -> tuple[int, int]:
+    """(image bytes, peak bytes while reading): the pixel buffer ITK decodes into, plus the
+    numpy array made from it (one grey channel; colour is reduced to grey in row blocks of
+    at most `_GREY_BLOCK_BYTES`), plus a float32 copy when wide pixels are narrowed."""
+    n = math.prod(size)
+    image = n * max(ncomp, 1) * bytes_per_comp
+    peak = image + n * bytes_per_comp
+    if ncomp > 1:
+        peak += _GREY_BLOCK_BYTES
+    if bytes_per_comp >= 4:
+        peak += n * 4
+    return image, peak
+
+
 def _check_size(path, size_xyz, ncomp: int, bytes_per_comp: int, what: str = "image"):
+    """Refuse, before any pixel is read, an image larger than `MAX_IMAGE_BYTES` or whose
+    reading would need more than 80 % of the free memory (all copies counted)."""
     size = [int(s) for s in size_xyz]
     if any(s <= 0 for s in size):
         raise ScanReadError(path, f"{what} has a zero-size dimension (size {tuple(size)} in x, y, z order)")
-    nbytes = math.prod(size) * max(ncomp, 1) * bytes_per_comp
-    limit = MAX_IMAGE_BYTES
+    nbytes, peak = _read_peak_bytes(size, ncomp, bytes_per_comp)
     avail = _available_memory()
-    limit_why = f"{_gb(limit)} GB limit"
-    if avail is not None and 0.8 * avail < limit:
-        limit = int(0.8 * avail)
-        limit_why = f"{_gb(limit)} GB, 80 % of the free memory"
-    if nbytes > limit:
+    why = None
+    if nbytes > MAX_IMAGE_BYTES:
+        why = f"more than the {_gb(MAX_IMAGE_BYTES)} GB limit"
+    elif avail is not None and peak > 0.8 * avail:
+        why = (f"reading it needs about {_gb(peak)} GB with its copies, more than {_gb(int(0.8 * avail))} "
+               "GB, 80 % of the free memory")
+    if why:
         dims = " x ".join(str(s) for s in size)
         raise ScanReadError(
             path,
             f"header claims a {_gb(nbytes)} GB {what} ({dims} voxels, {bytes_per_comp * 8}-bit"
-            f"{'' if ncomp <= 1 else f' x {ncomp} channels'}); refused before reading "
-            f"(more than the {limit_why})",
+            f"{'' if ncomp <= 1 else f' x {ncomp} channels'}); refused before reading ({why})",
         )
 
 
@@ -313,13 +338,13 @@ def _bytes_per_component(pixel_string: str) -> int:
 
 def _check_spacing(path, spacing_xyz, warnings: list):
     sp = [float(s) for s in spacing_xyz]
-    bad = [s for s in sp if not math.isfinite(s) or s == 0.0 or abs(s) > MAX_SPACING_MM]
+    bad = [s for s in sp if not math.isfinite(s) or abs(s) < MIN_SPACING_MM or abs(s) > MAX_SPACING_MM]
     if bad:
-        shown = tuple(round(s, 6) for s in sp[::-1])
+        values = tuple(float(f"{s:.6g}") for s in sp[::-1])
         raise ScanReadError(
             path,
-            f"voxel spacing {shown} mm (array order) is not usable: expected finite values "
-            f"> 0 and <= {MAX_SPACING_MM:g} mm",
+            f"voxel spacing {values} mm (array order) is not usable: expected finite values "
+            f"from {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm",
         )
     if any(s < 0 for s in sp):
         warnings.append(
@@ -328,61 +353,138 @@ def _check_spacing(path, spacing_xyz, warnings: list):
 
 
 # --------------------------------------------------------------------------- format checks
+#
+# The path policy: every data file a header names (one file, a printf-style slice pattern,
+# or a LIST) is resolved here, symbolic links included, and must be a regular file inside
+# the header's folder; patterns must expand to a bounded list of plain names. SimpleITK is
+# never handed a MetaImage or NRRD header that has not passed these checks.
+
+#: one integer conversion of a slice pattern (``%d``, ``%03d``, ``%i``, ``%u``) or ``%%``
+_PATTERN_SPEC = re.compile(r"%(%|0?\d{0,3}[diu])")
+
+
+def _header_int(path, key: str, text: str, minimum: int | None = None) -> int:
+    """A whole number from a header field, or a one-line refusal (never inf/nan/"auto")."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ScanReadError(path, f"header field {key} = {text!r} is not a number") from None
+    if not math.isfinite(v) or v != int(v) or abs(v) > 2**62:
+        raise ScanReadError(path, f"header field {key} = {text!r} is not a usable whole number")
+    v = int(v)
+    if minimum is not None and v < minimum:
+        raise ScanReadError(path, f"header field {key} = {text!r} must be at least {minimum}")
+    return v
+
+
+def _read_header_text(path: Path) -> bytes:
+    data = _head(path, MAX_HEADER_BYTES + 1)
+    if not data and file_kind(path) != "file":
+        raise ScanReadError(path, f"is a {file_kind(path)}, not a regular file")
+    return data
 
 
 def _parse_metaimage_header(path: Path) -> tuple[dict, int]:
-    """MetaImage header fields and the header's byte length (for ``LOCAL`` data)."""
+    """MetaImage header fields and the header's byte length (for ``LOCAL`` data).
+
+    Reads up to `MAX_HEADER_BYTES`; the header ends at ``ElementDataFile`` (as in MetaIO).
+    A field spelled ``ElementDataFile`` in another case is refused, so that no reader can
+    take a data file name this check did not see."""
     fields: dict[str, str] = {}
-    with open(path, "rb") as f:
-        raw = f.read(1 << 16)
+    raw = _read_header_text(path)
     pos = 0
     for line in raw.splitlines(keepends=True):
         pos += len(line)
         text = line.decode("latin-1").strip()
         if "=" not in text:
-            if text:
-                break
             continue
         key, val = (t.strip() for t in text.split("=", 1))
+        if key.lower() == "elementdatafile":
+            if key != "ElementDataFile":
+                raise ScanReadError(path, f"header field {key!r} is not spelled ElementDataFile; refused")
+            fields[key] = val
+            return fields, pos
         fields[key] = val
-        if key == "ElementDataFile":
+        if pos > MAX_HEADER_BYTES:
             break
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ScanReadError(path, f"MetaImage header longer than {MAX_HEADER_BYTES} bytes without an "
+                                  "ElementDataFile field; refused")
     return fields, pos
 
 
-def _check_data_file_inside(header: Path, name: str, what: str = "data file") -> None:
-    """A header may name its data only inside its own folder (or below).
+def _check_data_file(header: Path, name: str, what: str = "data file") -> Path:
+    """A data file a header names: inside the header's folder (``..``, absolute paths and
+    symbolic links resolved) and a regular file; returns its path. Otherwise refused.
 
-    A downloaded header with ``ElementDataFile = ../../etc/passwd`` (or an absolute path)
-    would otherwise make the viewer read, show and export any file of the user's; such
-    headers are refused. (Symbolic links inside the folder are the user's own choice and
-    are followed.)
-    """
-    folder = os.path.normpath(os.path.abspath(header.parent))
-    target = os.path.normpath(os.path.join(folder, name))
-    try:
-        inside = os.path.commonpath([folder, target]) == folder
-    except ValueError:  # different drives (Windows)
-        inside = False
+    A downloaded header with ``ElementDataFile = ../../etc/passwd``, an absolute path or a
+    link to a file elsewhere would make the viewer read, show and export any file of the
+    user's; a FIFO or device would block or never end."""
+    if not name or "\x00" in name:
+        raise ScanReadError(header, f"{what} named in the header is empty or not a plain name")
+    inside, target = inside_folder(header.parent, name)
     if not inside:
         raise ScanReadError(
-            header, f"{what} '{name}' named in the header is outside the header's folder; refused "
-            "for safety (put the data file next to the header and name it without a folder)",
+            header, f"{what} '{name}' named in the header is outside the header's folder (it "
+            "resolves elsewhere, links followed); refused for safety (put the data file next "
+            "to the header and name it without a folder)",
         )
+    kind = file_kind(target)
+    if kind == "missing":
+        raise ScanReadError(header, f"{what} '{name}' named in the header does not exist")
+    if kind != "file":
+        raise ScanReadError(header, f"{what} '{name}' named in the header is a {kind}, not a regular file; refused")
+    return Path(target)
 
 
-def _metaimage_data_names(path: Path, datafile: str, header_len: int) -> list[str]:
+def _expand_pattern(header: Path, pattern: str, first: int, last: int, step: int, fmt: str) -> list[str]:
+    """File names of a printf-style slice pattern, or a refusal (bounded, integers only)."""
+    specs = list(_PATTERN_SPEC.finditer(pattern))
+    if pattern.count("%") != sum(m.group(0).count("%") for m in specs) or \
+            sum(m.group(1) != "%" for m in specs) != 1:
+        raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} must hold exactly one integer field "
+                                    "(%d, %03d...) and no other % conversions; refused")
+    if step == 0:
+        raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} has a step of 0")
+    count = (last - first) // step + 1
+    if count < 1 or count > MAX_DATA_FILES:
+        raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} from {first} to {last} step {step} "
+                                    f"names {max(count, 0)} files (1 to {MAX_DATA_FILES} allowed)")
+    return [pattern % i for i in range(first, first + count * step, step)]
+
+
+def _list_names(header: Path, data: bytes, fmt: str) -> list[str]:
+    names = [ln.strip() for ln in data.decode("latin-1").splitlines() if ln.strip()]
+    if len(names) > MAX_DATA_FILES:
+        raise ScanReadError(header, f"{fmt} LIST names {len(names)} files (at most {MAX_DATA_FILES})")
+    return names
+
+
+def _metaimage_data_names(path: Path, datafile: str, header_len: int, dims: list[int]) -> list[str]:
     """The file names a MetaImage header reads its data from (LIST, pattern or one file)."""
     if datafile.upper() == "LOCAL":
         return []
-    if datafile.upper().startswith("LIST"):
-        with open(path, "rb") as f:
-            f.seek(header_len)
-            rest = f.read(1 << 20).decode("latin-1", "replace")
-        return [tok for line in rest.splitlines() for tok in line.split()[:1]]
-    if " " in datafile:  # "slice%03d.raw 1 100 1"
-        return [datafile.split()[0]]
+    if datafile.startswith("LIST"):
+        data = _head(path, MAX_HEADER_BYTES + header_len + 1)
+        if len(data) > MAX_HEADER_BYTES + header_len:
+            raise ScanReadError(path, f"MetaImage LIST longer than {MAX_HEADER_BYTES} bytes; refused")
+        # MetaIO reads the names as words
+        return [w for ln in _list_names(path, data[header_len:], "MetaImage") for w in ln.split()]
+    if "%" in datafile:  # "slice%03d.raw [first [last [step]]]", as MetaIO reads it
+        words = datafile.split()
+        nums = [_header_int(path, "ElementDataFile", w) for w in words[1:4]]
+        first = nums[0] if len(nums) > 0 else 1
+        last = nums[1] if len(nums) > 1 else (dims[-1] if dims else 1)
+        step = nums[2] if len(nums) > 2 else 1
+        return _expand_pattern(path, words[0], first, last, step, "MetaImage")
     return [datafile]
+
+
+def _metaimage_dims(path: Path, fields: dict) -> list[int]:
+    words = fields["DimSize"].split()
+    if not words:
+        raise ScanReadError(path, "MetaImage DimSize is empty")
+    return [_header_int(path, "DimSize", w) for w in words]
 
 
 def _check_metaimage(path: Path):
@@ -390,47 +492,35 @@ def _check_metaimage(path: Path):
     for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
         if key not in fields:
             raise ScanReadError(path, f"not a valid MetaImage header: no '{key}' field")
-    for name in _metaimage_data_names(path, fields["ElementDataFile"], header_len):
-        _check_data_file_inside(path, name)
-    try:
-        dims = [int(float(v)) for v in fields["DimSize"].split()]
-    except ValueError:
-        raise ScanReadError(path, f"MetaImage DimSize {fields['DimSize']!r} is not a list of integers") from None
+    dims = _metaimage_dims(path, fields)
+    datafile = fields["ElementDataFile"]
+    names = _metaimage_data_names(path, datafile, header_len, dims)
+    data_paths = [_check_data_file(path, name) for name in names]
+    nchan = _header_int(path, "ElementNumberOfChannels", fields.get("ElementNumberOfChannels", "1"), 1)
+    skip = _header_int(path, "HeaderSize", fields.get("HeaderSize", "0"), -1)
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    csize = _header_int(path, "CompressedDataSize", fields.get("CompressedDataSize", "-1")) if compressed else -1
     etype = fields["ElementType"].upper()
     if etype in _MET_SIZES and dims and all(d > 0 for d in dims):
         # a header claiming more than memory allows is refused before anything else
-        try:
-            nchan0 = int(fields.get("ElementNumberOfChannels", "1"))
-        except ValueError:
-            nchan0 = 1
-        _check_size(path, dims, nchan0, _MET_SIZES[etype])
-    if fields.get("CompressedData", "False").lower() == "true":
-        _check_compressed_metaimage(path, fields, header_len)
+        _check_size(path, dims, nchan, _MET_SIZES[etype])
+    if compressed:
+        _check_compressed_metaimage(path, datafile, data_paths, csize, header_len)
         return
     if fields.get("BinaryData", "True").lower() == "false":
         return
-    etype = fields["ElementType"].upper()
     if etype not in _MET_SIZES:
         return
-    try:
-        nchan = int(fields.get("ElementNumberOfChannels", "1"))
-    except ValueError:
-        nchan = 1
     if any(d <= 0 for d in dims):
         raise ScanReadError(path, f"image has a zero-size dimension (DimSize {' '.join(map(str, dims))})")
     expected = math.prod(dims) * nchan * _MET_SIZES[etype]
-    datafile = fields["ElementDataFile"]
     if datafile.upper() == "LOCAL":
         avail = _file_size(path) - header_len
         source = "the file"
-    elif " " in datafile or datafile.upper().startswith("LIST"):
-        return  # a list/pattern of slice files: left to ITK
+    elif len(data_paths) != 1:
+        return  # a list/pattern of slice files, each checked above: sizes left to ITK
     else:
-        data_path = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
-        if not data_path.is_file():
-            raise ScanReadError(path, f"data file '{datafile}' named in the header does not exist")
-        avail = _file_size(data_path)
-        skip = int(float(fields.get("HeaderSize", "0")))
+        avail = _file_size(data_paths[0])
         if skip > 0:
             avail -= skip
         elif skip == 0 and avail > expected:
@@ -448,24 +538,16 @@ def _check_metaimage(path: Path):
         )
 
 
-def _check_compressed_metaimage(path: Path, fields: dict, header_len: int):
+def _check_compressed_metaimage(path: Path, datafile: str, data_paths: list, csize: int, header_len: int):
     """zlib-compressed MetaImage: the header states the compressed size; ITK does not check it."""
-    try:
-        csize = int(float(fields.get("CompressedDataSize", "-1")))
-    except ValueError:
-        return
-    datafile = fields.get("ElementDataFile", "")
     if csize <= 0:
         return
     if datafile.upper() == "LOCAL":
         avail, source = _file_size(path) - header_len, "the file"
-    elif " " in datafile or datafile.upper().startswith("LIST"):
+    elif len(data_paths) != 1:
         return
     else:
-        data_path = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
-        if not data_path.is_file():
-            raise ScanReadError(path, f"data file '{datafile}' named in the header does not exist")
-        avail, source = _file_size(data_path), f"'{datafile}'"
+        avail, source = _file_size(data_paths[0]), f"'{datafile}'"
     if avail < csize:
         raise ScanReadError(
             path, f"image data is truncated: {source} holds {max(avail, 0)} bytes of compressed data, "
@@ -485,7 +567,44 @@ def _gzip_payload_size(path: Path) -> int | None:
     return n
 
 
-def _check_nifti(path: Path):
+def _nifti_affines(head: bytes, order: str):
+    """(qform_code, qform 3x4, sform_code, sform 3x4) of a NIfTI-1 header, RAS millimetres."""
+    f4 = lambda off, n=1: np.frombuffer(head[off:off + 4 * n], order + "f4").astype(float)  # noqa: E731
+    qcode = int(np.frombuffer(head[252:254], order + "i2")[0])
+    scode = int(np.frombuffer(head[254:256], order + "i2")[0])
+    pixdim = f4(76, 8)
+    b, c, d = f4(256, 3)
+    qoff = f4(268, 3)
+    a2 = 1.0 - (b * b + c * c + d * d)
+    a = math.sqrt(a2) if a2 > 0 else 0.0
+    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    scale = np.array([pixdim[1], pixdim[2], pixdim[3] * qfac])
+    q = np.hstack([r * scale[None, :], qoff[:, None]])
+    s = np.vstack([f4(280, 4), f4(296, 4), f4(312, 4)])
+    return qcode, q, scode, s
+
+
+def _nifti_form_note(head: bytes, order: str) -> dict | None:
+    """When qform and sform are both set and disagree: their origins (LPS) for a warning."""
+    try:
+        qcode, q, scode, s = _nifti_affines(head, order)
+    except (ValueError, IndexError):
+        return None
+    if qcode <= 0 or scode <= 0 or not (np.all(np.isfinite(q)) and np.all(np.isfinite(s))):
+        return None
+    scale = max(float(np.abs(s[:, :3]).max()), 1e-6)
+    if np.allclose(q[:, :3], s[:, :3], atol=1e-3 * scale) and np.allclose(q[:, 3], s[:, 3], atol=0.1):
+        return None
+    lps = np.array([-1.0, -1.0, 1.0])
+    return {"qform_origin": (q[:, 3] * lps).tolist(), "sform_origin": (s[:, 3] * lps).tolist(),
+            "qform": q.tolist(), "sform": s.tolist()}
+
+
+def _check_nifti(path: Path) -> dict | None:
+    """Size and truncation checks before ITK reads; returns a note when qform and sform disagree."""
     gz = path.name.lower().endswith(".gz")
     if gz:
         try:
@@ -501,17 +620,21 @@ def _check_nifti(path: Path):
         if int(np.frombuffer(head[:4], order + "i4")[0]) == 348:
             break
     else:
-        return  # NIfTI-2 or unusual: left to ITK
+        return None  # NIfTI-2 or unusual: left to ITK
     dim = np.frombuffer(head[40:56], order + "i2").astype(int)
     bitpix = int(np.frombuffer(head[72:74], order + "i2")[0])
-    vox_offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+    vox = float(np.frombuffer(head[108:112], order + "f4")[0])
     nd = int(dim[0])
     if not 1 <= nd <= 7 or bitpix <= 0:
-        return
+        return None
+    if not math.isfinite(vox) or vox < 0 or vox > 2**40:
+        raise ScanReadError(path, f"NIfTI vox_offset {vox!r} is not a usable byte offset")
+    vox_offset = int(vox)
     dims = [int(d) for d in dim[1 : nd + 1]]
     if any(d <= 0 for d in dims):
         raise ScanReadError(path, f"image has a zero-size dimension (dim {dims})")
     _check_size(path, dims, 1, max(bitpix // 8, 1))
+    note = _nifti_form_note(head, order)
     expected = max(vox_offset, 348) + math.prod(dims) * bitpix // 8
     if gz:
         # The gzip trailer holds the uncompressed size (mod 2**32): a cheap first test;
@@ -520,7 +643,7 @@ def _check_nifti(path: Path):
             f.seek(-4, os.SEEK_END)
             isize = int.from_bytes(f.read(4), "little")
         if isize == expected % 2**32:
-            return
+            return note
         size = _gzip_payload_size(path)
         if size is None:
             raise ScanReadError(path, "image data is truncated: the gzip stream ends early or is corrupt")
@@ -529,37 +652,62 @@ def _check_nifti(path: Path):
                 path, f"image data is truncated: {size} bytes after decompression, the NIfTI header "
                 f"(dim {dims}, {bitpix} bits) needs {expected}",
             )
-        return
+        return note
     size = _file_size(path)
     if size < expected:
         raise ScanReadError(
             path, f"image data is truncated: file has {size} bytes, the NIfTI header (dim {dims}, "
             f"{bitpix} bits) needs {expected}",
         )
+    return note
+
+
+_NRRD_DATAFILE = re.compile(r"^\s*data\s*file\s*:(?!=)(.*)$", re.IGNORECASE)
 
 
 def _check_nrrd(path: Path):
-    head = _head(path, 1 << 14).decode("latin-1", "replace")
-    for line in head.splitlines():
-        low = line.lower()
-        if low.startswith(("data file:", "datafile:")):
-            name = line.split(":", 1)[1].strip()
-            if name.upper().startswith("LIST"):
-                after = head.split(line, 1)[1].splitlines()[1:]
-                for entry in after:
-                    if entry.strip():
-                        _check_data_file_inside(path, entry.strip())
-                return
-            if " " in name or "%" in name:
-                _check_data_file_inside(path, name.split()[0])
-                return
-            _check_data_file_inside(path, name)
-            data_path = Path(name) if os.path.isabs(name) else path.parent / name
-            if not data_path.is_file():
-                raise ScanReadError(path, f"data file '{name}' named in the header does not exist")
-            return
-        if not line.strip():
-            return
+    """Every ``data file`` field anywhere in the NRRD header (up to its blank line, at most
+    `MAX_HEADER_BYTES`): one name, a slice pattern or a LIST, each checked like MetaImage's."""
+    data = _read_header_text(path)
+    end = len(data)
+    for sep in (b"\n\n", b"\r\n\r\n"):
+        i = data.find(sep)
+        if i >= 0:
+            end = min(end, i)
+    if end == len(data) and len(data) > MAX_HEADER_BYTES:
+        raise ScanReadError(path, f"NRRD header longer than {MAX_HEADER_BYTES} bytes (no blank line "
+                                  "ends it); refused")
+    lines = data[:end].decode("latin-1").splitlines()
+    found = [(i, m.group(1).strip()) for i, ln in enumerate(lines) if (m := _NRRD_DATAFILE.match(ln))]
+    if len(found) > 1:
+        raise ScanReadError(path, f"NRRD header has {len(found)} 'data file' fields; refused")
+    if not found:
+        return
+    i, value = found[0]
+    words = value.split()
+    if words and words[0].upper() == "LIST":
+        if len(data) > MAX_HEADER_BYTES:
+            raise ScanReadError(path, f"NRRD LIST longer than {MAX_HEADER_BYTES} bytes; refused")
+        rest = "\n".join(data.decode("latin-1").splitlines()[i + 1:])
+        names = _list_names(path, rest.encode("latin-1"), "NRRD")
+    elif len(words) >= 4 and all(re.fullmatch(r"[-+]?\d+", w) for w in words[1:4]):
+        first, last, step = (int(w) for w in words[1:4])
+        names = _expand_pattern(path, words[0], first, last, step, "NRRD")
+    elif "%" in value:
+        raise ScanReadError(path, f"NRRD data file {value!r} looks like a slice pattern without "
+                                  "'<first> <last> <step>'; refused")
+    else:
+        names = [value]
+    for name in names:
+        _check_data_file(path, name)
+
+
+def _check_analyze(path: Path):
+    """Analyze 7.5 / NIfTI pair: the ``.hdr`` and the ``.img`` both inside the folder."""
+    hdr = _analyze_header(path)
+    for p in (path, hdr):
+        if p is not None:
+            _check_data_file(path, p.name, "file")
 
 
 # --------------------------------------------------------------------------- readers
@@ -573,7 +721,25 @@ def load_scan(path) -> Scan:
     while reading; what matters is in the error message or ``scan.warnings``.
     """
     with _quiet_itk():
-        return _load_scan(path)
+        try:
+            return _load_scan(path)
+        except ScanReadError:
+            raise
+        except MemoryError:
+            raise ScanReadError(_path_text(path), "not enough memory to read this scan") from None
+        except RecursionError:
+            raise ScanReadError(_path_text(path), "could not be read (nested too deeply)") from None
+        except (OSError, ValueError, OverflowError, TypeError, IndexError, KeyError, UnicodeError) as e:
+            # anything unforeseen is still one line naming the file, never a traceback
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ScanReadError(_path_text(path), f"could not be read ({type(e).__name__}: {why})") from None
+
+
+def _path_text(path) -> str:
+    try:
+        return os.fspath(path)
+    except TypeError:
+        return repr(path)
 
 
 @contextmanager
@@ -592,10 +758,13 @@ def _load_scan(path) -> Scan:
         p = Path(os.fspath(path))
     except TypeError:
         raise ScanReadError(repr(path), "expected a file or folder path") from None
-    if not p.exists():
+    kind = file_kind(p)
+    if kind == "missing":
         raise ScanReadError(p, "no such file or folder")
-    if p.is_dir():
+    if kind == "folder":
         return _load_dicom_folder(p)
+    if kind != "file":
+        raise ScanReadError(p, f"is a {kind}, not a regular file or a folder; refused")
     kind = _kind_from_name(p)
     if kind == "img":
         kind = _resolve_img(p)
@@ -657,6 +826,7 @@ def _check_info(p: Path, reader, warnings: list):
             "3D volume, not a time series or multi-volume file",
         )
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())
+    _check_pixel_type(p, pixel)
     _check_size(p, size, reader.GetNumberOfComponents(), _bytes_per_component(pixel))
     _check_spacing(p, reader.GetSpacing(), warnings)
     d = np.asarray(reader.GetDirection(), float)
@@ -668,6 +838,12 @@ def _check_info(p: Path, reader, warnings: list):
                 p, f"direction matrix {np.round(d, 4).tolist()} (x, y, z order) is singular: the "
                 "image axes are not independent",
             )
+
+
+def _check_pixel_type(p, pixel: str) -> None:
+    if "complex" in pixel.lower():
+        raise ScanReadError(p, f"voxels are complex numbers ({pixel}); a CT or radiograph has real "
+                               "values (the imaginary part would be lost); refused")
 
 
 def _execute(reader, p: Path, kind: str):
@@ -683,16 +859,32 @@ def _execute(reader, p: Path, kind: str):
 def _load_sitk_file(p: Path, kind: str) -> Scan:
     if kind == "metaimage":
         _check_metaimage(p)
-    elif kind == "nifti":
-        _check_nifti(p)
     elif kind == "nrrd":
         _check_nrrd(p)
+    elif kind == "analyze":
+        _check_analyze(p)
+    note = _check_nifti(p) if kind == "nifti" else None
     warnings: list[str] = []
     reader = _read_info(p, kind)
     _check_info(p, reader, warnings)
     img = _execute(reader, p, kind)
     meta = {"format": kind}
+    if note is not None:
+        _warn_forms(note, img, warnings, meta)
     return _scan_from_image(img, p, kind, warnings, meta, seriesuid=strip_image_suffix(p.name))
+
+
+def _warn_forms(note: dict, img, warnings: list, meta: dict) -> None:
+    """NIfTI qform and sform disagree: say so, and which one placed the image."""
+    origin = np.asarray(img.GetOrigin(), float)[:3]
+    q, s = np.asarray(note["qform_origin"]), np.asarray(note["sform_origin"])
+    used = "sform" if np.linalg.norm(origin - s) <= np.linalg.norm(origin - q) else "qform"
+    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+    warnings.append(
+        f"the NIfTI qform and sform disagree (origins {fmt(q)} vs {fmt(s)} mm, LPS x/y/z); the image "
+        f"is placed by the {used}: check its position before comparing with other software"
+    )
+    meta["nifti_forms"] = {**note, "used": used}
 
 
 def _load_jsrt(p: Path) -> Scan:
@@ -740,8 +932,70 @@ def _parse_floats(text: str | None) -> list[float] | None:
     return vals or None
 
 
-def _dicom_series_in(folder: Path, max_dirs: int = 500) -> list[tuple[Path, str, list[str]]]:
-    """All DICOM series in ``folder`` and below: (folder, series uid, files sorted by position)."""
+def _folder_files(root: Path, top: Path) -> tuple[list[str], list[str]]:
+    """(names of regular files in ``root`` that lie inside ``top``, notes on the entries left
+    out): FIFOs, devices, sockets, dangling links, link loops and links leading out of
+    ``top`` are never opened (a FIFO would block a reader forever)."""
+    good, skipped = [], []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return good, skipped
+    for e in entries:
+        try:
+            if e.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
+            pass
+        kind = file_kind(e.path)
+        if kind == "folder":
+            continue
+        if kind != "file":
+            skipped.append(f"{escape_text(e.name)} ({kind})")
+        elif e.is_symlink() and not inside_folder(top, os.path.relpath(e.path, top))[0]:
+            skipped.append(f"{escape_text(e.name)} (link out of the folder)")
+        else:
+            good.append(e.name)
+    return good, skipped
+
+
+@contextmanager
+def _gdcm_folder(root: Path, top: Path, skipped_out: list | None = None):
+    """A folder GDCM may scan for ``root``'s series, and a map back to ``root``'s files.
+
+    When ``root`` holds anything but plain files (see `_folder_files`), GDCM scans a
+    temporary folder of links to the plain files only; otherwise ``root`` itself."""
+    good, skipped = _folder_files(root, top)
+    if skipped_out is not None:
+        rel = os.path.relpath(root, top)
+        skipped_out.extend(s if rel == "." else f"{escape_text(rel)}/{s}" for s in skipped)
+    if not skipped:
+        yield str(root), (lambda name: name)
+        return
+    tmp = tempfile.mkdtemp(prefix="resmtnet-dicom-")
+    try:
+        for name in good:
+            os.symlink(os.path.realpath(os.path.join(root, name)), os.path.join(tmp, name))
+        yield tmp, (lambda name: os.path.join(str(root), os.path.basename(name)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gdcm_series_files(root: Path, uid: str, top: Path) -> list[str]:
+    """``GetGDCMSeriesFileNames(root, uid)`` that never opens a non-regular file."""
+    sitk = _sitk()
+    with _gdcm_folder(root, top) as (where, back):
+        try:
+            return [back(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(where, uid)]
+        except RuntimeError:
+            return []
+
+
+def _dicom_series_in(folder: Path, max_dirs: int = 500,
+                     skipped: list | None = None) -> list[tuple[Path, str, list[str]]]:
+    """All DICOM series in ``folder`` and below: (folder, series uid, files sorted by position).
+
+    Entries that are not plain files inside ``folder`` are left out and listed in ``skipped``."""
     sitk = _sitk()
     found = []
     ndirs = 0
@@ -752,21 +1006,24 @@ def _dicom_series_in(folder: Path, max_dirs: int = 500) -> list[tuple[Path, str,
             break
         if not files:
             continue
-        try:
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(root)
-        except RuntimeError:
-            continue
-        for uid in ids:
+        with _gdcm_folder(Path(root), folder, skipped) as (where, back):
             try:
-                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid)
+                ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(where)
             except RuntimeError:
                 continue
-            if names:
-                found.append((Path(root), uid, list(names)))
+            for uid in ids:
+                try:
+                    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(where, uid)
+                except RuntimeError:
+                    continue
+                if names:
+                    found.append((Path(root), uid, [back(n) for n in names]))
     return found
 
 
 def _looks_dicom(p: Path) -> bool:
+    if file_kind(p) != "file":
+        return False
     return p.name.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(_head(p, 132))
 
 
@@ -792,7 +1049,7 @@ def _dicom_files_outside_series(root: Path, series, max_files: int = 5000) -> li
     except OSError:
         return out
     for e in entries:
-        if not e.is_file() or e.name.upper() == "DICOMDIR":
+        if file_kind(e.path) != "file" or e.name.upper() == "DICOMDIR":
             continue
         if os.path.normcase(os.path.abspath(e.path)) in listed:
             continue
@@ -808,7 +1065,8 @@ def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
         raise ScanReadError(folder, f"cannot list the folder: {e.strerror or e}") from None
     if not entries:
         raise ScanReadError(folder, "folder is empty: expected a DICOM series")
-    series = _dicom_series_in(folder)
+    skipped: list[str] = []
+    series = _dicom_series_in(folder, skipped=skipped)
     if not series:
         n = _count_dicom_files(folder)
         if n:
@@ -820,12 +1078,16 @@ def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
     series.sort(key=lambda s: len(s[2]), reverse=True)
     root, uid, files = series[0]
     warnings: list[str] = []
+    if skipped:
+        listed = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.append(f"{len(skipped)} entries of the folder are not plain files inside it and were "
+                        f"not opened: {listed}")
     left_out = _dicom_files_outside_series(root, series)
     if left_out:
-        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        listed = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
         warnings.append(
-            f"{len(left_out)} DICOM file(s) in {root.name or root} are not part of any image series "
-            f"(damaged, without pixel data, or not images) and were left out: {shown}"
+            f"{len(left_out)} DICOM file(s) in {escape_text(root.name or str(root))} are not part of any "
+            f"image series (damaged, without pixel data, or not images) and were left out: {listed}"
         )
     if len(series) > 1:
         others = ", ".join(f"{u} ({len(f)} files)" for _, u, f in series[1:6])
@@ -844,6 +1106,7 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
     if len(size) == 3 and size[2] == 1:
         size[2] = len(files)
     pixel = sitk.GetPixelIDValueAsString(first.GetPixelIDValue())
+    _check_pixel_type(where, pixel)
     _check_size(where, size, first.GetNumberOfComponents(), max(_bytes_per_component(pixel), 2))
     modality = (_dicom_tag(first, "0008|0060") or "").upper()
     if len(files) > 1 and modality in _PROJECTION_MODALITIES:
@@ -864,6 +1127,9 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
         raise ScanReadError(where, f"cannot read the DICOM series {uid}: {_one_line_itk(e, where)}") from None
     except MemoryError:
         raise ScanReadError(where, "not enough memory to read the DICOM series") from None
+    kept = _one_orientation(where, reader, files, uid, warnings)
+    if kept is not None:  # slices of several orientations: read the largest group alone
+        return _read_dicom_files(where, kept, uid, warnings, opened_file)
     _check_spacing(where, img.GetSpacing(), warnings)
     _check_slice_positions(reader, len(files), img, warnings)
     series_uid = _dicom_tag(reader, "0020|000e", 0) or uid
@@ -878,6 +1144,39 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
     if opened_file is not None:
         meta["opened_file"] = str(opened_file)
     return _scan_from_image(img, where, "dicom", warnings, meta, seriesuid=series_uid)
+
+
+def _one_orientation(where: Path, reader, files: list[str], uid: str, warnings: list) -> list[str] | None:
+    """None when all slices share one orientation (Image Orientation (Patient)); else the
+    files of the largest orientation group, ordered along its own slice normal, with a
+    warning (axial and sagittal slices of one series must not be stacked into one volume)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(files)):
+        v = _parse_floats(_dicom_tag(reader, "0020|0037", i))
+        key = tuple(round(x, 2) + 0.0 for x in v) if v and len(v) == 6 else ()
+        groups.setdefault(key, []).append(i)
+    if len(groups) <= 1:
+        return None
+    ranked = sorted(groups.items(), key=lambda kv: len(kv[1]), reverse=True)
+    key, kept = ranked[0]
+    if len(kept) < 2 or len(kept) == len(ranked[1][1]) or not key:
+        raise ScanReadError(
+            where, f"the DICOM series {uid} mixes slices of {len(groups)} orientations "
+            f"({', '.join(str(len(v)) for _, v in ranked)} slices) and none is the majority; "
+            "refused (they cannot be stacked into one volume)",
+        )
+    normal = np.cross(np.asarray(key[:3]), np.asarray(key[3:]))
+
+    def position(i: int) -> float:
+        v = _parse_floats(_dicom_tag(reader, "0020|0032", i))
+        return float(np.dot(v, normal)) if v and len(v) == 3 else float(i)
+
+    kept = sorted(kept, key=position)
+    warnings.append(
+        f"the DICOM series {uid} mixes slices of {len(groups)} orientations; opened the {len(kept)} "
+        f"slices with orientation {list(key)}, left out {len(files) - len(kept)}"
+    )
+    return [files[i] for i in kept]
 
 
 def _check_slice_positions(reader, n: int, img, warnings: list):
@@ -912,13 +1211,9 @@ def _load_dicom_file(p: Path, warnings: list | None = None, path_for_scan: Path 
     single_slice = len(size) == 2 or (len(size) == 3 and size[2] == 1)
     if single_slice and modality in ("CT", "PT", "MR"):
         uid = _dicom_tag(reader, "0020|000e")
-        sitk = _sitk()
         names: list[str] = []
         if uid:
-            try:
-                names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p.parent), uid))
-            except RuntimeError:
-                names = []
+            names = _gdcm_series_files(p.parent, uid, p.parent)
         if len(names) > 1 and path_for_scan is None:
             warnings.append(
                 f"{p.name} is one slice of a {modality} series; opened the whole series "
@@ -960,32 +1255,47 @@ def default_cxr_spacing(shape) -> float:
 
 
 def _to_grey(img, p: Path, warnings: list):
-    """Vector (RGB/RGBA/grey+alpha) 2D image -> grey numpy array (y, x)."""
+    """Vector (RGB/RGBA/grey+alpha) 2D image -> grey numpy array (y, x).
+
+    Works on a view of ITK's buffer, in row blocks (at most `_GREY_BLOCK_BYTES` of float32
+    at a time), so that the peak memory is the decoded image plus its grey result."""
     sitk = _sitk()
-    arr = sitk.GetArrayFromImage(img)
-    nc = arr.shape[-1]
-    if nc in (3, 4):
-        rgb = arr[..., :3].astype(np.float32)
-        if np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 1], rgb[..., 2]):
-            grey = rgb[..., 0]
-            warnings.append(f"{'RGBA' if nc == 4 else 'RGB'} image with equal channels read as grey")
-        else:
-            grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luma
-            warnings.append(
-                f"colour ({'RGBA' if nc == 4 else 'RGB'}) image reduced to grey (luma 0.299 R + 0.587 G "
-                "+ 0.114 B); a radiograph is normally stored grey"
-            )
-        if nc == 4:
-            warnings[-1] += "; alpha channel ignored"
-    elif nc == 2:
-        grey = arr[..., 0].astype(np.float32)
-        warnings.append("grey + alpha image: alpha channel ignored")
-    else:
+    view = sitk.GetArrayViewFromImage(img)
+    nc = view.shape[-1]
+    if nc not in (2, 3, 4):
         raise ScanReadError(p, f"image has {nc} channels per pixel: expected grey, RGB or RGBA")
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        grey = np.clip(np.rint(grey), info.min, info.max).astype(arr.dtype)
-    return grey
+    dtype = view.dtype
+    is_int = np.issubdtype(dtype, np.integer)
+    out = np.empty(view.shape[:-1], dtype if is_int else np.float32)
+    rows = max(1, _GREY_BLOCK_BYTES // max(1, view.shape[1] * 4 * 4))
+    luma = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
+    equal = True
+    for r0 in range(0, view.shape[0], rows):
+        block = view[r0:r0 + rows]
+        if nc == 2:
+            out[r0:r0 + rows] = block[..., 0]
+            continue
+        rgb = block[..., :3].astype(np.float32)
+        same = np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 1], rgb[..., 2])
+        equal &= same
+        grey = rgb[..., 0] if same else rgb @ luma
+        if is_int:
+            info = np.iinfo(dtype)
+            grey = np.clip(np.rint(grey), info.min, info.max)
+        out[r0:r0 + rows] = grey
+    kind = "RGBA" if nc == 4 else "RGB"
+    if nc == 2:
+        warnings.append("grey + alpha image: alpha channel ignored")
+    elif equal:
+        warnings.append(f"{kind} image with equal channels read as grey")
+    else:
+        warnings.append(
+            f"colour ({kind}) image reduced to grey (luma 0.299 R + 0.587 G + 0.114 B); a "
+            "radiograph is normally stored grey"
+        )
+    if nc == 4:
+        warnings[-1] += "; alpha channel ignored"
+    return out
 
 
 def _orthonormal(d: np.ndarray, p: Path, warnings: list, tol: float = 1e-3) -> np.ndarray:
@@ -1019,6 +1329,11 @@ def _fix_nonfinite(arr: np.ndarray, p: Path, warnings: list) -> np.ndarray:
 
 
 def _ct_dtype(arr: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # values beyond float32 are refused by the caller
+        return _ct_dtype_(arr)
+
+
+def _ct_dtype_(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.int16 or arr.dtype == np.float32:
         return arr
     if np.issubdtype(arr.dtype, np.integer):
@@ -1029,6 +1344,11 @@ def _ct_dtype(arr: np.ndarray) -> np.ndarray:
 
 
 def _cxr_dtype(arr: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # values beyond float32 are refused by the caller
+        return _cxr_dtype_(arr)
+
+
+def _cxr_dtype_(arr: np.ndarray) -> np.ndarray:
     if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32):
         return arr
     if np.issubdtype(arr.dtype, np.integer) and arr.size:
@@ -1091,7 +1411,10 @@ def _scan_from_image(img, p: Path, kind: str, warnings: list, meta: dict, series
     spacing_a = spacing[::-1].copy()
     origin_a = origin[::-1].copy()
     direction_a = _orthonormal(direction[::-1, ::-1].copy(), p, warnings)
+    if np.iscomplexobj(arr):
+        _check_pixel_type(p, f"complex {arr.dtype}")
     arr = _fix_nonfinite(arr, p, warnings)
+    wide = arr.dtype.kind == "f" and arr.dtype.itemsize > 4
 
     if dim == 3:
         modality = "CT"
@@ -1107,6 +1430,9 @@ def _scan_from_image(img, p: Path, kind: str, warnings: list, meta: dict, series
                 meta["inverted"] = True
         arr = _cxr_dtype(arr)
         spacing_a = _cxr_spacing(arr.shape, spacing_a, kind, warnings, meta, dicom_spacing)
+    if wide and not np.all(np.isfinite(arr)):
+        raise ScanReadError(p, "voxel values exceed the float32 range (about +/-3.4e38) the plugin works "
+                               "in; refused rather than turned into infinities")
 
     return Scan(arr, tuple(spacing_a), tuple(origin_a), direction_a, modality,
                 path=str(p), seriesuid=seriesuid, warnings=warnings, metadata=meta)

@@ -26,6 +26,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .paths import OutputPathError, check_output, escape_text, shown
+
 PROG = "resmtnet predict"
 JSON_FORMAT = "resmtnet-predictions"
 
@@ -54,19 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    print(f"{PROG}: error: {escape_text(msg)}", file=sys.stderr)
     return 2
 
 
 def _one_line(exc: BaseException, where) -> str:
+    """One line for a failed input, naming it first; control characters escaped."""
     text = str(exc).strip()
-    text = text.splitlines()[0].strip() if text else type(exc).__name__
-    if str(where) not in text:
-        text = f"{where}: {text}"
+    text = escape_text(text.splitlines()[0].strip() if text else type(exc).__name__)
+    name = shown(where)
+    if name not in text:
+        text = f"{name}: {text}"
     return text
 
 
+def _interrupted(done: int, total: int) -> int:
+    print(f"{PROG}: interrupted after {done} of {total} scan(s); nothing written", file=sys.stderr)
+    return 130
+
+
 def main(argv=None) -> int:
+    """Exit status 0, 1 or 2 (see the epilog); 130 after Ctrl-C, with one line and no output
+    file written (partial temporary files are removed)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -85,10 +104,10 @@ def main(argv=None) -> int:
     for p in (out_csv, out_json):
         if p is None:
             continue
-        if p.is_dir():
-            return _fail(f"output {p} is a folder; give a file name")
-        if not (p.parent if str(p.parent) else Path(".")).is_dir():
-            return _fail(f"output folder {p.parent} does not exist")
+        try:  # a regular file or a new one in a writable folder; never a device, FIFO, folder
+            check_output(p)
+        except OutputPathError as e:
+            return _fail(f"output {e}")
     if out_json is not None and out_json.resolve() == out_csv.resolve():
         return _fail("--out and --json name the same file")
     if args.weights is not None:
@@ -138,11 +157,10 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
     scans_json: list[dict] = []
     failed: list[dict] = []
     n_rows = 0
-    interrupted = False
     bar = tqdm(args.inputs, desc=PROG, unit="scan", disable=True if args.quiet else None, file=sys.stderr)
     try:
         for inp in bar:
-            bar.set_postfix_str(Path(inp).name[-40:], refresh=False)
+            bar.set_postfix_str(shown(Path(inp).name)[-40:], refresh=False)
             try:
                 scan = load_scan(inp)
                 if not scan.seriesuid:
@@ -169,8 +187,8 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
                 failed.append({"input": str(inp), "error": line})
                 tqdm.write(f"{PROG}: skipped {line}", file=sys.stderr)
     except KeyboardInterrupt:
-        interrupted = True
-        tqdm.write(f"{PROG}: interrupted; writing the results so far", file=sys.stderr)
+        bar.close()
+        return _interrupted(len(scans_json), len(args.inputs))
     finally:
         bar.close()
 
@@ -190,20 +208,21 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
         try:
             files[out_json] = json.dumps(doc, indent=2, allow_nan=False) + "\n"
         except ValueError as e:
-            print(f"{PROG}: error: could not write {out_json}: {e}", file=sys.stderr)
+            print(f"{PROG}: error: could not write {shown(out_json)}: {e}", file=sys.stderr)
             return 1
     try:
         atomic_write_texts(files)
     except NoduleFileError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {escape_text(str(e))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the temporary files are gone; no output was replaced
+        return _interrupted(len(scans_json), len(args.inputs))
     done = len(scans_json)
-    summary = f"{done} of {len(args.inputs)} scan(s) done, {n_rows} nodule(s) at or above the threshold -> {out_csv}"
+    summary = (f"{done} of {len(args.inputs)} scan(s) done, {n_rows} nodule(s) at or above the threshold "
+               f"-> {shown(out_csv)}")
     if out_json is not None:
-        summary += f", {out_json}"
+        summary += f", {shown(out_json)}"
     if failed:
         summary += f"; {len(failed)} failed"
     print(summary)
-    if interrupted:
-        return 130
     return 1 if failed else 0
