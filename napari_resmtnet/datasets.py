@@ -72,6 +72,18 @@ class CubeRecord:
     extra: dict = field(default_factory=dict)
     ratings: np.ndarray | None = None  # (K,) LIDC rating of each nodule, NaN when unknown
     mask: np.ndarray | None = None     # (z, y, x) uint8 mask of the main nodule, when the data has one
+    direction: tuple = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK direction (x, y, z)
+
+    def extents(self) -> np.ndarray:
+        """(K, 3) per-axis extent (z, y, x) of each nodule in cube voxels (= mm at 1 mm): the
+        main nodule's from its mask's bounding box where the data has one, the others'
+        (and a main nodule without a mask) the annotated diameter on every axis. These are
+        the size targets of a per-axis size head (`ResMTNetConfig.size_per_axis`)."""
+        ext = np.repeat(np.asarray(self.diameters, np.float32).reshape(-1, 1), 3, axis=1)
+        e = mask_extent(self.mask) if self.mask is not None else None
+        if e is not None:
+            ext[self.main] = e
+        return ext
 
     @property
     def label(self) -> int:
@@ -90,7 +102,7 @@ class CubeRecord:
         if malignancy == "rating":
             ratings = self.ratings if self.ratings is not None else np.full(len(self.diameters), np.nan)
             mal = np.array([rating_to_score(r) for r in ratings], dtype=np.float32)
-        return {"centers": self.centers, "diameters": self.diameters, "malignant": mal}
+        return {"centers": self.centers, "diameters": self.diameters, "malignant": mal, "extents": self.extents()}
 
     def ignore_region(self, margin: float = 2.0) -> np.ndarray:
         """(z, y, x) uint8: balls around the nodules other than the main one (radius + margin),
@@ -114,9 +126,29 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-def _nodules_in_cube(world_xyz, origin_xyz, shape_zyx, spacing=CUBE_SPACING):
-    """World centres (K, 3 xyz) -> cube voxel centres (K, 3 zyx) and an inside mask."""
-    v_xyz = (np.asarray(world_xyz, float) - np.asarray(origin_xyz, float)) / spacing
+def mask_extent(mask) -> np.ndarray | None:
+    """(z, y, x) extent in voxels of the largest connected part of a binary mask (its bounding
+    box, end voxels included), or None for an empty mask."""
+    from scipy import ndimage
+
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return None
+    lab, n = ndimage.label(m)
+    if n > 1:
+        m = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    idx = np.nonzero(m)
+    return np.array([i.max() - i.min() + 1 for i in idx], np.float32)
+
+
+def _nodules_in_cube(world_xyz, origin_xyz, shape_zyx, spacing=CUBE_SPACING, direction=None):
+    """World centres (K, 3 xyz) -> cube voxel centres (K, 3 zyx) and an inside mask.
+
+    Through the cube's header: world = origin + D @ (spacing * index), so index =
+    D^T (world - origin) / spacing (D orthonormal). Cubes stored with a flipped direction
+    (-1, -1, 1) have their nodules at origin - index in x and y, not origin + index."""
+    D = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+    v_xyz = (np.asarray(world_xyz, float).reshape(-1, 3) - np.asarray(origin_xyz, float)) @ D / spacing
     v = v_xyz[:, ::-1]
     inside = ((v >= 0) & (v <= np.asarray(shape_zyx) - 1)).all(1)
     return v, inside
@@ -130,16 +162,19 @@ def _pad_to_cube(arr, n=int(CUBE_MM / CUBE_SPACING)):
 
 
 def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings):
-    """cubes: list of (name, uid, array, origin_xyz); nodules of the same series."""
+    """cubes: list of (name, uid, array, origin_xyz[, direction]); nodules of the same series."""
     out = []
-    for (name, uid, arr, origin), mi in zip(cubes, main_index):
-        v, inside = _nodules_in_cube(nodules_world, origin, arr.shape)
+    for cube, mi in zip(cubes, main_index):
+        name, uid, arr, origin = cube[:4]
+        direction = cube[4] if len(cube) > 4 else None
+        v, inside = _nodules_in_cube(nodules_world, origin, arr.shape, direction=direction)
         inside[mi] = True
         idx = np.nonzero(inside)[0]
         out.append(CubeRecord(
             name=name, seriesuid=uid, array=arr, centers=v[idx], diameters=diam[idx],
             malignant=labels[idx], main=int(np.nonzero(idx == mi)[0][0]), rating=ratings[mi],
             origin_xyz=tuple(origin), ratings=np.asarray(ratings, float)[idx],
+            direction=tuple(direction) if direction is not None else CubeRecord.direction,
         ))
     return out
 
@@ -168,7 +203,7 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
         for r in rs:
             img = sitk.ReadImage(str(root / "images" / r["cube"]))
             arr = _pad_to_cube(sitk.GetArrayFromImage(img).astype(np.int16))
-            cubes.append((r["cube"], uid, arr, img.GetOrigin()))
+            cubes.append((r["cube"], uid, arr, img.GetOrigin(), img.GetDirection()))
             mpath = root / "masks" / r["cube"].replace("_dcm_", "_seg_")
             m = None
             if mpath.exists():
