@@ -63,8 +63,10 @@ LUNG_HU = -400.0
 MIN_THORAX_FOV_MM = 150.0
 #: ... and a lung volume in this range (mL).
 LUNG_VOLUME_ML = (200.0, 15000.0)
-#: Dilation of the lung mask (mm), so that juxta-pleural nodules are kept.
-LUNG_DILATION_MM = 20.0
+#: In-plane closing of the lung mask (mm): fills the dent a juxta-pleural nodule makes.
+LUNG_CLOSING_MM = 12.0
+#: Margin around the closed lung mask (mm): a candidate touching the pleura keeps its centre in.
+LUNG_MARGIN_MM = 4.0
 
 #: Per modality: largest window side (model voxels), overlap between neighbouring windows
 #: (voxels), windows per batch on CPU / GPU. Large windows: on a CPU the network runs about
@@ -162,7 +164,15 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     """Lung mask on a coarse 3D grid of HU values, or None where the scan does not show a
     whole thorax; returns (mask or None, info dict with ``used``, ``reason``, ``volume_ml``).
     ``axial_axis``: the array axis closest to the patient's head-feet axis; air touching the
-    faces of the two other axes is outside air."""
+    faces of the two other axes is outside air.
+
+    The mask follows the pleura: air-filled lung (< ``LUNG_HU``), holes filled in 3D and on
+    every axial slice (vessels, nodules inside the lung), closed on each axial slice with a
+    disc of ``LUNG_CLOSING_MM`` (a juxta-pleural nodule is a dent in the lung's outline that
+    the closing fills), then grown by ``LUNG_MARGIN_MM`` so that a nodule touching the pleura
+    keeps its centre inside. The mediastinum, heart, great vessels, chest wall and the air
+    outside the body stay outside. All steps are 2D per slice or 3D labelling on the coarse
+    grid, which keeps the mask robust on thick slices and cheap (~0.1 s on a whole chest)."""
     from scipy import ndimage
     from skimage import measure
 
@@ -199,11 +209,36 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     lung = np.isin(lab, keep)
     del lab
     lung = ndimage.binary_fill_holes(lung)
-    dist = ndimage.distance_transform_edt(~lung, sampling=cell_mm)
-    mask = dist <= LUNG_DILATION_MM
+    # per axial slice: fill holes, close with a disc (juxta-pleural dents), grow by the margin
+    lung = np.moveaxis(lung, axial_axis, 0)
+    plane_mm = [cell_mm[a] for a in range(3) if a != axial_axis]
+    disc = _disc(LUNG_CLOSING_MM, plane_mm)
+    pad = max(disc.shape)
+    out = np.empty_like(lung)
+    for k in range(lung.shape[0]):
+        sl = lung[k]
+        if not sl.any():
+            out[k] = sl
+            continue
+        sl = ndimage.binary_fill_holes(sl)
+        sl = ndimage.binary_closing(np.pad(sl, pad), disc)[pad:-pad, pad:-pad]
+        out[k] = ndimage.binary_fill_holes(sl)
+    lung = np.moveaxis(out, 0, axial_axis)
+    if LUNG_MARGIN_MM > 0:
+        dist = ndimage.distance_transform_edt(~lung, sampling=cell_mm)
+        lung = dist <= LUNG_MARGIN_MM
     info["used"] = True
-    info["reason"] = f"lung mask ({vol:.0f} mL), dilated {LUNG_DILATION_MM:.0f} mm"
-    return mask, info
+    info["reason"] = (f"lung mask ({vol:.0f} mL), closed {LUNG_CLOSING_MM:.0f} mm in-plane, "
+                      f"margin {LUNG_MARGIN_MM:.0f} mm")
+    info["mask_ml"] = round(float(lung.sum()) * cell_ml, 1)
+    return lung, info
+
+
+def _disc(radius_mm: float, spacing_mm) -> np.ndarray:
+    """2D disc structuring element of ``radius_mm`` on a grid of ``spacing_mm`` (2 values)."""
+    r = [max(1, int(np.floor(radius_mm / s))) for s in spacing_mm]
+    yy, xx = np.mgrid[-r[0] : r[0] + 1, -r[1] : r[1] + 1]
+    return (yy * spacing_mm[0]) ** 2 + (xx * spacing_mm[1]) ** 2 <= radius_mm**2 + 1e-6
 
 
 # --- SimpleITK helpers ---------------------------------------------------------------------
@@ -301,7 +336,8 @@ class Predictor:
     def __init__(self, modality: str = "CT", weights=None, device="auto", model=None, info=None,
                  window: int | None = None, overlap: int | None = None, batch_size: int | None = None,
                  sha256: str | None = None, lung_mask: bool = True, score_floor: float = 0.05,
-                 max_detections: int = 100, nms_iou: float = 0.1, threads: int | None = None):
+                 max_detections: int = 100, nms_iou: float = 0.1, threads: int | None = None,
+                 detector_only: bool = False):
         m = str(modality).upper()
         if m not in DEFAULTS:
             raise PredictionError(f"modality must be 'CT' or 'CXR', got {modality!r}")
@@ -344,6 +380,8 @@ class Predictor:
         if threads is not None and int(threads) < 1:
             raise PredictionError(f"threads must be at least 1, got {threads}")
         self.threads = None if threads is None else int(threads)
+        cfg = getattr(self.model, "config", None)
+        self.second_stage = bool(getattr(cfg, "fpr", False)) and not detector_only
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -380,12 +418,12 @@ class Predictor:
 
         t = time.perf_counter()
         maps, win_info = self._run_windows(vol, mask, report, cancel)
-        del vol
         timings["network"] = time.perf_counter() - t
 
         t = time.perf_counter()
         report(0.95, "postprocessing")
-        det = self._postprocess(maps, mask, scan, to_scan)
+        det = self._postprocess(maps, mask, scan, to_scan, vol)
+        del vol
         timings["postprocessing"] = time.perf_counter() - t
         det.meta.update({
             "model_info": self.model_info,
@@ -512,7 +550,8 @@ class Predictor:
             todo.append((start, core))
         maps = {
             "heatmap": torch.full((1, 1, *cells), -1e4, dtype=torch.float32),
-            "size": torch.zeros((1, 1, *cells), dtype=torch.float32),
+            "size": torch.zeros((1, nd if getattr(getattr(self.model, "config", None), "size_per_axis", False) else 1,
+                                 *cells), dtype=torch.float32),
             "offset": torch.zeros((1, nd, *cells), dtype=torch.float32),
             "malignancy": torch.zeros((1, 1, *cells), dtype=torch.float32),
         }
@@ -548,7 +587,7 @@ class Predictor:
                 report(0.1 + 0.85 * done / max(1, len(todo)), "network")
         return maps, info
 
-    def _postprocess(self, maps, mask, scan, to_scan) -> Detections:
+    def _postprocess(self, maps, mask, scan, to_scan, vol=None) -> Detections:
         import torch
 
         from . import boxes as B
@@ -559,9 +598,19 @@ class Predictor:
         floor = min(self.score_floor, self.threshold)
         dets = decode(maps, score_floor=floor, max_detections=max(200, 2 * self.max_detections))[0]
         bx, sc, mal = dets["boxes"], dets["scores"], dets["malignancy"]
+        stages = {}
         if len(bx):
-            keep = B.nms(bx, sc, self.nms_iou)[: self.max_detections]
+            keep = B.nms(bx, sc, self.nms_iou)[: (2 if self.second_stage else 1) * self.max_detections]
             bx, sc, mal = bx[keep], sc[keep], mal[keep]
+        if self.second_stage and len(bx) and vol is not None:
+            centres = ((bx[:, : self.ndim] + bx[:, self.ndim :]) / 2).double().numpy()
+            with _torch_threads(self.threads):
+                p_fpr = self.model.rescore(vol, centres).float()
+            p = self.model.combine(sc.float(), p_fpr)
+            order = torch.argsort(p, descending=True)
+            order = order[p[order] >= floor][: self.max_detections]
+            stages = {"detector": sc[order].tolist(), "second_stage": p_fpr[order].tolist()}
+            bx, sc, mal = bx[order], p[order], mal[order]
         bx = bx.double().numpy().reshape(-1, 2 * self.ndim)
         if len(bx):
             # model voxel k -> scan voxel a * k + b: the model grid shares the scan's origin
@@ -569,7 +618,7 @@ class Predictor:
             a, b = to_scan
             centres, sizes = B.boxes_to_centers_sizes(bx)
             bx = B.centers_sizes_to_boxes(centres * a + b, sizes * a)
-        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {})
+        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {})
 
 
 def sitk_view(img):

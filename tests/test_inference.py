@@ -162,7 +162,7 @@ def test_whole_scan_lung_mask_restricts_and_skips_windows():
     assert 300 < det.meta["lung_mask"]["volume_ml"] < 500
     win = det.meta["windows"]
     (z0, z1), grid_z = win["region"][0], win["grid"][0]
-    assert z0 >= 20 and z1 == grid_z  # the abdomen below the lungs is not searched
+    assert z0 >= 20 and grid_z - 12 <= z1 <= grid_z  # the abdomen below the lungs is not searched
     assert len(found) == 1 and np.linalg.norm(found[0] - np.array(IN_LUNG)) <= 1.0
 
     everywhere = ct_predictor(window=96, overlap=16, lung_mask=False).predict(scan).above(0.5).centers_world()
