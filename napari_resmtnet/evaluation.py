@@ -163,10 +163,14 @@ def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool 
                 x = torch.from_numpy(np.stack([r.model_input() for r in chunk]))[:, None]
             maps = model.forward_maps(x)
             dets = decode(maps, score_floor=0.01, max_detections=50)
+            second = bool(getattr(model.config, "fpr", False))
             for b, d in enumerate(dets):
                 nd = x.dim() - 2
                 rec = chunk[b]
                 c = ((d["boxes"][:, :nd] + d["boxes"][:, nd:]) / 2).numpy()
+                sizes = (d["boxes"][:, nd:] - d["boxes"][:, :nd]).numpy()
+                if second and len(c):  # the second stage re-scores every candidate, as the Predictor does
+                    d["scores"] = model.combine(d["scores"], model.rescore(x[b, 0], c))
                 mal = d["malignancy"].numpy().copy()
                 mal_map = torch.sigmoid(maps["malignancy"][b, 0]).numpy()
                 truth = rec.centers[rec.main] if len(rec.centers) else None
@@ -179,7 +183,7 @@ def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool 
                         mal[sel] = probs[: len(sel)]
                         if truth is not None:
                             mal_truth = float(probs[-1])
-                outs.append({"centres": c, "scores": d["scores"].numpy(), "malignancy": mal,
+                outs.append({"centres": c, "sizes": sizes, "scores": d["scores"].numpy(), "malignancy": mal,
                              "mal_map": mal_map, "mal_truth": mal_truth})
     return outs
 
@@ -195,12 +199,7 @@ def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: floa
     res: dict = {"n_images": len(records)}
     labelled = [(k, r) for k, r in enumerate(records) if r.label in (0, 1)]
     if cfg_net.get("detection", True):
-        per_image, n_truth = [], 0
-        for r, o in zip(records, outs):
-            sp = _spacing(r)
-            m = match_detections(o["centres"] * sp, o["scores"], r.centers * sp, np.asarray(r.diameters) * sp)
-            per_image.append((o["scores"], m))
-            n_truth += len(r.centers)
+        per_image, n_truth = _per_image(records, outs)
         fr = froc(per_image, n_truth)
         if threshold is None:
             threshold = threshold_at_fp(fr, 0.25)
@@ -208,6 +207,7 @@ def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: floa
         res["detection"]["n_nodules"] = n_truth
         res["detection"]["operating_point"] = detection_f1(per_image, n_truth, threshold)
         res["threshold"] = threshold
+        res["detection"]["sizes"] = size_errors(records, outs, per_image, threshold)
         if cfg_net.get("malignancy", True):
             ys, ps, n_missed = [], [], 0
             for k, r in labelled:
@@ -227,6 +227,29 @@ def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: floa
         res["malignancy"] = malignancy_metrics(ys, ps)
         res["malignancy"]["read_at"] = "true nodule centres (no detection head)"
     return res
+
+
+def size_errors(records, outs, per_image, threshold: float) -> dict:
+    """Box size against the truth for each main nodule detected at ``threshold``: relative
+    error of the diameter (mean of the box's extents, as the nodule table shows it) against
+    the annotated diameter, and per-axis error (mm) against the extent of the nodule's mask."""
+    rel, axis_err = [], []
+    for r, o, (s, m) in zip(records, outs, per_image):
+        if not hasattr(r, "extents"):  # radiographs: no masks, no per-axis truth
+            continue
+        hit = np.nonzero((m == r.main) & (s >= threshold))[0]
+        if not len(hit):
+            continue
+        k = hit[np.argmax(s[hit])]
+        sz = np.asarray(o["sizes"][k], float) * _spacing(r)
+        rel.append(abs(sz.mean() - r.diameter) / r.diameter)
+        ext = r.extents()[r.main] if hasattr(r, "extents") else None
+        if ext is not None and r.mask is not None:
+            axis_err.append(np.abs(sz - ext))
+    ae = np.asarray(axis_err).reshape(-1, 3) if axis_err else np.zeros((0, 3))
+    return {"n": len(rel), "median_rel_diameter_error": float(np.median(rel)) if rel else float("nan"),
+            "within_20pct": float(np.mean(np.asarray(rel) <= 0.2)) if rel else float("nan"),
+            "median_abs_extent_error_mm_zyx": np.median(ae, 0).round(2).tolist() if len(ae) else []}
 
 
 def thick_slices(record, slice_mm: float):
@@ -280,7 +303,43 @@ def markdown_table(result: dict) -> str:
                 f"{_fmt(dr['accuracy'], True)} | {_fmt(dr['auc'])} | {dr['n']} |")
     rows.append(f"| majority class ({b['majority_class']['predicts']}) | – | – | – | – | – | – | – | – | – | "
                 f"{_fmt(b['majority_class']['accuracy'], True)} | – | – |")
+    ws = [(name, r["whole_scans"]) for name, r in result["models"].items() if r.get("whole_scans")]
+    if ws:
+        rows += ["", "| model | whole scan | split | lesions found | other detections | best hit (rank, score) | "
+                 "box size x/y/z mm (lesion) |", "|---|---|---|---|---|---|---|"]
+        for name, w in ws:
+            thr = result["models"][name]["threshold"]
+            for part in ("val", "test"):
+                if not w.get(part):
+                    continue
+                for f, e in w[part]["scans"].items():
+                    at = e.get(f"at_{thr:.4f}", {})
+                    bh = e.get("best_hit")
+                    rows.append(f"| {name} | {f} | {part} | {at.get('found', 0)}/{e['n_lesions']} | {at.get('other', 0)} | "
+                                + (f"{bh['rank']}, {bh['score']:.3f} | {'/'.join(f'{v:g}' for v in bh['size_xyz_mm'])} "
+                                   f"({'/'.join(f'{v:g}' for v in bh['lesion_size_xyz_mm'])}) |" if bh else "– | – |"))
+            fr = w["val"]["froc_per_scan"]
+            rows.append(f"| {name} | FROC per scan (val, {fr['n_lesions']} lesions in {fr['n_scans']} scans) | | "
+                        + " / ".join(f"{s:.2f}@{r:g}" for s, r in zip(fr["sensitivity"], fr["fp_rates"])) + " | | | |")
     return "\n".join(rows) + "\n"
+
+
+def _scans_dir(scans, cube_data):
+    """The whole-scan folder: given, else ``ct_scans`` beside the cube folder, else None."""
+    if scans:
+        return Path(scans)
+    p = Path(cube_data).parent / "ct_scans"
+    return p if (p / "scans.csv").exists() else None
+
+
+def _per_image(records, outs):
+    per_image, n_truth = [], 0
+    for r, o in zip(records, outs):
+        sp = _spacing(r)
+        per_image.append((o["scores"], match_detections(o["centres"] * sp, o["scores"], r.centers * sp,
+                                                         np.asarray(r.diameters) * sp)))
+        n_truth += len(r.centers)
+    return per_image, n_truth
 
 
 def _load_val(ck, data, modality):
@@ -292,7 +351,48 @@ def _load_val(ck, data, modality):
     return [r for r in records if r.seriesuid in train], [r for r in records if r.seriesuid in val]
 
 
-def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, slice_mm=None) -> dict:
+def choose_threshold(cube_per_image, n_truth: int, scan_result: dict, max_fp_per_scan: float = 1.0,
+                     min_sensitivity: float = 0.90) -> dict:
+    """The operating point: the lowest threshold at which the whole validation scans have at
+    most ``max_fp_per_scan`` false positives per scan, provided the validation cubes keep a
+    sensitivity of at least ``min_sensitivity`` there; otherwise the highest threshold that
+    keeps that sensitivity (and the per-scan target is reported as missed)."""
+    from .wholescan import fp_per_scan_at
+
+    cands = np.unique(np.concatenate([np.asarray(scan_result["curve"]["scores"], float),
+                                      np.concatenate([s for s, _ in cube_per_image]) if cube_per_image else []]))
+    cands = cands[(cands >= 0.05) & (cands < 1.0)]
+    best = None
+    for t in np.sort(cands):
+        if fp_per_scan_at(scan_result, t) <= max_fp_per_scan:
+            best = float(t)
+            break
+    sens = (lambda t: detection_f1(cube_per_image, n_truth, t)["recall"])
+    if best is not None and sens(best) >= min_sensitivity:
+        return {"threshold": best, "rule": f"lowest threshold with <= {max_fp_per_scan:g} false positives per whole "
+                f"validation scan", "cube_sensitivity": sens(best), "fp_per_scan": fp_per_scan_at(scan_result, best),
+                "met": True}
+    ok = [float(t) for t in np.sort(cands) if sens(t) >= min_sensitivity]
+    t = ok[-1] if ok else 0.05
+    return {"threshold": t, "rule": f"highest threshold keeping cube sensitivity >= {min_sensitivity:g} (the "
+            f"<= {max_fp_per_scan:g} FP per scan target is not reachable there)", "cube_sensitivity": sens(t),
+            "fp_per_scan": fp_per_scan_at(scan_result, t), "met": False}
+
+
+def evaluate_whole_scans(model, info: dict, split: dict, scans_dir, threshold: float, splits=("val", "test")) -> dict:
+    """Per-scan false positives and lesions found on the whole validation (and test) scans."""
+    from .inference import Predictor
+    from .wholescan import evaluate_scans, whole_scans
+
+    scans = whole_scans(scans_dir, split, splits=splits)
+    pred = Predictor("CT", model=model, info={**info, "threshold": threshold}, device="cpu")
+    val = evaluate_scans(pred, [s for s in scans if s.split == "val"], thresholds=[threshold])
+    test = evaluate_scans(pred, [s for s in scans if s.split == "test"], thresholds=[threshold]) if "test" in splits else None
+    return {"val": val, "test": test}
+
+
+def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, slice_mm=None, scans=None,
+             choose: bool = False) -> dict:
     from .weights import build_model, bundled_entry, load_checkpoint, sha256_of
 
     entries = []
@@ -318,6 +418,19 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, s
         r = evaluate_model(model, ck["network"], val_recs, modality, threshold=threshold if threshold is not None else thr,
                            tta=bool(tta))
         r["malignancy_tta"] = bool(tta)
+        scans_dir = _scans_dir(scans, data or first["train_config"]["data"]) if modality == "CT" and not slice_mm else None
+        if scans_dir is not None:
+            info = {"name": ck.get("name"), "version": ck.get("version"), "sha256": ck["sha256"],
+                    "spacing_mm": ck.get("spacing_mm", 1.0)}
+            if choose:
+                ws = evaluate_whole_scans(model, info, ck["split"], scans_dir, r["threshold"], splits=("val",))
+                outs = model_outputs(model, val_recs, modality)
+                per_image, n_truth = _per_image(val_recs, outs)
+                op = choose_threshold(per_image, n_truth, ws["val"])
+                r = evaluate_model(model, ck["network"], val_recs, modality, threshold=op["threshold"], tta=bool(tta))
+                r["malignancy_tta"] = bool(tta)
+                r["operating_point_choice"] = op
+            r["whole_scans"] = evaluate_whole_scans(model, info, ck["split"], scans_dir, r["threshold"])
         r["weights"] = {"path": ck["path"], "sha256": ck["sha256"]}
         result["models"][name] = r
     result["baselines"] = baselines(train_recs, val_recs)
@@ -334,11 +447,15 @@ def main(argv=None) -> int:
                    help="flip-averaged malignancy at each detection (an analysis; the plugin does not use it)")
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--slice-mm", type=float, help="CT: evaluate on the validation cubes re-sampled through this slice thickness")
+    p.add_argument("--scans", help="CT: folder of whole scans (default: ct_scans beside the cube folder, if present)")
+    p.add_argument("--choose-threshold", action="store_true",
+                   help="CT: choose the operating point on the whole validation scans (<= 1 FP per scan, cube "
+                        "sensitivity >= 0.90) instead of using the recorded one")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--markdown", help="write the Markdown table here")
     a = p.parse_args(argv)
     try:
-        res = evaluate(a.weights, a.modality, a.data, a.threshold, a.tta, a.slice_mm)
+        res = evaluate(a.weights, a.modality, a.data, a.threshold, a.tta, a.slice_mm, a.scans, a.choose_threshold)
     except Exception as e:  # report any failure as one line: this is a command-line edge
         print(f"resmtnet-evaluate: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

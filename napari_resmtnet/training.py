@@ -30,6 +30,25 @@ from .transforms import AugmentConfig, augment_batch, normalize_ct
 WEIGHTS_FORMAT = "resmtnet-weights/1"
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
+
+
+def _read_config(path: Path, depth: int = 0) -> dict:
+    """A JSON config; ``"base": "other.json"`` (beside it) names the config it refines: the
+    base is read first and this file's keys override it (nested dicts key by key)."""
+    d = json.loads(path.read_text())
+    base = d.pop("base", None)
+    if base:
+        if depth > 4:
+            raise ValueError(f"{path}: 'base' chain deeper than 4 configs")
+        d = _merge(_read_config(path.parent / base, depth + 1), d)
+    return d
+
+
 @dataclass
 class TrainConfig:
     name: str = "resmtnet-ct"
@@ -52,10 +71,16 @@ class TrainConfig:
     malignancy_target: str = "binary"  # CT: "binary" (LIDC 1-2 vs 4-5) or "rating" (soft (r-1)/4)
     network: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
+    # CT: hard negatives from whole training scans: {"scans": folder, "fraction": share of each
+    # batch, "mine": weights whose candidates are mined ("bundled" or a path; "" none)}
+    negatives: dict = field(default_factory=dict)
+    # second stage: {"steps", "batch_size", "lr", "floor", "pos_fraction"} trains only the
+    # candidate classifier of an ``init`` model (see `train_fpr`); {} trains the detector
+    fpr: dict = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path, overrides=()):
-        d = json.loads(Path(path).read_text())
+        d = _read_config(Path(path))
         for ov in overrides:
             key, _, val = ov.partition("=")
             try:
@@ -113,19 +138,91 @@ def split_records(records, cfg: TrainConfig):
     return [r for r in records if r.seriesuid in tr], [r for r in records if r.seriesuid in va], train_uids, val_uids
 
 
-def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator, context=None):
-    """Normalised, augmented training batch: (N, 1, *crop) tensor and target dicts."""
+def negative_context(cfg: TrainConfig, split: dict):
+    """Whole training scans with hard-negative crop centres (``cfg.negatives``), or None."""
+    neg = cfg.negatives or {}
+    if cfg.modality != "CT" or not neg.get("scans") or not neg.get("fraction"):
+        return None
+    from . import wholescan
+
+    scans = wholescan.whole_scans(neg["scans"], split, splits=("train",))
+    if not scans:
+        raise RuntimeError(f"{neg['scans']}: no whole training scans found for hard negatives")
+    mined = None
+    if neg.get("mine"):
+        from .inference import Predictor
+        from .weights import sha256_of
+
+        w = None if neg["mine"] == "bundled" else neg["mine"]
+        pred = Predictor("CT", weights=w, sha256=None if w is None else sha256_of(w), score_floor=0.05,
+                         max_detections=300)
+        mined = wholescan.mine_candidates(pred, scans)
+    return wholescan.negative_pool(scans, cfg.spacing_mm, mined, seed=cfg.seed)
+
+
+def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator, context=None, negatives=None):
+    """Normalised, augmented training batch: (N, 1, *crop) tensor and target dicts. With
+    ``negatives`` (see `negative_context`) a share ``cfg.negatives["fraction"]`` of the batch is
+    replaced by crops of whole training scans around hard-negative points (labelled lesions in
+    a crop stay positives)."""
     if cfg.modality == "CXR":
         from .cxr_data import make_cxr_batch
 
         return make_cxr_batch(records, cfg, aug, g, context)
-    imgs = torch.from_numpy(np.stack([normalize_ct(r.array) for r in records]))[:, None]
+    arrays = [r.array for r in records]
     centres = [r.centers[r.main] for r in records]
     targets = [r.target(cfg.malignancy_target) for r in records]
+    replaced = set()
+    if negatives:
+        from .wholescan import negative_crop
+
+        n_neg = int(round(float(cfg.negatives.get("fraction", 0)) * len(records)))
+        for k in range(len(records) - n_neg, len(records)):
+            neg = negatives[int(torch.randint(len(negatives), (), generator=g))]
+            if not len(neg.points):
+                continue
+            pt = neg.points[int(torch.randint(len(neg.points), (), generator=g))]
+            crop, lc, le = negative_crop(neg, pt, records[k].array.shape[0])
+            arrays[k] = crop
+            replaced.add(k)
+            centres[k] = np.full(3, (crop.shape[0] - 1) / 2)
+            d = le.mean(1) if len(le) else np.zeros(0)
+            targets[k] = {"centers": lc, "diameters": d, "malignant": -np.ones(len(lc), np.float32), "extents": le}
+    imgs = torch.from_numpy(np.stack([normalize_ct(a) for a in arrays]))[:, None]
     aux = None
     if cfg.network_config().segmentation:
-        aux = [{"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None else None for r in records]
+        aux = [{"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None and k not in replaced else None
+               for k, r in enumerate(records)]
     return augment_batch(imgs, targets, aug, g, "CT", centers=centres, aux=aux)
+
+
+#: Network settings a fine-tune may add to its base: their new parameters start fresh (the
+#: per-axis size head from the base's one-channel head, repeated per axis).
+GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight")
+
+
+def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str = "init") -> list[str]:
+    """Load ``init``'s weights into ``model``; the two configs may differ only in `GROWABLE`
+    settings. Returns the names of the parameters that start fresh."""
+    base = ResMTNetConfig.from_dict(init["network"]).to_dict()  # defaults filled in
+    new = net_cfg.to_dict()
+    diff = sorted(k for k in new if base.get(k) != new[k] and k not in GROWABLE)
+    if diff:
+        raise RuntimeError(f"{name}: its network config differs from this config's network in {diff}")
+    own = model.state_dict()
+    fresh = []
+    for k, v in own.items():
+        w = init["state_dict"].get(k)
+        if w is None:
+            fresh.append(k)
+        elif w.shape == v.shape:
+            own[k] = w
+        elif k.startswith("size.") and w.shape[0] == 1:  # one diameter -> one extent per axis
+            own[k] = w.expand(v.shape).clone()
+        else:
+            raise RuntimeError(f"{name}: parameter {k} has shape {tuple(w.shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(own)
+    return fresh
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -188,12 +285,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.init:
         from .weights import load_checkpoint, sha256_of
 
-        init = load_checkpoint(cfg.init, sha256_of(cfg.init))
-        if ResMTNetConfig.from_dict(init["network"]).to_dict() != net_cfg.to_dict():  # defaults filled in
-            raise RuntimeError(f"{cfg.init}: its network config differs from this config's network")
+        if cfg.init == "bundled":
+            from .weights import bundled_entry
+
+            e = bundled_entry(cfg.modality)
+            init = load_checkpoint(e["path"], e["sha256"])
+        else:
+            init = load_checkpoint(cfg.init, sha256_of(cfg.init))
         if init["split"]["val"] != val_uids:
             raise RuntimeError(f"{cfg.init}: it was trained on another split; fine-tuning would leak validation data")
-        model.load_state_dict(init["state_dict"])
+        warm_start(model, init, net_cfg, cfg.init)
+    if cfg.fpr:  # second stage only: the detector (from ``init``) stays as it is
+        if not (cfg.init and net_cfg.fpr):
+            raise RuntimeError("an fpr stage needs 'init' (the trained detector) and network.fpr = true")
+        from .fpr import train_fpr
+
+        path = out / "model.pt"
+        if rank == 0:
+            train_fpr(cfg, model, train_recs, split, out, progress=progress)
+            export_weights(model, cfg, split, path)
+        return path
     model = model.to(device)
     if net_cfg.spatial_dims == 3 and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)
@@ -234,6 +345,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         from .cxr_data import training_context
 
         context = training_context(cfg, train_recs)
+    negatives = negative_context(cfg, split)
     aug = cfg.augment_config()
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = None
@@ -252,7 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 break
             first = b * per_rank * world + rank * per_rank
             idx = [perm[(first + k) % len(perm)] for k in range(per_rank)]
-            images, targets = make_batch([train_recs[i] for i in idx], cfg, aug, g, context)
+            images, targets = make_batch([train_recs[i] for i in idx], cfg, aug, g, context, negatives)
             images = images.to(device)
             if images.dim() == 5 and device.type == "cpu":
                 images = images.contiguous(memory_format=torch.channels_last_3d)

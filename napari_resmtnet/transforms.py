@@ -129,11 +129,15 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
         c_in = torch.as_tensor(np.asarray(tg["centers"], dtype=np.float64).reshape(-1, nd))
         c_out = torch.linalg.solve(A, (c_in - t).T).T
         inside = ((c_out >= 0) & (c_out <= cfg.out_size - 1)).all(1)
-        new_targets.append({
+        nt = {
             "centers": c_out[inside].float(),
             "diameters": torch.as_tensor(np.asarray(tg["diameters"], dtype=np.float32).reshape(-1))[inside] * s,
             "malignant": torch.as_tensor(np.asarray(tg.get("malignant", [-1] * len(c_in)), dtype=np.float32).reshape(-1))[inside],
-        })
+        }
+        if tg.get("extents") is not None:  # per-axis extents follow the affine: |A^-1| e
+            e = torch.as_tensor(np.asarray(tg["extents"], dtype=np.float64).reshape(-1, nd))
+            nt["extents"] = (e @ torch.linalg.inv(A).abs().T)[inside].float()
+        new_targets.append(nt)
     theta = torch.stack(thetas)
     size = (N, 1) + (cfg.out_size,) * nd
     grid = F.affine_grid(theta, size, align_corners=False)

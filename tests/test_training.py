@@ -132,3 +132,27 @@ def test_bad_config_gives_one_line(tmp_path, capsys):
     assert train_main(["--config", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert "nonsense" in err and "\n" not in err
+
+
+def test_config_names_its_base_instead_of_copying_it(tmp_path):
+    from napari_resmtnet.training import TrainConfig
+
+    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "epochs": 80, "lr": 0.002,
+                                                  "augment": {"aniso_prob": 0.3, "noise_std": 0.03}}))
+    (tmp_path / "b.json").write_text(json.dumps({"base": "a.json", "epochs": 15, "augment": {"aniso_prob": 0.6}}))
+    cfg = TrainConfig.from_file(tmp_path / "b.json", ["lr=0.0005"])
+    assert cfg.name == "a" and cfg.epochs == 15 and cfg.lr == 0.0005
+    assert cfg.augment == {"aniso_prob": 0.6, "noise_std": 0.03}
+    (tmp_path / "c.json").write_text(json.dumps({"base": "b.json", "typo_key": 1}))
+    with pytest.raises(ValueError, match="typo_key"):
+        TrainConfig.from_file(tmp_path / "c.json")
+
+
+def test_shipped_fine_tune_configs_resolve():
+    from napari_resmtnet.training import TrainConfig
+
+    for name in ("ct_finetune_thick.json", "ct_wholescan.json", "ct_fpr.json"):
+        cfg = TrainConfig.from_file(REPO / "configs" / name)
+        assert cfg.init and cfg.network["widths"] == [16, 32, 64, 96]
+    fpr = TrainConfig.from_file(REPO / "configs" / "ct_fpr.json")
+    assert fpr.network_config().fpr and fpr.network_config().size_per_axis and fpr.fpr["steps"] > 0

@@ -30,14 +30,18 @@ def build_targets(targets, grid_shape, cfg, device):
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*G, nd)
     heat = torch.zeros((B, *grid_shape), device=device)
     pos = torch.zeros((B, *grid_shape), dtype=torch.bool, device=device)
-    size = torch.zeros((B, *grid_shape), device=device)
+    per_axis = getattr(cfg, "size_per_axis", False)
+    size = torch.zeros((B, nd, *grid_shape) if per_axis else (B, *grid_shape), device=device)
     offset = torch.zeros((B, nd, *grid_shape), device=device)
     mal = torch.full((B, *grid_shape), -1.0, device=device)
     for b, t in enumerate(targets):
         centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
         diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
         malig = torch.as_tensor(t.get("malignant", [-1] * len(diams)), dtype=torch.float32, device=device).reshape(-1)
-        for c, d, m in zip(centres, diams, malig):
+        ext = t.get("extents")
+        ext = (torch.as_tensor(ext, dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE if ext is not None
+               else diams[:, None].expand(-1, nd))
+        for c, d, m, e in zip(centres, diams, malig, ext):
             cell = torch.round(c).long()
             if (cell < 0).any() or (cell >= torch.tensor(grid_shape, device=device)).any():
                 continue
@@ -47,7 +51,10 @@ def build_targets(targets, grid_shape, cfg, device):
             sel = (b,) + tuple(cell.tolist())
             heat[sel] = 1.0
             pos[sel] = True
-            size[sel] = torch.log(d.clamp(min=0.25))
+            if per_axis:
+                size[(b, slice(None)) + tuple(cell.tolist())] = torch.log(e.clamp(min=0.25))
+            else:
+                size[sel] = torch.log(d.clamp(min=0.25))
             offset[(b, slice(None)) + tuple(cell.tolist())] = c - cell.float()
             if m >= 0:
                 core = g >= 0.5
@@ -110,7 +117,10 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
     if cfg.detection:
         losses["heatmap"] = focal_heatmap_loss(hm[:, 0].float(), heat, cfg.focal_alpha, cfg.focal_beta)
         if pos.any():
-            losses["size"] = F.l1_loss(maps["size"][:, 0].float()[pos], size_t[pos])
+            if getattr(cfg, "size_per_axis", False):
+                losses["size"] = F.l1_loss(maps["size"].float().movedim(1, -1)[pos], size_t.movedim(1, -1)[pos])
+            else:
+                losses["size"] = F.l1_loss(maps["size"][:, 0].float()[pos], size_t[pos])
             off_pred = maps["offset"].float().movedim(1, -1)[pos]
             losses["offset"] = F.l1_loss(off_pred, off_t.movedim(1, -1)[pos])
     if cfg.malignancy:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +52,11 @@ class ResMTNetConfig:
     malignancy: bool = True            # the malignancy head is trained/used
     cross_task: bool = True            # cross-task residual connections between branches
     segmentation: bool = False         # auxiliary nodule-occupancy head on the malignancy branch
+    size_per_axis: bool = False        # size head gives one extent per axis (boxes follow the nodule)
+    fpr: bool = False                  # second stage: candidate classifier on a patch around each peak
+    fpr_patch: int = 32                # its input side (voxels at the model spacing)
+    fpr_width: int = 16
+    fpr_weight: float = 0.5            # final probability = p_det ** (1 - w) * p_fpr ** w
     # joint loss: weighted sum of the terms below
     w_heatmap: float = 1.0
     w_size: float = 0.5
@@ -171,13 +178,35 @@ class ResMTNet(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
         self.heatmap = Conv(hw, 1, 1)
-        self.size = Conv(hw, 1, 1)
+        self.size = Conv(hw, nd if cfg.size_per_axis else 1, 1)
         self.offset = Conv(hw, nd, 1)
         self.malignancy_head = Conv(hw, 1, 1)
         if cfg.segmentation:
             self.segmentation_head = Conv(hw, 1, 1)
         nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
         nn.init.constant_(self.size.bias, 1.0)
+        if cfg.fpr:
+            self.fpr = CandidateClassifier(nd, cfg.fpr_width)
+
+    @torch.no_grad()
+    def combine(self, p_det: torch.Tensor, p_fpr: torch.Tensor) -> torch.Tensor:
+        """Final detection probability from the detector's and the second stage's."""
+        w = float(self.config.fpr_weight)
+        return p_det.clamp_min(1e-6) ** (1 - w) * p_fpr.clamp_min(1e-6) ** w
+
+    @torch.no_grad()
+    def rescore(self, volume: torch.Tensor, centres_vox, batch: int = 64) -> torch.Tensor:
+        """Second-stage probability that each candidate (centre in voxels of ``volume``,
+        array order) is a nodule, from a ``fpr_patch`` patch around it; (K,) tensor.
+        ``volume``: normalised (*S) or (1, *S) input at the model spacing."""
+        if not self.config.fpr:
+            raise RuntimeError("this model has no second stage (fpr=False)")
+        out = []
+        for i in range(0, len(centres_vox), batch):
+            p = candidate_patches(volume, centres_vox[i : i + batch], self.config.fpr_patch)
+            p = p.to(next(self.parameters()).device)
+            out.append(torch.sigmoid(self.fpr(p).float()).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
     # -- raw maps --------------------------------------------------------------------------
     def forward_maps(self, x: torch.Tensor) -> dict:
@@ -239,9 +268,13 @@ def decode(maps: dict, score_floor: float = 0.02, max_detections: int = 100, ker
         sel = tuple(idx.T)
         off = maps["offset"][b][(slice(None),) + sel].T.float()  # (K, nd)
         centres = (idx.float() + off) * STRIDE
-        diam = torch.exp(maps["size"][b, 0][sel].float()).clamp(1.0, 100.0) * STRIDE
+        size = maps["size"][b]
+        if size.shape[0] == nd:  # per-axis extents (size_per_axis)
+            diam = torch.exp(size[(slice(None),) + sel].T.float()).clamp(1.0, 100.0) * STRIDE
+        else:
+            diam = torch.exp(size[0][sel].float()).clamp(1.0, 100.0)[:, None].expand(-1, nd) * STRIDE
         mal = torch.sigmoid(maps["malignancy"][b, 0][sel].float())
-        boxes = torch.cat([centres - diam[:, None] / 2, centres + diam[:, None] / 2], dim=1)
+        boxes = torch.cat([centres - diam / 2, centres + diam / 2], dim=1)
         order = torch.argsort(scores, descending=True)
         out.append({"boxes": boxes[order], "scores": scores[order], "malignancy": mal[order]})
     return out
@@ -293,3 +326,46 @@ def centre_patches(volume: torch.Tensor, centres_vox, pad_value: float = -1.0) -
     if not out:
         return torch.zeros((0, 1) + (PATCH,) * nd)
     return torch.stack(out)[:, None]
+
+
+class CandidateClassifier(nn.Module):
+    """Second stage (false-positive reduction, as in the LUNA16 FPR track): a small residual
+    network that re-scores one candidate from a patch centred on it, which sees the 3D context
+    (a vessel running through, the pleura, a fissure) that the stride-4 heatmap cell judges
+    only locally. Patch (N, 1, P, P[, P]) -> logit (N,)."""
+
+    def __init__(self, nd: int, width: int = 16):
+        super().__init__()
+        Conv = _conv(nd)
+        w = width
+        self.stem = nn.Sequential(Conv(1, w, 3, 1, 1, bias=False), _norm(nd, w), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(ResBlock(nd, w, 2 * w, 2), ResBlock(nd, 2 * w, 4 * w, 2),
+                                    ResBlock(nd, 4 * w, 6 * w, 2), ResBlock(nd, 6 * w, 6 * w))
+        self.head = nn.Sequential(nn.Linear(12 * w, 4 * w), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(4 * w, 1))
+
+    def forward(self, x):
+        f = self.blocks(self.stem(x)).flatten(2)
+        f = torch.cat([f.mean(-1), f.amax(-1)], dim=1)
+        return self.head(f)[:, 0]
+
+
+def candidate_patches(volume: torch.Tensor, centres_vox, side: int = 32) -> torch.Tensor:
+    """(K, 1, side, ...) patches of a normalised (*S) / (1, *S) volume, the candidate at voxel
+    ``side // 2`` (rounded centres, array order); outside the volume the nearest edge value
+    (replicate), as the sliding windows pad the scan."""
+    nd = len(centres_vox[0]) if len(centres_vox) else volume.dim()
+    vol = volume.reshape(volume.shape[-nd:])
+    if not len(centres_vox):
+        return torch.zeros((0, 1) + (side,) * nd)
+    h = side // 2
+    c = torch.as_tensor(np.asarray(centres_vox, dtype=np.float64)).round().long()
+    lo = c - h
+    out = torch.empty((len(c), 1) + (side,) * nd, dtype=vol.dtype)
+    shape = torch.tensor(vol.shape)
+    for k in range(len(c)):
+        if ((lo[k] >= 0) & (lo[k] + side <= shape)).all():
+            out[k, 0] = vol[tuple(slice(int(a), int(a) + side) for a in lo[k])]
+        else:
+            idx = [torch.clamp(torch.arange(int(a), int(a) + side), 0, int(n) - 1) for a, n in zip(lo[k], shape)]
+            out[k, 0] = vol[torch.meshgrid(*idx, indexing="ij")]
+    return out
