@@ -14,7 +14,18 @@ JSON restores the table exactly.
 
 Every write is atomic: a temporary file in the target folder, flushed and fsynced, then
 ``os.replace``; a failed write leaves any previous file untouched and raises
-`NoduleFileError` with a one-line message naming the file.
+`NoduleFileError` with a one-line message naming the file. Only regular files (or new files
+in a writable folder) are written: devices, FIFOs, folders and links to them are refused.
+
+Text cells of the CSV that a spreadsheet would run as a formula (starting with ``= + - @``,
+a tab, a carriage return, or the escape ``'`` itself) get a leading ``'``; reading the CSV
+back removes it, so every value round-trips exactly.
+
+Reading is strict and linear in the file's size: one schema for JSON and CSV (types,
+ranges, finite numbers, at most `MAX_NODULES` nodules, `MAX_FILE_BYTES`), a UTF-8 BOM is
+allowed, and the image identity is checked on every field the file has (seriesuid, shape,
+spacing, origin, direction; CSV rows: seriesuid and a centre inside the image). Every
+failure is one `NoduleFileError` line.
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import numpy as np
 
 from . import boxes as B
 from .layers import LABELS, SOURCES, NoduleTable
+from .paths import OutputPathError, check_output, escape_text, file_kind, shown
 from .scan import geometry_dict
 
 FORMAT = "resmtnet-nodules"
@@ -39,8 +51,18 @@ CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probab
                "malignancy", "label", "id", "source", "reviewed"]
 
 
+#: nodule files larger than this, or holding more nodules, are refused before parsing
+MAX_FILE_BYTES = 64 << 20
+MAX_NODULES = 100_000
+#: first characters that make a spreadsheet read a cell as a formula (plus our escape)
+FORMULA_CHARS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
 class NoduleFileError(ValueError):
     """A nodule file that cannot be written, read, or does not belong to the image."""
+
+    def __init__(self, message: str):
+        super().__init__(escape_text(str(message)))  # one line: control characters escaped
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -82,19 +104,28 @@ def _final_mode(target: Path) -> int:
 
 def atomic_write_texts(files: dict) -> list[str]:
     """Write ``{path: text}`` atomically: every file goes to a temporary file in its folder
-    first; only when all are written and fsynced are they moved into place."""
+    first; only when all are written and fsynced are they moved into place.
+
+    A path must be a regular file, a link to one (the file it points to is replaced), or a
+    new file in a writable folder; anything else (device, FIFO, folder, a link to them) is
+    refused before anything is written. An interruption (Ctrl-C) removes the temporary files."""
     temps: list[tuple[str, Path]] = []
+    targets: list[tuple[Path, str]] = []
     current = None
     try:
         for path, text in files.items():
             current = Path(path)
-            folder = current.parent if str(current.parent) else Path(".")
-            if not folder.is_dir():
-                raise FileNotFoundError(f"folder {folder} does not exist")
-            fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=folder)
-            temps.append((tmp, current))
             try:
-                os.fchmod(fd, _final_mode(current))
+                targets.append((check_output(current), text))
+            except OutputPathError as exc:
+                raise NoduleFileError(f"could not write {exc}") from None
+        for target, text in targets:
+            current = target
+            folder = target.parent if str(target.parent) else Path(".")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+            temps.append((tmp, target))
+            try:
+                os.fchmod(fd, _final_mode(target))
             except (OSError, AttributeError):  # e.g. Windows, some network shares
                 pass
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
@@ -103,16 +134,20 @@ def atomic_write_texts(files: dict) -> list[str]:
                 os.fsync(fh.fileno())
         for tmp, target in temps:
             current = target
+            if file_kind(target) not in ("file", "missing"):  # swapped for a FIFO/device meanwhile
+                raise NoduleFileError(f"could not write {shown(target)}: it is now a {file_kind(target)}")
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-    except (OSError, ValueError, TypeError) as exc:
+    except BaseException as exc:
         for tmp, _ in temps:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+        if isinstance(exc, NoduleFileError) or not isinstance(exc, (OSError, ValueError, TypeError)):
+            raise
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise NoduleFileError(f"could not write {current}: {why}") from exc
+        raise NoduleFileError(f"could not write {shown(current)}: {why}") from exc
     return [str(p) for p in files]
 
 
@@ -120,6 +155,20 @@ def atomic_write_texts(files: dict) -> list[str]:
 
 def _num(x: float) -> str:
     return repr(float(x))
+
+
+def safe_cell(text) -> str:
+    """A text cell a spreadsheet will not run: ``'`` before a leading ``= + - @``, tab, CR or
+    ``'`` (OWASP's CSV-injection advice); `read_cell` undoes it exactly."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_CHARS) else text
+
+
+def read_cell(text: str) -> str:
+    """The value `safe_cell` wrote."""
+    if len(text) >= 2 and text[0] == "'" and text[1:].startswith(FORMULA_CHARS):
+        return text[1:]
+    return text
 
 
 def csv_text(table: NoduleTable) -> str:
@@ -133,9 +182,9 @@ def csv_text(table: NoduleTable) -> str:
     uid = table.image.get("seriesuid", "")
     for i in np.flatnonzero(vis):
         c = centres[i]
-        w.writerow([uid, _num(c[0]), _num(c[1]), _num(c[2]) if table.ndim == 3 else "",
+        w.writerow([safe_cell(uid), _num(c[0]), _num(c[1]), _num(c[2]) if table.ndim == 3 else "",
                     _num(diam[i]), _num(table.probability[i]), _num(table.malignancy[i]),
-                    table.label[i], int(table.ids[i]), table.source[i],
+                    safe_cell(table.label[i]), int(table.ids[i]), safe_cell(table.source[i]),
                     "true" if table.reviewed[i] else "false"])
     return out.getvalue()
 
@@ -201,153 +250,353 @@ def export_nodules(path, table: NoduleTable, exported_at: str | None = None) -> 
 
 
 # --- reading ---------------------------------------------------------------------------------
+#
+# One schema for JSON and CSV. Every check is a plain pass over the values (linear time);
+# every failure is a `NoduleFileError` naming the file (and the nodule or row) and the problem.
 
-def _req(d: dict, key: str, where: str):
-    if key not in d:
-        raise NoduleFileError(f"{where}: missing field '{key}'")
-    return d[key]
+def _read_text(path, what: str) -> str:
+    """The text of a nodule file: a regular file of at most `MAX_FILE_BYTES`, UTF-8 with or
+    without a BOM (as spreadsheet programs save it)."""
+    p = Path(path)
+    kind = file_kind(p)
+    if kind == "missing":
+        raise NoduleFileError(f"cannot read {shown(p)}: no such file")
+    if kind != "file":
+        raise NoduleFileError(f"cannot read {shown(p)}: it is a {kind}, not a regular file")
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise NoduleFileError(f"{shown(p)}: {size} bytes is more than a nodule {what} may hold "
+                                  f"({MAX_FILE_BYTES} bytes); refused")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise NoduleFileError(f"cannot read {shown(p)}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NoduleFileError(f"{shown(p)}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+
+
+def _number(value, where: str, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite JSON number (not a bool, not text) within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NoduleFileError(f"{where}: {name} must be a number, got {_brief(value)}")
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise NoduleFileError(f"{where}: {name} must be a finite number, got {_brief(value)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise NoduleFileError(f"{where}: {name} must be in [{lo:g}, {hi:g}], got {v:g}")
+    return v
+
+
+def _brief(value) -> str:
+    if isinstance(value, (dict, list)):
+        return f"a{'n object' if isinstance(value, dict) else ' list'} of {len(value)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        return "a number too large to use"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _numbers(value, where: str, name: str, n: int, **kw) -> list[float]:
+    if not isinstance(value, list) or len(value) != n:
+        raise NoduleFileError(f"{where}: {name} must be a list of {n} numbers, got {_brief(value)}")
+    return [_number(v, where, name, **kw) for v in value]
+
+
+def _text(value, where: str, name: str, choices=None, max_len: int = 1000) -> str:
+    if not isinstance(value, str) or len(value) > max_len:
+        raise NoduleFileError(f"{where}: {name} must be text (at most {max_len} characters), got {_brief(value)}")
+    if choices is not None and value not in choices:
+        raise NoduleFileError(f"{where}: {name} must be one of {choices}, got {_brief(value)}")
+    return value
+
+
+def _checked_image(image, where: str) -> dict:
+    """The ``image`` identity of a nodule JSON, validated; only the known fields are kept."""
+    w = f"{where} image"
+    if not isinstance(image, dict):
+        raise NoduleFileError(f"{w}: must be an object, got {_brief(image)}")
+    for k in ("shape", "spacing", "origin", "direction"):
+        if k not in image:
+            raise NoduleFileError(f"{w}: missing field '{k}'")
+    shape = image["shape"]
+    if not isinstance(shape, list) or len(shape) not in (2, 3) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**6 for v in shape):
+        raise NoduleFileError(f"{w}: shape must be 2 or 3 whole numbers from 1 to 1000000, got {_brief(shape)}")
+    nd = len(shape)
+    out = {
+        "shape": list(shape),
+        "spacing": _numbers(image["spacing"], w, "spacing", nd, lo=1e-6, hi=1e4),
+        "origin": _numbers(image["origin"], w, "origin", nd, lo=-1e7, hi=1e7),
+    }
+    rows = image["direction"]
+    if not isinstance(rows, list) or len(rows) != nd:
+        raise NoduleFileError(f"{w}: direction must be a {nd} x {nd} matrix, got {_brief(rows)}")
+    out["direction"] = [_numbers(r, w, "direction", nd, lo=-1.0 - 1e-6, hi=1.0 + 1e-6) for r in rows]
+    for k in ("path", "seriesuid", "modality"):
+        if k in image and image[k] is not None:
+            out[k] = _text(image[k], w, k, max_len=4096)
+    return out
+
+
+def _checked_model(model, where: str) -> dict | None:
+    """The ``model`` of a nodule JSON: None or an object of plain values (text, numbers)."""
+    if model is None:
+        return None
+    if not isinstance(model, dict) or len(model) > 100:
+        raise NoduleFileError(f"{where}: model must be an object, got {_brief(model)}")
+    out = {}
+    for k, v in model.items():
+        if v is None or isinstance(v, (str, bool)) or (isinstance(v, (int, float)) and math.isfinite(float(v))):
+            out[str(k)] = v
+        else:
+            raise NoduleFileError(f"{where}: model field {_brief(k)} must be text or a finite number")
+    return out
+
+
+def _checked_box(box, where: str, nd: int) -> list[float]:
+    nums = _numbers(box, where, "box_voxel", 2 * nd, lo=-1e7, hi=1e7)
+    if any(nums[nd + a] < nums[a] for a in range(nd)):
+        raise NoduleFileError(f"{where}: box_voxel {nums} has a negative size (max corner below min corner)")
+    return nums
 
 
 def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
+    """A nodule table from a parsed nodule JSON, checked against the schema (one line on failure)."""
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise NoduleFileError(f"{where}: not a nodule file (expected \"format\": \"{FORMAT}\")")
-    image = _req(d, "image", where)
-    for k in ("shape", "spacing", "origin", "direction"):
-        _req(image, k, where + " image")
+    ver = d.get("format_version", FORMAT_VERSION)
+    if isinstance(ver, bool) or not isinstance(ver, int) or ver > FORMAT_VERSION:
+        raise NoduleFileError(f"{where}: format_version {_brief(ver)} is not one this version reads "
+                              f"(up to {FORMAT_VERSION}); update the plugin")
+    if "image" not in d:
+        raise NoduleFileError(f"{where}: missing field 'image'")
+    image = _checked_image(d["image"], where)
     nd = len(image["shape"])
-    rows = list(_req(d, "nodules", where)) + list(d.get("hidden", []))
-    # by id; rows whose id is not an integer sort first and are refused below with a message
-    rows.sort(key=lambda r: r["id"] if isinstance(r, dict) and type(r.get("id")) is int else -1)
+    if "nodules" not in d:
+        raise NoduleFileError(f"{where}: missing field 'nodules'")
+    rows = []
+    for key in ("nodules", "hidden"):
+        part = d.get(key, [])
+        if not isinstance(part, list):
+            raise NoduleFileError(f"{where}: {key} must be a list, got {_brief(part)}")
+        rows += part
+    if len(rows) > MAX_NODULES:
+        raise NoduleFileError(f"{where}: {len(rows)} nodules, more than {MAX_NODULES}; refused")
+    threshold = _number(d.get("threshold", 0.5), where, "threshold", lo=0.0, hi=1.0)
+    model = _checked_model(d.get("model"), where)
     cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed")}
+    seen: set[int] = set()
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
         if not isinstance(r, dict):
-            raise NoduleFileError(f"{w}: expected an object, got {type(r).__name__}")
-        box = _req(r, "box_voxel", w)
-        if not isinstance(box, (list, tuple)) or len(box) != 2 * nd:
-            raise NoduleFileError(f"{w}: box_voxel must be a list of {2 * nd} numbers, got {box!r}"[:200])
-        lab, src = _req(r, "label", w), r.get("source", "user")
-        if lab not in LABELS:
-            raise NoduleFileError(f"{w}: label must be one of {LABELS}, got {lab!r}")
-        if src not in SOURCES:
-            raise NoduleFileError(f"{w}: source must be one of {SOURCES}, got {src!r}")
-        try:
-            nums = [float(v) for v in box]
-            nid = int(_req(r, "id", w))
-            prob = float(r.get("probability", 1.0))
-            mal = float(_req(r, "malignancy", w))
-        except (TypeError, ValueError) as exc:
-            raise NoduleFileError(f"{w}: id, box_voxel, probability and malignancy must be numbers ({exc})") from None
-        if not all(math.isfinite(v) for v in nums + [prob, mal]):
-            raise NoduleFileError(f"{w}: box_voxel, probability and malignancy must be finite numbers")
-        cols["boxes"].append(nums)
+            raise NoduleFileError(f"{w}: expected an object, got {_brief(r)}")
+        for k in ("id", "box_voxel", "label", "malignancy"):
+            if k not in r:
+                raise NoduleFileError(f"{w}: missing field '{k}'")
+        nid = r["id"]
+        if isinstance(nid, bool) or not isinstance(nid, int) or not 0 <= nid < 2**53:
+            raise NoduleFileError(f"{w}: id must be a whole number from 0 to 2**53, got {_brief(nid)}")
+        if nid in seen:
+            raise NoduleFileError(f"{w}: id {nid} is used twice")
+        seen.add(nid)
+        reviewed = r.get("reviewed", False)
+        if not isinstance(reviewed, bool):
+            raise NoduleFileError(f"{w}: reviewed must be true or false, got {_brief(reviewed)}")
+        cols["boxes"].append(_checked_box(r["box_voxel"], w, nd))
         cols["ids"].append(nid)
-        cols["probability"].append(prob)
-        cols["malignancy"].append(mal)
-        cols["label"].append(lab)
-        cols["source"].append(src)
-        cols["reviewed"].append(bool(r.get("reviewed", False)))
+        cols["probability"].append(_number(r.get("probability", 1.0), w, "probability", lo=0.0, hi=1.0))
+        cols["malignancy"].append(_number(r["malignancy"], w, "malignancy", lo=0.0, hi=1.0))
+        cols["label"].append(_text(r["label"], w, "label", LABELS))
+        cols["source"].append(_text(r.get("source", "user"), w, "source", SOURCES))
+        cols["reviewed"].append(reviewed)
+    order = np.argsort(np.asarray(cols["ids"], np.int64), kind="stable")  # the table lists nodules by id
+    pick = lambda v: [v[i] for i in order]  # noqa: E731
     try:
-        return NoduleTable(np.asarray(cols["boxes"], float).reshape(-1, 2 * nd), cols["ids"],
-                           cols["probability"], cols["malignancy"], cols["label"], cols["source"],
-                           cols["reviewed"], image=dict(image),
-                           threshold=float(d.get("threshold", 0.5)),
-                           model_info=dict(d["model"]) if d.get("model") else None)
-    except (ValueError, KeyError) as exc:
-        raise NoduleFileError(f"{where}: {exc}") from exc
+        return NoduleTable(np.asarray(pick(cols["boxes"]), float).reshape(-1, 2 * nd), pick(cols["ids"]),
+                           pick(cols["probability"]), pick(cols["malignancy"]), pick(cols["label"]),
+                           pick(cols["source"]), pick(cols["reviewed"]), image=image,
+                           threshold=threshold, model_info=model)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NoduleFileError(f"{where}: {exc}") from None
 
 
 def read_nodules_json(path) -> NoduleTable:
     p = Path(path)
+    text = _read_text(p, "JSON")
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise NoduleFileError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NoduleFileError(f"{p}: not valid JSON ({exc})") from exc
-    return table_from_json_dict(d, where=str(p))
+        d = json.loads(text)  # NaN/Infinity parse, and are refused by the schema with their place
+    except RecursionError:
+        raise NoduleFileError(f"{shown(p)}: not a nodule file (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, integers of thousands of digits
+        raise NoduleFileError(f"{shown(p)}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    return table_from_json_dict(d, where=shown(p))
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
 
 
 def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
     """Rows of a LUNA16-style CSV for ``image`` (matched by seriesuid when the file has one)
     -> table. Boxes are cubes of ``diameter_mm`` around the centre; missing columns get
-    probability 1, malignancy from label, source "user"."""
+    probability 1, malignancy from label, source "user". Linear in the number of rows."""
     p = Path(path)
+    name = shown(p)
+    text = _read_text(p, "CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise NoduleFileError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise NoduleFileError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    need = {"coordX", "coordY", "diameter_mm"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
-        raise NoduleFileError(f"{p}: expected columns {sorted(need)} (LUNA16 style), got {reader.fieldnames}")
+        fields = reader.fieldnames
+    except csv.Error as exc:
+        raise NoduleFileError(f"{name}: not a CSV file ({exc})") from None
     nd = len(image["shape"])
+    need = {"coordX", "coordY", "diameter_mm"} | ({"coordZ"} if nd == 3 else set())
+    if not fields or not need <= set(fields):
+        raise NoduleFileError(f"{name}: expected columns {sorted(need)} (LUNA16 style), got "
+                              f"{_brief(list(fields or []))}")
     uid = image.get("seriesuid", "")
-    rows = list(reader)
-    mine = [r for r in rows if not r.get("seriesuid") or not uid or r.get("seriesuid") == uid]
-    if rows and not mine:
-        others = sorted({r.get("seriesuid", "") for r in rows})
-        raise NoduleFileError(f"{p} belongs to another image: it has seriesuid(s) "
-                              f"{', '.join(others[:3])}, this image is '{uid}'")
-    geom = geometry_dict(image)
-    table = NoduleTable.empty(image, threshold=threshold)
-    for j, r in enumerate(mine):
-        w = f"{p} row {j + 2}"
-        try:
-            xyz = [float(r["coordX"]), float(r["coordY"])]
-            if nd == 3:
-                xyz.append(float(r.get("coordZ") or "nan"))
-            dmm = float(r["diameter_mm"])
-            mal = r.get("malignancy")
-            mal = float(mal) if mal not in (None, "") else None
-            prob = r.get("probability")
-            prob = float(prob) if prob not in (None, "") else 1.0
-        except (TypeError, ValueError) as exc:
-            raise NoduleFileError(f"{w}: {exc}") from None
-        if not all(math.isfinite(v) for v in xyz + [dmm]):
-            raise NoduleFileError(f"{w}: coordinates and diameter must be numbers"
-                                  + (" (coordZ is needed for a CT)" if nd == 3 else ""))
-        if not all(math.isfinite(v) for v in [prob] + ([mal] if mal is not None else [])):
-            raise NoduleFileError(f"{w}: probability and malignancy must be finite numbers")
-        centre = np.asarray(xyz[::-1], float)[None]
-        box = B.world_to_voxel_boxes(centre, np.full((1, nd), dmm), geom)[0]
-        lab = r.get("label") or ""
-        if lab not in LABELS:
+    rows, others = [], set()
+    try:
+        for r in reader:
+            if len(rows) >= MAX_NODULES:
+                raise NoduleFileError(f"{name}: more than {MAX_NODULES} rows; refused")
+            row_uid = read_cell(r.get("seriesuid") or "")
+            if row_uid and uid and row_uid != uid:
+                others.add(row_uid)
+                continue
+            rows.append((reader.line_num, r))
+    except csv.Error as exc:
+        raise NoduleFileError(f"{name} line {reader.line_num}: not a valid CSV row ({exc})") from None
+    if others and not rows:
+        shown_uids = ", ".join(escape_text(u)[:80] for u in sorted(others)[:3])
+        raise NoduleFileError(f"{name} belongs to another image: it has seriesuid(s) {shown_uids}, "
+                              f"this image is '{uid}'")
+    cols = {k: [] for k in ("centre", "diameter", "lines", "ids", "probability", "malignancy", "label",
+                            "source", "reviewed")}
+    used: set[int] = set()
+    top = 0
+    for line, r in rows:
+        w = f"{name} line {line}"
+        if None in r:
+            raise NoduleFileError(f"{w}: more cells than columns")
+        xyz = [_csv_float(r, "coordX", w), _csv_float(r, "coordY", w)]
+        if nd == 3:
+            xyz.append(_csv_float(r, "coordZ", w))
+        dmm = _csv_float(r, "diameter_mm", w)
+        if not 0 < dmm <= 1000:
+            raise NoduleFileError(f"{w}: diameter_mm must be more than 0 and at most 1000 mm, got {dmm:g}")
+        prob = _csv_float(r, "probability", w, 1.0)
+        mal = _csv_float(r, "malignancy", w, None)
+        for k, v in (("probability", prob), ("malignancy", mal)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise NoduleFileError(f"{w}: {k} must be in [0, 1], got {v:g}")
+        lab = read_cell(r.get("label") or "")
+        if lab and lab not in LABELS:
+            raise NoduleFileError(f"{w}: label must be one of {LABELS} or empty, got {_brief(lab)}")
+        if not lab:
             lab = "malignant" if (mal is not None and mal >= 0.5) else "benign"
-        src = r.get("source") if r.get("source") in SOURCES else "user"
-        nid = int(r["id"]) if (r.get("id") or "").isdigit() and int(r["id"]) not in table else None
-        table, _ = table.added(box, label=lab, probability=prob,
-                               malignancy=mal, source=src,
-                               reviewed=str(r.get("reviewed", "")).lower() in ("true", "1", "yes"),
-                               nodule_id=nid)
-    return table
+        src = read_cell(r.get("source") or "") or "user"
+        if src not in SOURCES:
+            raise NoduleFileError(f"{w}: source must be one of {SOURCES} or empty, got {_brief(src)}")
+        rev = (r.get("reviewed") or "").strip().lower()
+        if rev not in _TRUE + _FALSE:
+            raise NoduleFileError(f"{w}: reviewed must be true or false, got {_brief(r.get('reviewed'))}")
+        raw_id = (r.get("id") or "").strip()
+        if raw_id and not (raw_id.isascii() and raw_id.isdigit() and len(raw_id) <= 15):
+            raise NoduleFileError(f"{w}: id must be a whole number, got {_brief(raw_id)}")
+        nid = int(raw_id) if raw_id else None
+        if nid is None or nid in used:  # like adding it by hand: the next free id
+            nid = top + 1
+        used.add(nid)
+        top = max(top, nid)
+        cols["centre"].append(xyz[::-1])
+        cols["diameter"].append(dmm)
+        cols["lines"].append(line)
+        cols["ids"].append(nid)
+        cols["probability"].append(prob)
+        cols["malignancy"].append(mal if mal is not None else (1.0 if lab == "malignant" else 0.0))
+        cols["label"].append(lab)
+        cols["source"].append(src)
+        cols["reviewed"].append(rev in _TRUE)
+    # all rows at once: world mm -> voxel boxes; every centre must lie in this image
+    n = len(cols["ids"])
+    centres = np.asarray(cols["centre"], float).reshape(n, nd)
+    sizes = np.repeat(np.asarray(cols["diameter"], float).reshape(n, 1), nd, axis=1)
+    boxes = B.world_to_voxel_boxes(centres, sizes, geometry_dict(image)).reshape(n, 2 * nd) if n else \
+        np.zeros((0, 2 * nd))
+    mid = (boxes[:, :nd] + boxes[:, nd:]) / 2
+    outside = np.flatnonzero(~np.all((mid >= -0.5) & (mid <= np.asarray(image["shape"], float) - 0.5), axis=1))
+    if outside.size:
+        i = int(outside[0])
+        xyz = ", ".join(f"{v:g}" for v in centres[i][::-1])
+        raise NoduleFileError(f"{name} line {cols['lines'][i]}: the nodule at ({xyz}) mm lies outside this "
+                              "image; the file belongs to another image or another coordinate system")
+    try:
+        return NoduleTable(boxes, cols["ids"], cols["probability"], cols["malignancy"], cols["label"],
+                           cols["source"], cols["reviewed"], image=dict(image), threshold=threshold)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NoduleFileError(f"{name}: {exc}") from None
+
+
+def _csv_float(r: dict, key: str, where: str, default=math.nan):
+    cell = (r.get(key) or "").strip()
+    if not cell:
+        if default is not math.nan:
+            return default
+        raise NoduleFileError(f"{where}: {key} is empty" + (" (coordZ is needed for a CT)" if key == "coordZ" else ""))
+    try:
+        v = float(cell)
+    except ValueError:
+        raise NoduleFileError(f"{where}: {key} must be a number, got {_brief(cell)}") from None
+    if not math.isfinite(v):
+        raise NoduleFileError(f"{where}: {key} must be a finite number, got {_brief(cell)}")
+    return v
 
 
 def check_same_image(file_image: dict, image: dict, path) -> None:
-    """Refuse nodules made on another image: seriesuid, shape and spacing must match."""
+    """Refuse nodules made on another image: every identity field the file has must match
+    this image's (seriesuid, modality, shape, spacing, origin, direction)."""
     diffs = []
     a, b = file_image.get("seriesuid", ""), image.get("seriesuid", "")
     if a and b and a != b:
         diffs.append(f"seriesuid '{a}' vs '{b}'")
-    if [int(s) for s in file_image.get("shape", [])] != [int(s) for s in image["shape"]]:
-        diffs.append(f"shape {list(file_image.get('shape', []))} vs {list(image['shape'])}")
-    elif not np.allclose(np.asarray(file_image.get("spacing"), float), np.asarray(image["spacing"], float),
-                         rtol=1e-4, atol=1e-6):
-        diffs.append(f"spacing {list(file_image.get('spacing'))} vs {list(image['spacing'])}")
+    a, b = file_image.get("modality", ""), image.get("modality", "")
+    if a and b and a != b:
+        diffs.append(f"modality {a} vs {b}")
+    fshape = [int(s) for s in file_image.get("shape", [])]
+    if fshape != [int(s) for s in image["shape"]]:
+        diffs.append(f"shape {fshape} vs {list(image['shape'])}")
+    else:
+        for key, tol in (("spacing", dict(rtol=1e-4, atol=1e-6)), ("origin", dict(rtol=1e-6, atol=1e-3)),
+                         ("direction", dict(rtol=0, atol=1e-4))):
+            if key not in file_image or key not in image:
+                continue
+            fa, ia = np.asarray(file_image[key], float), np.asarray(image[key], float)
+            if fa.shape != ia.shape or not np.allclose(fa, ia, **tol):
+                diffs.append(f"{key} {np.round(fa, 4).tolist()} vs {np.round(ia, 4).tolist()}")
     if diffs:
-        raise NoduleFileError(f"{path} belongs to another image ({'; '.join(diffs)}: file vs this image)")
+        raise NoduleFileError(f"{shown(path)} belongs to another image ({'; '.join(diffs)}: file vs this image)")
 
 
 def import_nodules(path, image: dict) -> NoduleTable:
     """Read a nodule JSON (exact) or LUNA16-style CSV made for ``image`` (an
-    `napari_resmtnet.layers.image_identity`); refuses files of another image."""
+    `napari_resmtnet.layers.image_identity`); refuses files of another image. Any failure is
+    one `NoduleFileError` line; nothing else escapes."""
     p = Path(path)
-    if p.suffix.lower() == ".csv":
-        return read_nodules_csv(p, image)
-    table = read_nodules_json(p)
-    check_same_image(table.image, image, p)
-    # keep the file's boxes; take this image's identity (path may differ between machines)
-    table.image = dict(image)
-    return table
+    try:
+        if p.suffix.lower() == ".csv":
+            return read_nodules_csv(p, image)
+        table = read_nodules_json(p)
+        check_same_image(table.image, image, p)
+        # keep the file's boxes; take this image's identity (path may differ between machines)
+        table.image = dict(image)
+        return table
+    except NoduleFileError:
+        raise
+    except RecursionError:
+        raise NoduleFileError(f"{shown(p)}: not a nodule file (nested too deeply)") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+        raise NoduleFileError(f"{shown(p)}: not a usable nodule file ({type(exc).__name__}: {exc})") from None

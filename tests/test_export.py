@@ -2,6 +2,9 @@
 import csv
 import json
 import os
+import stat
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +202,174 @@ def test_csv_with_bad_values_or_bytes_is_a_message(tmp_path, body):
     p.write_bytes(body)
     with pytest.raises(E.NoduleFileError, match="bad.csv"):
         E.read_nodules_csv(p, image_identity(scan))
+
+
+# --- output safety -----------------------------------------------------------------------------
+
+def test_csv_formula_cells_are_neutralised_and_read_back_intact(tmp_path):
+    scan, t = ct_table()
+    evil = "=cmd|' -C calc'!A0"
+    scan.seriesuid = evil
+    t.image = image_identity(scan)
+    csv_path, _ = E.export_nodules(tmp_path / "x.csv", t)
+    rows = list(csv.reader(open(csv_path, newline="")))
+    assert all(r[0] == "'" + evil for r in rows[1:])
+    for r in rows:  # no cell a spreadsheet would run
+        assert not any(c.startswith(("=", "+", "@", "\t", "\r")) for c in r)
+    back = E.import_nodules(csv_path, image_identity(scan))
+    assert len(back) == 3 and back.image["seriesuid"] == evil
+    # the escape is exactly reversible, also for text that starts with the escape itself
+    for text in ["=1+1", "+x", "-2", "@a", "\tz", "\rz", "'=x", "''", "'a", "a=b", "", "-"]:
+        assert E.read_cell(E.safe_cell(text)) == text
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda d: (os.mkfifo(d / "out.csv"), d / "out.csv")[1], "FIFO"),
+    (lambda d: Path("/dev/null"), "device"),
+    (lambda d: (os.symlink("/dev/full", d / "out.csv"), d / "out.csv")[1], "link to a device"),
+    (lambda d: ((d / "out.csv").mkdir(), d / "out.csv")[1], "folder"),
+])
+def test_export_refuses_non_regular_targets(tmp_path, make, kind):
+    _, t = ct_table()
+    target = make(tmp_path)
+    with pytest.raises(E.NoduleFileError, match=kind):
+        E.atomic_write_texts({target: E.csv_text(t)})
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    if target == Path("/dev/null"):
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_export_through_a_link_to_a_regular_file_keeps_the_link(tmp_path):
+    _, t = ct_table()
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    os.symlink(real, link)
+    E.atomic_write_texts({link: E.csv_text(t)})
+    assert os.path.islink(link) and real.read_text().startswith("seriesuid,")
+
+
+def test_interrupted_write_leaves_no_temp_file_and_the_old_file(tmp_path, monkeypatch):
+    _, t = ct_table()
+    target = tmp_path / "out.csv"
+    target.write_text("previous\n")
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        E.atomic_write_texts({target: E.csv_text(t)})
+    assert target.read_text() == "previous\n"
+    assert os.listdir(tmp_path) == ["out.csv"]
+
+
+# --- strict import -----------------------------------------------------------------------------
+
+def _exported(tmp_path, change=None, table=None):
+    scan, t = ct_table() if table is None else table
+    _, json_path = E.export_nodules(tmp_path / "n.json", t)
+    if change is not None:
+        d = json.loads(open(json_path).read())
+        change(d)
+        with open(json_path, "w") as f:
+            f.write(json.dumps(d) if not isinstance(d, str) else d)
+    return scan, json_path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(nodules=None), r"nodules must be a list"),
+    (lambda d: d.update(image="1.2.3"), r"image: must be an object"),
+    (lambda d: d.update(threshold=float("nan")), r"threshold must be a finite number"),
+    (lambda d: d["nodules"][0].update(reviewed="false"), r"nodule \d+: reviewed must be true or false"),
+    (lambda d: d["nodules"][0].update(box_voxel=[9, 10, 12, 4, 20, 24]), r"negative size"),
+    (lambda d: d["nodules"][0].update(probability=1.5), r"probability must be in \[0, 1\]"),
+    (lambda d: d["nodules"][0].update(id=True), r"id must be a whole number"),
+    (lambda d: d["nodules"][1].update(id=d["nodules"][0]["id"]), r"used twice"),
+    (lambda d: d["image"].update(shape=[20, 64, "64"]), r"shape must be"),
+    (lambda d: d.update(format_version=99), r"format_version 99"),
+    (lambda d: d.update(model={"name": [[[]]]}), r"model field"),
+])
+def test_json_schema_refusals_are_one_line(tmp_path, change, message):
+    scan, p = _exported(tmp_path, change)
+    with pytest.raises(E.NoduleFileError, match=message) as err:
+        E.import_nodules(p, image_identity(scan))
+    assert "\n" not in str(err.value) and str(p) in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "resmtnet-nodules", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", r"nested too deeply|not valid"),
+    ('{"format": "resmtnet-nodules", "threshold": 1' + "0" * 400 + "}", r"."),
+    ('{"format": "resmtnet-nodules", "threshold": 1e400, "image": {}}', r"."),
+    ("\ufeff" + '{"format": "other"}', r"not a nodule file"),
+])
+def test_hostile_json_is_one_line(tmp_path, text, message):
+    scan, _ = ct_table()
+    p = tmp_path / "h.json"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(E.NoduleFileError, match=message) as err:
+        E.import_nodules(p, image_identity(scan))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600
+
+
+def test_json_of_another_image_without_seriesuid_is_refused_by_its_origin(tmp_path):
+    def move(d):
+        del d["image"]["seriesuid"]
+        d["image"]["origin"][2] += 500.0
+
+    scan, p = _exported(tmp_path, move)
+    with pytest.raises(E.NoduleFileError, match=r"belongs to another image \(origin"):
+        E.import_nodules(p, image_identity(scan))
+
+
+def test_excel_csv_with_bom_is_checked_like_any_csv(tmp_path):
+    scan, t = ct_table()
+    csv_path, _ = E.export_nodules(tmp_path / "x.csv", t)
+    text = open(csv_path, encoding="utf-8").read()
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    assert len(E.import_nodules(bom, image_identity(scan))) == 3
+    other = image_identity(scan)
+    other["seriesuid"] = "9.9.9"
+    with pytest.raises(E.NoduleFileError, match="another image"):
+        E.import_nodules(bom, other)
+
+
+@pytest.mark.parametrize("row, message", [
+    ("1.2.840.1,-30,25,-85,5,,,,\u00b2,,", r"id must be a whole number"),
+    ("1.2.840.1,-30,25,-85,-5,,,,,,", r"diameter_mm must be more than 0"),
+    ("1.2.840.1,-30,25,-85,5,,,,,,maybe", r"reviewed must be true or false"),
+    ("1.2.840.1,-30,25,-85,5,,,purple,,,", r"label must be one of"),
+    ("1.2.840.1,-30,25,1e400,5,,,,,,", r"coordZ must be a finite number"),
+    ("1.2.840.1,-30,25,415,5,,,,,,", r"the nodule at .* lies outside this image"),
+    (",-30,25,,5,,,,,,", r"coordZ is empty"),
+])
+def test_csv_schema_refusals_name_the_line(tmp_path, row, message):
+    scan, _ = ct_table()
+    p = tmp_path / "r.csv"
+    p.write_text(",".join(E.CSV_COLUMNS) + "\n" + row + "\n")
+    with pytest.raises(E.NoduleFileError, match=r"r\.csv line 2: " + message):
+        E.import_nodules(p, image_identity(scan))
+
+
+def test_csv_import_is_linear_100000_rows(tmp_path):
+    scan, _ = ct_table()
+    p = tmp_path / "many.csv"
+    row = "1.2.840.1,-30.0,25.0,-85.0,3.0,0.9,0.2,benign,,model,false\n"
+    p.write_text(",".join(E.CSV_COLUMNS) + "\n" + row * 100_000)
+    t0 = time.perf_counter()
+    t = E.import_nodules(p, image_identity(scan))
+    elapsed = time.perf_counter() - t0
+    assert len(t) == 100_000 and t.ids.tolist()[:3] == [1, 2, 3] and len(set(t.ids.tolist())) == 100_000
+    assert elapsed < 60, f"{elapsed:.1f} s"
+    p.write_text(",".join(E.CSV_COLUMNS) + "\n" + row * (E.MAX_NODULES + 1))
+    with pytest.raises(E.NoduleFileError, match="more than 100000 rows"):
+        E.import_nodules(p, image_identity(scan))
+
+
+def test_import_from_a_fifo_does_not_block(tmp_path):
+    scan, _ = ct_table()
+    p = tmp_path / "n.json"
+    os.mkfifo(p)
+    with pytest.raises(E.NoduleFileError, match="FIFO"):
+        E.import_nodules(p, image_identity(scan))
