@@ -44,6 +44,10 @@ setup(
         "scikit-image",
         "platformdirs",
         "tqdm",
+        "dicomweb-client>=0.59",
+        "pydicom>=2.4",
+        "highdicom>=0.22",
+        "dask[distributed]>=2024.1",
     ],
     extras_require={
         "pyqt5": ["PyQt5"],
