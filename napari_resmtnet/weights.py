@@ -15,6 +15,8 @@ import math
 from importlib import resources
 from pathlib import Path
 
+from .paths import file_kind, read_head, shown
+
 WEIGHTS_FORMAT = "resmtnet-weights/1"
 MODALITIES = ("CT", "CXR")
 
@@ -60,18 +62,25 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+    kind = file_kind(path)
+    if kind == "missing":
+        raise WeightsError(f"{shown(path)}: weights file not found")
+    if kind != "file":
+        raise WeightsError(f"{shown(path)}: is a {kind}, not a regular weights file")
     if sha256 is None:
         side = path.with_name(path.name + ".sha256")
-        if not side.exists():
-            raise WeightsError(f"{path}: no expected sha256 given and no {side.name} beside it; refusing unverified weights")
+        side_kind = file_kind(side)
+        if side_kind == "missing":
+            raise WeightsError(f"{shown(path)}: no expected sha256 given and no {shown(side.name)} beside it; "
+                               "refusing unverified weights")
+        if side_kind != "file":  # a FIFO would block forever
+            raise WeightsError(f"{shown(side)}: is a {side_kind}, not a file holding the expected sha256")
         try:
-            words = side.read_text(encoding="ascii").split()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise WeightsError(f"{side}: cannot read the expected sha256 ({exc})") from None
+            words = read_head(side, 4096).decode("ascii").split()
+        except UnicodeDecodeError as exc:
+            raise WeightsError(f"{shown(side)}: cannot read the expected sha256 ({exc.reason})") from None
         if not words:
-            raise WeightsError(f"{side}: empty; expected the weights file's sha256")
+            raise WeightsError(f"{shown(side)}: empty; expected the weights file's sha256")
         sha256 = words[0].strip()
     try:
         actual = sha256_of(path)
@@ -102,6 +111,7 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
     if obj["modality"] not in MODALITIES:
         raise WeightsError(f"{path}: unknown modality {obj['modality']!r}")
     _check_metadata(path, obj)
+    _check_tensors(path, obj["state_dict"])
     obj["sha256"] = actual
     obj["path"] = str(path)
     return obj
@@ -145,17 +155,67 @@ def _check_metadata(path, obj: dict) -> None:
             raise WeightsError(f"{path}: {key} must be text, got {type(obj[key]).__name__}")
 
 
+#: bounds of the network config's whole numbers (checked before any network is built)
+CONFIG_INT_RANGE = {"in_channels": (1, 16), "widths": (1, 2048), "blocks": (0, 64), "head_width": (1, 2048),
+                    "fpr_patch": (4, 512), "fpr_width": (1, 2048)}
+
+
+def _check_tensors(path, state) -> None:
+    """The state dict holds named tensors, and every floating tensor is finite (a file of
+    NaN weights would otherwise "find 0 nodules" everywhere)."""
+    import torch
+
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{path}: state_dict must be a non-empty mapping of tensors")
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{path}: state_dict entry {str(name)[:60]!r} is not a named tensor")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{path}: tensor {name!r} holds NaN or infinite values; the weights are damaged")
+
+
+def _check_config_ranges(path, net: dict) -> None:
+    for key, (lo, hi) in CONFIG_INT_RANGE.items():
+        if key not in net:
+            continue
+        vals = net[key] if isinstance(net[key], (list, tuple)) else [net[key]]
+        if len(vals) > 16 or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in vals):
+            raise WeightsError(f"{path}: network {key} must be whole numbers from {lo} to {hi}, got "
+                               f"{str(net[key])[:80]}")
+    for key, v in net.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise WeightsError(f"{path}: network {key} must be a finite number, got {v!r}")
+
+
 def build_model(ckpt: dict):
-    """A ResMTNet in eval mode from a verified checkpoint dict."""
+    """A ResMTNet in eval mode from a verified checkpoint dict.
+
+    The network is first laid out on torch's "meta" device (no memory) and its tensor
+    shapes compared with the file's, so that a config that does not match its weights (or
+    asks for an absurd network) is refused before anything is allocated."""
+    import torch
+
     from .model import ResMTNet, ResMTNetConfig
 
+    where = ckpt.get("path", "weights")
     try:
+        _check_config_ranges(where, ckpt["network"])
         cfg = ResMTNetConfig.from_dict(ckpt["network"])
+        with torch.device("meta"):
+            layout = {k: tuple(v.shape) for k, v in ResMTNet(cfg).state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+        if layout != given:
+            missing = sorted(set(layout) - set(given))
+            extra = sorted(set(given) - set(layout))
+            wrong = sorted(k for k in set(layout) & set(given) if layout[k] != given[k])
+            what = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
+                    else f"{wrong[0]} is {list(given[wrong[0]])}, the network's is {list(layout[wrong[0]])}")
+            raise ValueError(f"the config and the tensors disagree: {what}")
         model = ResMTNet(cfg)
         model.load_state_dict(ckpt["state_dict"])
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise WeightsError(f"{ckpt.get('path', 'weights')}: does not match this version's network ({first})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{where}: does not match this version's network ({first})") from None
     return model.eval()
 
 

@@ -88,3 +88,58 @@ def test_empty_sha256_sidecar_is_a_message(weights_file):
     (weights_file.parent / "w.pt.sha256").write_text("")
     with pytest.raises(WeightsError, match="empty"):
         load_checkpoint(weights_file)
+
+
+def _rewritten(weights_file, change):
+    obj = torch.load(weights_file, map_location="cpu", weights_only=True)
+    change(obj)
+    p = weights_file.with_name("changed.pt")
+    torch.save(obj, p)
+    p.with_name(p.name + ".sha256").write_text(sha256_of(p) + "\n")
+    return p
+
+
+def test_sha256_sidecar_that_is_a_fifo_does_not_block(tmp_path, weights_file):
+    import os
+
+    other = tmp_path / "fifo.pt"
+    other.write_bytes(weights_file.read_bytes())
+    os.mkfifo(tmp_path / "fifo.pt.sha256")
+    with pytest.raises(WeightsError, match=r"fifo\.pt\.sha256: is a FIFO"):
+        load_checkpoint(other)
+    os.mkfifo(tmp_path / "pipe.pt")
+    with pytest.raises(WeightsError, match=r"pipe\.pt: is a FIFO, not a regular weights file"):
+        load_checkpoint(tmp_path / "pipe.pt", "0" * 64)
+
+
+def test_non_finite_weights_are_refused(weights_file):
+    def poison(obj):
+        name = next(k for k, v in obj["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+        obj["state_dict"][name] = obj["state_dict"][name].clone()
+        obj["state_dict"][name].view(-1)[0] = float("nan")
+
+    p = _rewritten(weights_file, poison)
+    with pytest.raises(WeightsError, match="holds NaN or infinite values"):
+        load_checkpoint(p)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda net: net.update(widths=[8, 8, 16, 10**6]), r"widths must be whole numbers from 1 to 2048"),
+    (lambda net: net.update(blocks=[1, 1, 10**9]), r"blocks must be whole numbers"),
+    (lambda net: net.update(widths=[8, 8, 16, 32]), r"config and the tensors disagree"),
+])
+def test_absurd_or_mismatched_network_config_refused_before_building(weights_file, monkeypatch, change, message):
+    import napari_resmtnet.model as model_pkg
+
+    p = _rewritten(weights_file, lambda obj: change(obj["network"]))
+    built = []
+    real = model_pkg.ResMTNet
+
+    def spy(cfg):
+        built.append(str(torch.get_default_device()) if hasattr(torch, "get_default_device") else "?")
+        return real(cfg)
+
+    monkeypatch.setattr(model_pkg, "ResMTNet", spy)
+    with pytest.raises(WeightsError, match=message):
+        load_model("CT", weights=p)
+    assert all(d == "meta" for d in built), built  # never allocated for real
