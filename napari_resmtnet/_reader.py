@@ -144,6 +144,7 @@ def _notify(kind: str, message: str):
 def read_scan(path, **_ignored):
     """napari reader function: load one scan; errors become one notification, not a traceback."""
     from .io import ScanReadError, load_scan
+    from .paths import escape_text, shown
 
     p = _single_path(path)
     try:
@@ -152,11 +153,12 @@ def read_scan(path, **_ignored):
         _notify("error", str(e))
         return [(None,)]
     except MemoryError:
-        _notify("error", f"{p}: not enough memory to read this scan")
+        _notify("error", f"{shown(p)}: not enough memory to read this scan")
         return [(None,)]
     except (OSError, RuntimeError, ValueError) as e:  # unexpected: still one line, no traceback
-        _notify("error", f"{p}: could not be read ({type(e).__name__}: {' '.join(str(e).split())})")
+        _notify("error", f"{shown(p)}: could not be read ({type(e).__name__}: "
+                         f"{escape_text(' '.join(str(e).split()))})")
         return [(None,)]
     for w in scan.warnings:
-        _notify("warning", f"{display_name(p)}: {w}")
+        _notify("warning", f"{shown(display_name(p))}: {w}")
     return scan_layer_data(scan)

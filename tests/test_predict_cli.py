@@ -244,3 +244,55 @@ def test_bad_weights_are_one_line_whatever_the_number_of_inputs(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "sha256 mismatch" in err[0]
     assert not (tmp_path / "o.csv").exists()
+
+
+# --- output safety, Ctrl-C, escaped names --------------------------------------------------------
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda d: Path("/dev/null"), "device"),
+    (lambda d: (os.mkfifo(d / "o.csv"), d / "o.csv")[1], "FIFO"),
+    (lambda d: (os.symlink("/dev/full", d / "o.csv"), d / "o.csv")[1], "link to a device"),
+])
+def test_out_that_is_not_a_regular_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch, make, kind):
+    import napari_resmtnet.io as sio
+
+    monkeypatch.setattr(sio, "load_scan", lambda p: pytest.fail("no scan may be read"))
+    out = make(tmp_path)
+    rc = main([str(tmp_path / "x.mha"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and kind in err[0], err
+    if str(out) == "/dev/null":
+        import stat
+
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, centroid_predictor):
+    import napari_resmtnet.io as sio
+
+    calls = []
+
+    def interrupt(p):
+        calls.append(p)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sio, "load_scan", interrupt)
+    out = tmp_path / "o.csv"
+    out.write_text("an older result\n")
+    rc = main([str(tmp_path / "a.mha"), str(tmp_path / "b.mha"), "--out", str(out), "--json",
+               str(tmp_path / "o.json"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and calls == [str(tmp_path / "a.mha")]
+    assert err == ["resmtnet predict: interrupted after 0 of 2 scan(s); nothing written"]
+    assert out.read_text() == "an older result\n"
+    assert sorted(os.listdir(tmp_path)) == ["o.csv"]
+
+
+def test_file_names_with_control_characters_are_printed_escaped(tmp_path, capsys):
+    bad = tmp_path / "a\nb\x1b[2Jc.mha"
+    bad.write_text("not an image\n")
+    rc = main([str(bad), "--out", str(tmp_path / "o.csv"), "--quiet"])
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert "\x1b" not in cap.err + cap.out and "a\\nb\\x1b[2Jc.mha" in err[0]
