@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("napari_resmtnet.evaluation", "validation metrics of the bundled (or given) weights"),
     "demo": ("napari_resmtnet.demo", "open napari with a bundled sample and detect its nodules"),
     "figure": ("napari_resmtnet.cli", "draw CT nodules implanted into a chest X-ray (a PNG figure)"),
+    "screen": ("napari_resmtnet.screening", "screen an archive (files, DICOMweb) on a Dask cluster; resumable"),
 }
 
 #: the data folder when neither --data nor $RESMTNET_DATA is given (next to the checkout)
