@@ -58,8 +58,10 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@echo "==> [3/4] torch $(TORCH_VERSION) ($(if $(TORCH_INDEX),from $(TORCH_INDEX),from the default index))"
 	@if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=10)' "$(TORCH_INDEX)" 2>/dev/null; then \
-	  echo "$(PIP) install --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)"; \
-	  $(PIP) install --index-url "$(TORCH_INDEX)" "torch==$(TORCH_VERSION)"; \
+	  echo "$(PIP) install --no-deps --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)"; \
+	  $(PIP) install --no-deps --index-url "$(TORCH_INDEX)" "torch==$(TORCH_VERSION)" && \
+	  echo "$(PIP) install torch==$(TORCH_VERSION)   # its dependencies, from the default index" && \
+	  $(PIP) install "torch==$(TORCH_VERSION)"; \
 	else \
 	  if [ -n "$(TORCH_INDEX)" ]; then echo "    $(TORCH_INDEX) cannot be reached: torch comes from the default index"; fi; \
 	  echo "$(PIP) install torch==$(TORCH_VERSION)"; \
