@@ -52,8 +52,8 @@ $(VENV)/.installed: setup.py pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
 	  echo "make: '$(PYTHON) -m venv' cannot work: the python3-venv package is missing."; \
 	  echo "      Install it with 'sudo apt-get install python3-venv' (or run 'make sysdeps'), then run make again."; exit 1; }
-	@echo "==> [1/4] creating $(VENV) with $$($(PYTHON) --version)"
-	$(PYTHON) -m venv $(VENV)
+	@if [ -x $(BIN)/python ]; then echo "==> [1/4] $(VENV) exists: updating it"; \
+	else echo "==> [1/4] creating $(VENV) with $$($(PYTHON) --version)" && $(PYTHON) -m venv $(VENV); fi
 	@echo "==> [2/4] upgrading pip"
 	$(PIP) install --quiet --upgrade pip
 	@echo "==> [3/4] torch $(TORCH_VERSION) ($(if $(TORCH_INDEX),from $(TORCH_INDEX),from the default index))"
