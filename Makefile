@@ -111,3 +111,11 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache
+
+# A local PACS: Orthanc with its DICOMweb plugin on 127.0.0.1 (scripts/orthanc.sh; needs the
+# Debian packages orthanc and orthanc-dicomweb) holding the sample chest CT as a DICOM series.
+# `scripts/orthanc.sh stop` stops it and deletes its storage.
+.PHONY: pacs
+pacs: setup
+	scripts/orthanc.sh start
+	$(BIN)/python scripts/pacs_demo.py

@@ -11,7 +11,7 @@
 # in $RESMTNET_ORTHANC_DIR (default ${TMPDIR:-/tmp}/resmtnet-orthanc), which `stop` removes.
 # HTTP Basic authentication is on, with a random password written to DIR/credentials
 # (mode 600) in the form the plugin reads: "basic USER:PASSWORD". The address is in DIR/url.
-# Needs the Debian packages orthanc and orthanc-dicomweb (`make sysdeps-pacs` installs them).
+# Needs the Debian packages orthanc and orthanc-dicomweb (.ci/run installs them).
 set -euo pipefail
 
 PORT=${RESMTNET_ORTHANC_PORT:-18042}
