@@ -42,6 +42,7 @@ help:
 	@echo "make format     ruff format the files listed in FORMATTED"
 	@echo "make setup      only the .venv (TORCH_INDEX=... to choose the torch build)"
 	@echo "make sysdeps    only the Debian packages (python3-venv, Xvfb, Qt's X libraries)"
+	@echo "make pacs       a local Orthanc PACS (DICOMweb) holding the sample chest CT"
 	@echo "make clean      remove .venv and build outputs"
 
 setup: $(VENV)/.installed
