@@ -156,3 +156,19 @@ def world_to_voxel_boxes(centers_mm, sizes_mm, geom):
     if s.shape[1] == 1:
         s = np.repeat(s, c.shape[1], axis=1)
     return centers_sizes_to_boxes(c, s / sp)
+
+
+def slice_index_of(world_point, geom, n_slices: int, axis: int = 0) -> int:
+    """The slice (integer index along array ``axis``) nearest a world position (array
+    order, mm), clipped to ``[0, n_slices)``.
+
+    This is the one place a viewer position becomes a slice number: the position is
+    converted with the scan's own geometry and *rounded*, so floating-point noise in the
+    position (``origin + k * spacing`` is rarely exact: ``29.000000000000014``) can never
+    put it between slices.
+    """
+    v = world_to_voxel_points(np.asarray(world_point, dtype=float).reshape(1, -1), geom)[0]
+    k = v[axis]
+    if not np.isfinite(k):
+        return 0
+    return int(min(max(int(np.floor(k + 0.5)), 0), int(n_slices) - 1))

@@ -33,15 +33,22 @@ from .scan import geometry_dict
 
 LABELS = ("benign", "malignant")
 SOURCES = ("model", "user")
+#: The reader's decision on a nodule. ``reviewed`` (in files) means "accepted".
+REVIEW_STATES = ("unreviewed", "accepted", "rejected")
+#: Edge colour of a rejected nodule (grey: still visible, clearly set aside).
+REJECTED_RGB = (0.55, 0.55, 0.55)
 #: RGB colours of the two labels (also used by the widget's legend).
 LABEL_RGB = {"benign": (0.20, 0.85, 0.30), "malignant": (0.95, 0.20, 0.20)}
 #: Per-shape feature columns of a nodule layer.
 FEATURE_COLUMNS = ("id", "probability", "malignancy", "label", "diameter_mm", "source",
-                   "reviewed", "slice")
+                   "reviewed", "review", "mark", "slice")
 #: Key in ``layer.metadata`` marking a layer made by this module; the value is the table.
 META_KEY = "nodules"
 DEFAULT_THRESHOLD = 0.5
-TEXT_FORMAT = "{label} {malignancy:.2f}"
+#: Box text: the label and the *detection* probability (the malignancy is in the table);
+#: ``mark`` is the review state (" ✓" accepted, " ✗" rejected, "" unreviewed).
+TEXT_FORMAT = "{label} {probability:.2f}{mark}"
+REVIEW_MARKS = {"unreviewed": "", "accepted": " \u2713", "rejected": " \u2717"}
 
 
 def label_of(malignancy: float) -> str:
@@ -85,7 +92,9 @@ class NoduleTable:
     probability, malignancy : (N,) float in [0, 1].
     label : (N,) "benign" | "malignant" (the radiologist may override the model's call).
     source : (N,) "model" | "user".
-    reviewed : (N,) bool.
+    reviewed : (N,) bool: accepted by the reader (what files store).
+    review : (N,) "unreviewed" | "accepted" | "rejected" (default: from ``reviewed``);
+        ``reviewed`` always equals ``review == "accepted"``.
     image : `image_identity` of the image (its geometry is the boxes' geometry).
     threshold : detection probability below which a nodule is hidden (kept, not deleted).
     model_info : dict(name, version, sha256) of the model that produced the candidates.
@@ -102,6 +111,7 @@ class NoduleTable:
     threshold: float = DEFAULT_THRESHOLD
     model_info: dict | None = None
     meta: dict = field(default_factory=dict)
+    review: Any = None
 
     def __post_init__(self):
         nd = len(self.image["shape"])
@@ -115,8 +125,16 @@ class NoduleTable:
         self.label = np.asarray(list(self.label), dtype=object).reshape(-1)
         self.source = np.asarray(list(self.source), dtype=object).reshape(-1)
         self.reviewed = np.asarray(self.reviewed, dtype=bool).reshape(-1)
+        if self.review is None:
+            self.review = np.where(self.reviewed, "accepted", "unreviewed").astype(object)
+        self.review = np.asarray(list(self.review), dtype=object).reshape(-1)
+        bad = [r for r in self.review if r not in REVIEW_STATES]
+        if bad:
+            raise ValueError(f"review must be one of {REVIEW_STATES}, got {bad[0]!r}")
+        if len(self.review) == n:
+            self.reviewed = self.review == "accepted"
         self.threshold = float(self.threshold)
-        for name in ("ids", "probability", "malignancy", "label", "source", "reviewed"):
+        for name in ("ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values, expected {n} (one per box)")
         if len(set(self.ids.tolist())) != n:
@@ -164,7 +182,7 @@ class NoduleTable:
         return NoduleTable(self.boxes.copy(), self.ids.copy(), self.probability.copy(),
                            self.malignancy.copy(), self.label.copy(), self.source.copy(),
                            self.reviewed.copy(), copy.deepcopy(self.image), self.threshold,
-                           copy.deepcopy(self.model_info), copy.deepcopy(self.meta))
+                           copy.deepcopy(self.model_info), copy.deepcopy(self.meta), self.review.copy())
 
     def equals(self, other: "NoduleTable") -> bool:
         """Same nodules (exactly), same image, threshold and model."""
@@ -177,6 +195,7 @@ class NoduleTable:
             and list(self.label) == list(other.label)
             and list(self.source) == list(other.source)
             and np.array_equal(self.reviewed, other.reviewed)
+            and list(self.review) == list(other.review)
             and self.image == other.image
             and self.threshold == other.threshold
             and (self.model_info or None) == (other.model_info or None)
@@ -264,6 +283,7 @@ class NoduleTable:
             "diameter_mm": float(self.diameter_mm()[i]),
             "source": str(self.source[i]),
             "reviewed": bool(self.reviewed[i]),
+            "review": str(self.review[i]),
         }
 
     # edits (each returns a new table; the original is left untouched for undo) ---------
@@ -277,8 +297,16 @@ class NoduleTable:
     def removed(self, ids) -> "NoduleTable":
         t = self.copy()
         keep = ~np.isin(t.ids, [int(i) for i in np.atleast_1d(ids)])
-        for name in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed"):
+        for name in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
             setattr(t, name, getattr(t, name)[keep])
+        return t
+
+    def taken(self, index) -> "NoduleTable":
+        """The nodules at positions ``index`` (any order; ids kept)."""
+        t = self.copy()
+        index = np.asarray(index, dtype=int).reshape(-1)
+        for name in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
+            setattr(t, name, getattr(t, name)[index])
         return t
 
     def with_label(self, ids, label: str) -> "NoduleTable":
@@ -295,12 +323,36 @@ class NoduleTable:
         return t
 
     def with_reviewed(self, ids, value: bool | None = None) -> "NoduleTable":
-        """Mark reviewed (value=True/False), or toggle (None: unmark if all are reviewed)."""
+        """Mark accepted (value=True) or unreviewed (False), or toggle (None: back to
+        unreviewed if all are accepted)."""
         t = self.copy()
         k = t._sel(ids)
         if value is None:
             value = not bool(np.all(t.reviewed[k]))
-        t.reviewed[k] = bool(value)
+        return t.with_review(self.ids[k], "accepted" if value else "unreviewed")
+
+    def with_review(self, ids, state: str) -> "NoduleTable":
+        """Set the review state ("unreviewed", "accepted", "rejected") of nodules ``ids``."""
+        if state not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {REVIEW_STATES}, got {state!r}")
+        t = self.copy()
+        k = t._sel(ids)
+        t.review[k] = state
+        t.reviewed = t.review == "accepted"
+        return t
+
+    def with_z_extent(self, nodule_id: int, first: int | None = None, last: int | None = None) -> "NoduleTable":
+        """Set the first and/or last slice a CT nodule spans (inclusive slice indices, in
+        either order); the in-plane extents stay."""
+        if self.ndim != 3:
+            raise ValueError("a radiograph nodule has no z extent")
+        t = self.copy()
+        i = t.index_of(nodule_id)
+        cur = list(t.slices(i))
+        lo = cur[0] if first is None else int(first)
+        hi = cur[-1] if last is None else int(last)
+        lo, hi = sorted((min(max(lo, 0), self.shape[0] - 1), min(max(hi, 0), self.shape[0] - 1)))
+        t.boxes[i, 0], t.boxes[i, 3] = lo - 0.5, hi + 0.5
         return t
 
     def with_box(self, nodule_id: int, box) -> "NoduleTable":
@@ -322,7 +374,7 @@ class NoduleTable:
 
     def added(self, box, label: str = "benign", probability: float = 1.0,
               malignancy: float | None = None, source: str = "user", reviewed: bool = False,
-              nodule_id: int | None = None) -> tuple["NoduleTable", int]:
+              nodule_id: int | None = None, review: str | None = None) -> tuple["NoduleTable", int]:
         """A new nodule; a user's has probability 1 and malignancy 1/0 from its label."""
         if label not in LABELS:
             raise ValueError(f"label must be one of {LABELS}, got {label!r}")
@@ -340,7 +392,11 @@ class NoduleTable:
         t.malignancy = np.append(t.malignancy, float(malignancy))
         t.label = np.append(t.label, np.asarray([label], dtype=object))
         t.source = np.append(t.source, np.asarray([source], dtype=object))
-        t.reviewed = np.append(t.reviewed, bool(reviewed))
+        state = review or ("accepted" if reviewed else "unreviewed")
+        if state not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {REVIEW_STATES}, got {state!r}")
+        t.review = np.append(t.review, np.asarray([state], dtype=object))
+        t.reviewed = t.review == "accepted"
         return t, nid
 
     def box_from_slice_rect(self, yx_box, slice_index: int | None) -> np.ndarray:
@@ -383,11 +439,25 @@ def inplane(box) -> np.ndarray:
     return b[[1, 2, 4, 5]] if len(b) == 6 else b.copy()
 
 
-def table_to_shapes(table: NoduleTable, threshold: float | None = None):
+def nodule_colors(table: NoduleTable, i: int):
+    """(edge RGBA, text RGBA) of nodule ``i``: colour by label, opacity by detection
+    probability, solid when accepted, grey when rejected."""
+    state = str(table.review[i])
+    if state == "rejected":
+        return (*REJECTED_RGB, 0.6), (*REJECTED_RGB, 1.0)
+    alpha = 1.0 if state == "accepted" else confidence_alpha(table.probability[i])
+    return rgba(table.label[i], alpha), rgba(table.label[i])
+
+
+def table_to_shapes(table: NoduleTable, threshold: float | None = None, slice_index: int | None = None):
     """Shapes for the nodules visible at ``threshold``.
 
-    Returns ``(data, features, edge_color, text_color)``: a list of (4, ndim) rectangles in
-    voxel coordinates, a dict of per-shape feature columns, and (S, 4) RGBA arrays.
+    Without ``slice_index``: one (4, ndim) rectangle per slice a CT nodule spans (the whole
+    volume). With ``slice_index`` (CT): one 2D (4, 2) rectangle per nodule that spans that
+    slice -- what the widget's current-slice layer shows.
+
+    Returns ``(data, features, edge_color, text_color)``: a list of rectangles in voxel
+    coordinates, a dict of per-shape feature columns, and (S, 4) RGBA arrays.
     """
     vis = table.visible_mask(threshold)
     diam = table.diameter_mm()
@@ -395,9 +465,15 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None):
     edge, text = [], []
     for i in np.flatnonzero(vis):
         ip = inplane(table.boxes[i])
-        slices = list(table.slices(i)) if table.ndim == 3 else [None]
+        if table.ndim != 3:
+            slices, z_of = [None], None
+        elif slice_index is None:
+            slices, z_of = list(table.slices(i)), (lambda k: k)
+        else:
+            slices = [int(slice_index)] if int(slice_index) in table.slices(i) else []
+            z_of = None
         for k in slices:
-            data.append(_rect(ip, k))
+            data.append(_rect(ip, None if z_of is None else z_of(k)))
             rows["id"].append(int(table.ids[i]))
             rows["probability"].append(float(table.probability[i]))
             rows["malignancy"].append(float(table.malignancy[i]))
@@ -405,16 +481,32 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None):
             rows["diameter_mm"].append(float(diam[i]))
             rows["source"].append(str(table.source[i]))
             rows["reviewed"].append(bool(table.reviewed[i]))
+            rows["review"].append(str(table.review[i]))
+            rows["mark"].append(REVIEW_MARKS[str(table.review[i])])
             rows["slice"].append(-1 if k is None else int(k))
-            edge.append(rgba(table.label[i], confidence_alpha(table.probability[i])))
-            text.append(rgba(table.label[i]))
+            e, t = nodule_colors(table, i)
+            edge.append(e)
+            text.append(t)
     edge = np.asarray(edge, float).reshape(-1, 4)
     text = np.asarray(text, float).reshape(-1, 4)
     return data, rows, edge, text
 
 
+def slice_geometry_kwargs(image: dict, slice_index: int) -> dict:
+    """scale / translate / affine of a 2D layer that shows slice ``slice_index`` of a CT
+    ``image`` (its in-plane axes) in the image's millimetres."""
+    from .scan import napari_geometry_kwargs
+
+    sp = np.asarray(image["spacing"], float)
+    org = np.asarray(image["origin"], float)
+    d = np.asarray(image["direction"], float).reshape(3, 3)
+    at_k = org + d @ np.array([sp[0] * float(slice_index), 0.0, 0.0])
+    return napari_geometry_kwargs(sp[1:], at_k[1:], d[1:, 1:])
+
+
 _FEATURE_DTYPES = {"id": "int64", "probability": "float64", "malignancy": "float64", "label": object,
-                   "diameter_mm": "float64", "source": object, "reviewed": "bool", "slice": "int64"}
+                   "diameter_mm": "float64", "source": object, "reviewed": "bool", "review": object,
+                   "mark": object, "slice": "int64"}
 
 
 def features_frame(rows: dict):
@@ -425,10 +517,11 @@ def features_frame(rows: dict):
     return pd.DataFrame({c: pd.Series(rows.get(c, []), dtype=_FEATURE_DTYPES[c]) for c in FEATURE_COLUMNS})
 
 
-def feature_defaults(new_label: str = "benign") -> dict:
+def feature_defaults(new_label: str = "benign", slice_index: int = -1) -> dict:
     """Features a shape drawn by hand starts with; ``id`` -1 marks it as not yet a nodule."""
     return {"id": -1, "probability": 1.0, "malignancy": 1.0 if new_label == "malignant" else 0.0,
-            "label": new_label, "diameter_mm": 0.0, "source": "user", "reviewed": False, "slice": -1}
+            "label": new_label, "diameter_mm": 0.0, "source": "user", "reviewed": False,
+            "review": "unreviewed", "mark": "", "slice": int(slice_index)}
 
 
 def edge_width_for(table: NoduleTable) -> float:
@@ -456,27 +549,37 @@ def layer_name_for(image: dict) -> str:
 
 
 def table_to_layer_data(table: NoduleTable, threshold: float | None = None,
-                        name: str | None = None, new_label: str = "benign"):
-    """The LayerDataTuple ``(data, kwargs, "shapes")`` showing ``table``."""
+                        name: str | None = None, new_label: str = "benign",
+                        slice_index: int | None = None):
+    """The LayerDataTuple ``(data, kwargs, "shapes")`` showing ``table``.
+
+    Without ``slice_index`` a CT table gives a 3D layer with a rectangle on every slice of
+    every nodule (for use without the widget). With ``slice_index`` it gives the widget's
+    2D current-slice layer: the rectangles of that slice only, placed in the image's
+    millimetres at that slice (`slice_geometry_kwargs`); the widget refills it whenever
+    the viewer moves to another slice.
+    """
     if threshold is not None:
         table = table.copy()
         table.threshold = float(threshold)
-    data, feats, edge, text = table_to_shapes(table)
+    per_slice = table.ndim == 3 and slice_index is not None
+    data, feats, edge, text = table_to_shapes(table, slice_index=slice_index if per_slice else None)
     n = len(data)
+    geometry = slice_geometry_kwargs(table.image, slice_index) if per_slice else napari_kwargs_of(table.image)
     kwargs = dict(
         name=name or layer_name_for(table.image),
-        ndim=table.ndim,
+        ndim=2 if per_slice else table.ndim,
         shape_type=["rectangle"] * n,
         edge_color=edge if n else "lime",
         face_color=np.zeros((n, 4)) if n else "transparent",
         edge_width=edge_width_for(table),
         features=features_frame(feats),
-        feature_defaults=feature_defaults(new_label),
+        feature_defaults=feature_defaults(new_label, slice_index if per_slice else -1),
         text=text_kwargs(text),
         metadata={META_KEY: table, "image": dict(table.image), "model_info": table.model_info,
                   "threshold": table.threshold},
         opacity=1.0,
-        **napari_kwargs_of(table.image),
+        **geometry,
     )
     return (data, kwargs, "shapes")
 
@@ -607,8 +710,8 @@ def layer_to_nodules(layer) -> NoduleTable:
     image = _image_from_state(meta, ndim, extent)
     n_rows = sum(len(g) for g in groups) if not kind.startswith("points") else len(groups)
     col = {c: _column(feats, c, n_rows, None) for c in ("id", "probability", "malignancy", "label",
-                                                         "source", "reviewed")}
-    ids, prob, mal, lab, src, rev = [], [], [], [], [], []
+                                                         "source", "reviewed", "review")}
+    ids, prob, mal, lab, src, rev, state = [], [], [], [], [], [], []
     used = set()
     for g in groups:
         i = g[0]
@@ -628,6 +731,8 @@ def layer_to_nodules(layer) -> NoduleTable:
         lab.append(label or label_of(m))
         src.append(col["source"][i] if col["source"][i] in SOURCES else "user")
         rev.append(bool(col["reviewed"][i]) if col["reviewed"][i] is not None else False)
+        r = col["review"][i]
+        state.append(r if r in REVIEW_STATES else ("accepted" if rev[-1] else "unreviewed"))
     nxt = max(used, default=0) + 1
     for j, v in enumerate(ids):
         if v is None:
@@ -636,13 +741,13 @@ def layer_to_nodules(layer) -> NoduleTable:
     thr = md.get("threshold", DEFAULT_THRESHOLD)
     return NoduleTable(vboxes, ids, prob, mal, lab, src, rev, image,
                        threshold=float(thr) if thr is not None else DEFAULT_THRESHOLD,
-                       model_info=md.get("model_info"))
+                       model_info=md.get("model_info"), review=state)
 
 
 # --- reconcile a user-edited layer with the table ---------------------------------------------
 
 def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: str = "benign",
-              atol: float = 1e-3):
+              atol: float = 1e-3, slice_index: int | None = None):
     """The table after the user edited the layer that showed it.
 
     ``shapes`` and ``features`` are the layer's current data and features (one row per
@@ -651,7 +756,8 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
     its nodule's box moved or was resized: the nodule's in-plane extents follow it (z is
     kept). A shape without a valid id (drawn by the user), or a CT shape that is not on the
     slice its features say (pasted), is a new nodule: source "user", probability 1, label
-    ``new_label``. Differences below ``atol`` voxels are float32 rounding (napari stores
+    ``new_label``; 2D shapes of a CT table are on ``slice_index`` (the widget's current-slice
+    layer) unless their ``slice`` feature says otherwise. Differences below ``atol`` voxels are float32 rounding (napari stores
     vertices in float32), not edits.
 
     Returns ``(new_table, changed, added_ids)``; ``table`` itself is not modified.
@@ -688,7 +794,7 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
         # a new shape
         yx = _min_size(yx)
         if table.ndim == 3:
-            z = float(np.round(np.median(s[:, 0]))) if s.shape[1] == 3 else float(k if valid_id(k) else 0)
+            z = float(np.round(np.median(s[:, 0]))) if s.shape[1] == 3 else float(k if valid_id(k) else (slice_index or 0))
             z = min(max(z, 0.0), table.shape[0] - 1)
             box = new.box_from_slice_rect(yx, int(z))
         else:

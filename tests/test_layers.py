@@ -57,7 +57,9 @@ def test_ct_layer_has_one_rectangle_per_slice_with_features():
     # colour by label, opacity by confidence
     np.testing.assert_allclose(kw["edge_color"][0][:3], LABEL_RGB["malignant"])
     assert kw["edge_color"][0][3] > kw["edge_color"][4][3]  # 0.9 more opaque than 0.7
-    assert kw["text"]["string"] == "{label} {malignancy:.2f}"
+    # box text: label and detection probability (malignancy is in the table), review mark
+    assert kw["text"]["string"] == "{label} {probability:.2f}{mark}"
+    assert feats["mark"] == [""] * 5 and feats["review"] == ["unreviewed"] * 5
     # every candidate is kept in the table
     table = kw["metadata"]["nodules"]
     assert len(table) == 3 and table.model_info["sha256"] == "ab"
