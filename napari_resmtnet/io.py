@@ -220,8 +220,7 @@ def _dir_has_dicom(path: Path, max_files: int = 200, max_depth: int = 3) -> bool
             dirs[:] = []
         dirs.sort()
         for name in sorted(files):
-            p = Path(root) / name
-            if name.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(_head(p, 132)):
+            if _looks_dicom(Path(root) / name, path):
                 return True
             seen += 1
             if seen >= max_files:
@@ -1021,8 +1020,11 @@ def _dicom_series_in(folder: Path, max_dirs: int = 500,
     return found
 
 
-def _looks_dicom(p: Path) -> bool:
+def _looks_dicom(p: Path, top: Path | None = None) -> bool:
+    """A plain file (inside ``top`` when given, links resolved) named or starting like DICOM."""
     if file_kind(p) != "file":
+        return False
+    if top is not None and not inside_folder(top, os.path.relpath(p, top))[0]:
         return False
     return p.name.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(_head(p, 132))
 
@@ -1035,7 +1037,7 @@ def _count_dicom_files(folder: Path, max_files: int = 5000) -> int:
             seen += 1
             if seen > max_files:
                 return n
-            if _looks_dicom(Path(root) / name):
+            if _looks_dicom(Path(root) / name, folder):
                 n += 1
     return n
 
@@ -1053,7 +1055,7 @@ def _dicom_files_outside_series(root: Path, series, max_files: int = 5000) -> li
             continue
         if os.path.normcase(os.path.abspath(e.path)) in listed:
             continue
-        if _looks_dicom(Path(e.path)):
+        if _looks_dicom(Path(e.path), root):
             out.append(e.name)
     return out
 

@@ -495,3 +495,15 @@ def test_pattern_names_are_checked_one_by_one(tmp_path):
     (d / "slice03.raw").unlink()
     with pytest.raises(ScanReadError, match=r"'slice03\.raw' named in the header does not exist"):
         load_scan(d / "scan.mhd")
+
+
+def test_dicom_folder_of_links_out_is_not_read(tmp_path):
+    """Links to DICOM files outside the opened folder are neither sniffed nor read."""
+    files = dicom_series(tmp_path / "elsewhere", n=3)
+    d = tmp_path / "opened"
+    d.mkdir()
+    for f in files:
+        os.symlink(f, d / f.name)
+    assert not can_read(d)
+    with pytest.raises(ScanReadError, match="no DICOM series found"):
+        load_scan(d)
