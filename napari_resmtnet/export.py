@@ -343,19 +343,33 @@ def _checked_image(image, where: str) -> dict:
     return out
 
 
+def _plain(value, depth: int = 0) -> bool:
+    """JSON of text, booleans, finite numbers, and lists/objects of them, at most 4 deep and
+    100 items per level."""
+    if value is None or isinstance(value, (str, bool)):
+        return True
+    if isinstance(value, (int, float)):
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:
+            return False
+    if depth >= 4 or not isinstance(value, (list, dict)) or len(value) > 100:
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return all(_plain(v, depth + 1) for v in items)
+
+
 def _checked_model(model, where: str) -> dict | None:
-    """The ``model`` of a nodule JSON: None or an object of plain values (text, numbers)."""
+    """The ``model`` of a nodule JSON: None or an object of plain values (see `_plain`)."""
     if model is None:
         return None
     if not isinstance(model, dict) or len(model) > 100:
         raise NoduleFileError(f"{where}: model must be an object, got {_brief(model)}")
-    out = {}
     for k, v in model.items():
-        if v is None or isinstance(v, (str, bool)) or (isinstance(v, (int, float)) and math.isfinite(float(v))):
-            out[str(k)] = v
-        else:
-            raise NoduleFileError(f"{where}: model field {_brief(k)} must be text or a finite number")
-    return out
+        if not _plain(v, 1):
+            raise NoduleFileError(f"{where}: model field {_brief(k)} must be text, finite numbers or "
+                                  "short lists/objects of them")
+    return dict(model)
 
 
 def _checked_box(box, where: str, nd: int) -> list[float]:

@@ -288,7 +288,8 @@ def _exported(tmp_path, change=None, table=None):
     (lambda d: d["nodules"][1].update(id=d["nodules"][0]["id"]), r"used twice"),
     (lambda d: d["image"].update(shape=[20, 64, "64"]), r"shape must be"),
     (lambda d: d.update(format_version=99), r"format_version 99"),
-    (lambda d: d.update(model={"name": [[[]]]}), r"model field"),
+    (lambda d: d.update(model={"name": [[[[[1]]]]]}), r"model field"),
+    (lambda d: d.update(model={"auc": float("inf")}), r"model field"),
 ])
 def test_json_schema_refusals_are_one_line(tmp_path, change, message):
     scan, p = _exported(tmp_path, change)
