@@ -422,6 +422,11 @@ def _check_data_file(header: Path, name: str, what: str = "data file") -> Path:
     if not name or "\x00" in name:
         raise ScanReadError(header, f"{what} named in the header is empty or not a plain name")
     inside, target = inside_folder(header.parent, name)
+    if not inside and os.path.islink(header):
+        # a header that is itself a link (a folder of links into a dataset): its data may
+        # also lie in the folder the header really is in
+        inside, target = inside_folder(os.path.dirname(os.path.realpath(header)), name)
+        inside = inside and os.path.realpath(os.path.join(header.parent, name)) == target
     if not inside:
         raise ScanReadError(
             header, f"{what} '{name}' named in the header is outside the header's folder (it "

@@ -507,3 +507,18 @@ def test_dicom_folder_of_links_out_is_not_read(tmp_path):
     assert not can_read(d)
     with pytest.raises(ScanReadError, match="no DICOM series found"):
         load_scan(d)
+
+
+def test_a_folder_of_links_into_a_dataset_still_opens(tmp_path):
+    """A header that is itself a link may read data from the folder it really lies in; a
+    plain header may not follow a data link out of its folder."""
+    data = tmp_path / "dataset"
+    mhd(data, "scan.raw")
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(data / "scan.mhd", links / "scan.mhd")
+    os.symlink(data / "scan.raw", links / "scan.raw")
+    assert load_scan(links / "scan.mhd").shape == (6, 8, 10)
+    (links / "plain.mhd").write_text((data / "scan.mhd").read_text())
+    with pytest.raises(ScanReadError, match="outside the header's folder"):
+        load_scan(links / "plain.mhd")
