@@ -21,8 +21,10 @@ sent over HTTPS, or over plain HTTP to this machine (127.0.0.1, ::1, localhost);
 with ``user:password@`` in it is refused.
 
 **HTTPS** certificates are verified (``verify=True``); ``verify="/path/ca.pem"`` (or
-``$RESMTNET_PACS_CA_BUNDLE``) names a private CA; ``verify=False`` turns checks off and says so
-in ``Pacs.warnings``.
+``$RESMTNET_PACS_CA_BUNDLE``, else ``$REQUESTS_CA_BUNDLE``) names a private CA;
+``verify=False`` turns checks off and says so in ``Pacs.warnings``. Proxies and ``~/.netrc``
+from the environment are not used (``trust_env`` off): credentials go only where they are
+given.
 
 **Failures** are one `PacsError` line each (``"PACS <url>: <what went wrong>"``): refused or
 unreachable server, timeouts (connect ``timeout[0]`` s, each read ``timeout[1]`` s: never a
@@ -280,7 +282,8 @@ class Pacs:
                             f"{escape_text(parts.hostname)}; use https://")
         verify = self.verify
         if verify is None:
-            verify = os.environ.get(CA_BUNDLE_ENV) or True
+            # a private CA: ours first, then the one requests itself would use
+            verify = os.environ.get(CA_BUNDLE_ENV) or os.environ.get("REQUESTS_CA_BUNDLE") or True
         if verify is False:
             self.warnings.append("HTTPS certificate checks are off: the PACS's identity is not verified")
         elif isinstance(verify, (str, os.PathLike)) and not Path(verify).is_file():
@@ -519,7 +522,7 @@ class Pacs:
     def store(self, datasets: Iterable) -> list[str]:
         """Store DICOM datasets (STOW-RS); returns their SOP Instance UIDs. A PACS that
         refuses any of them is one `PacsError` line naming the first failure."""
-        datasets = list(datasets)
+        datasets = [_file_format(ds) for ds in datasets]
         if not datasets:
             return []
         answer = self._call("store", self.client.store_instances, datasets)
@@ -535,6 +538,25 @@ class Pacs:
         """The given SOP instances that a QIDO query of the study does NOT find (empty: all there)."""
         have = {str(_value(it, "00080018")) for it in self.search_instances(study_uid)}
         return [u for u in sop_uids if u not in have]
+
+
+def _file_format(ds):
+    """``ds`` as a DICOM file (PS3.10: preamble, 'DICM', file meta), the form STOW-RS expects
+    and WADO-RS gives back; datasets made in memory often lack it."""
+    if getattr(ds, "preamble", None) is not None and getattr(ds, "file_meta", None) is not None:
+        return ds
+    from io import BytesIO
+
+    import pydicom
+
+    buf = BytesIO()
+    try:
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    except (ValueError, AttributeError, TypeError) as e:
+        raise PacsError(f"store: object {getattr(ds, 'SOPInstanceUID', '?')} is not a complete DICOM object "
+                        f"({_first(str(e))})") from None
+    buf.seek(0)
+    return pydicom.dcmread(buf)
 
 
 def open_series(address: str, **pacs_kw):

@@ -116,6 +116,17 @@ def test_store_is_confirmed_by_a_query(orthanc, stored_ct):
     assert orthanc.confirm_stored(stored_ct["study_uid"], ["1.2.3.999"]) == ["1.2.3.999"]
 
 
+def test_datasets_made_in_memory_are_stored_as_dicom_files(orthanc, tmp_path):
+    """Datasets without the PS3.10 preamble (made in memory) still come back through WADO-RS."""
+    info = write_ct_series(tmp_path / "ct", seed=8)
+    datasets = dicom_files(info["folder"])
+    for ds in datasets:
+        ds.preamble = None
+    orthanc.store(datasets)
+    scan = orthanc.load_series(info["study_uid"], info["series_uid"])
+    np.testing.assert_array_equal(scan.array, load_scan(info["folder"]).array)
+
+
 def test_wrong_or_missing_credentials_are_one_line(orthanc, monkeypatch, tmp_path):
     monkeypatch.delenv("RESMTNET_PACS_TOKEN_FILE")
     with pytest.raises(PacsError, match="HTTP 401.*check the credentials"):
