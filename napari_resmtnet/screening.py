@@ -404,8 +404,11 @@ def _run_dask(args, opts, out: Path, todo: list[dict], records: dict, bar) -> in
             return -1
         try:
             n_workers = len(client.scheduler_info().get("workers", {}))
-            tqdm.write(f"{PROG}: {len(todo)} study(ies) on {n_workers} Dask worker(s); dashboard "
-                       f"{client.dashboard_link}", file=sys.stderr)
+            import importlib.util
+
+            board = (f"dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") is not None
+                     else "no dashboard (install bokeh for Dask's dashboard)")
+            tqdm.write(f"{PROG}: {len(todo)} study(ies) on {n_workers} Dask worker(s); {board}", file=sys.stderr)
             futures = {}
             for s in todo:  # pure=False: a study runs again when asked again (resume)
                 f = client.submit(screen_one, s, str(out.resolve()), opts, key=f"screen-{s['key']}", pure=False)

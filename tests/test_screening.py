@@ -110,6 +110,32 @@ def test_query_from_orthanc(tmp_path, monkeypatch, fake_model):
     assert d["dicomweb"]["study_uid"] == uids[0] and d["image"]["path"].startswith(url)
 
 
+def test_send_sr_seg_back_to_orthanc(tmp_path, monkeypatch, fake_model):
+    url, cred = orthanc_address()
+    monkeypatch.setenv("RESMTNET_PACS_TOKEN_FILE", str(cred))
+    from napari_resmtnet.pacs import Pacs, series_address
+
+    pacs = Pacs(url)
+    info = write_ct_series(tmp_path / "ct", seed=30, patient_id=f"SND-{new_uid()[-8:]}")
+    pacs.store(dicom_files(info["folder"]))
+    address = series_address(url, info["study_uid"], info["series_uid"])
+    out = tmp_path / "out"
+    # screening findings are unreviewed: --send alone sends nothing
+    assert screening.main([address, "--out", str(out), "--workers", "0", "--quiet", "--send"]) == 0
+    assert _summary(out)["results"][0]["sent"] == {"stored": [], "note": "no findings to send"}
+    out2 = tmp_path / "out2"
+    assert screening.main([address, "--out", str(out2), "--workers", "0", "--quiet", "--send",
+                           "--send-unreviewed"]) == 0
+    sent = _summary(out2)["results"][0]["sent"]["stored"]
+    assert len(sent) == 2
+    assert {s.modality for s in pacs.search_series(info["study_uid"])} >= {"CT", "SR", "SEG"}
+    # a study from files is sent to --send-to, referencing its own series
+    out3 = tmp_path / "out3"
+    assert screening.main([str(info["folder"]), "--out", str(out3), "--workers", "0", "--quiet", "--send",
+                           "--send-unreviewed", "--send-to", url]) == 0
+    assert len(_summary(out3)["results"][0]["sent"]["stored"]) == 2
+
+
 # --------------------------------------------------------------------------- the real cluster
 
 
