@@ -1,29 +1,40 @@
-"""The "Detect nodules" dock widget: detect, review, correct and export lung nodules.
+"""The "Detect nodules" dock widget: detect, review, correct, report lung nodules.
 
 Workflow: pick the image layer, the model (CT or CXR; from the image's modality unless
-overridden) and device, click **Detect nodules**. Detection runs in a napari
-``thread_worker`` with a progress bar in the activity dock and a Cancel button; the layers
-change only when it returns, on the GUI thread (``RESMTNET_SYNC=1`` runs it synchronously
-for debugging). The result is a Shapes layer (`napari_resmtnet.layers`): one rectangle per
-slice a CT nodule spans, coloured by label (benign green, malignant red), text
-"malignant 0.87", opacity by confidence.
+overridden) and device, click **Detect nodules**. Detection runs in a napari worker thread
+with a progress bar (stage and percent) in the widget and in napari's activity dock, and a
+Cancel button; the layers change only when it returns, on the GUI thread
+(``RESMTNET_SYNC=1`` runs it synchronously for debugging). Detecting again keeps what the
+reader accepted, rejected or drew (asked once) and replaces only unreviewed candidates
+(`napari_resmtnet.review.merge_detections`).
 
-Review and correction: the threshold slider hides/shows candidates without re-running the
-model; the table lists shown nodules (click: go to its slice and select it); with the
-layer's select tool move or resize a box (on any slice: the 3D box's in-plane extents
-follow), delete it (Delete/Backspace), draw a new one (rectangle tool, key ``n``; label
-from "new nodule label"), flip benign/malignant (key ``m`` or button), mark reviewed (key
-``r`` or button), undo (Ctrl+Z or button). Export writes LUNA16-style CSV + full JSON;
-Import restores a JSON (or CSV) made for the same image.
+The nodules are shown in a Shapes layer (`napari_resmtnet.layers`): for CT a 2D layer with
+the boxes of the slice on screen, refilled when the slice changes (so that napari can pick
+them: see `NoduleWidget._add_slice_layer`); colour by label (benign green, malignant red,
+rejected grey), text "malignant 0.87 ✓" = label, detection probability, review mark;
+opacity by confidence. In 3D the nodules are spheres inside a lung surface.
+
+Reading: the threshold slider (starting at the model's operating point) hides/shows
+candidates without re-running the model; the table lists shown nodules in reading order
+(click or arrow keys: go to its slice and select it). On the canvas, click a box to select
+it, drag to move, drag a handle to resize (napari's select tool, on any slice of a CT
+nodule); ``[`` / ``]`` make the selected nodule start / end at the slice shown. Keys (on the
+canvas and in the table): ``a`` accept, ``x`` reject, ``u`` back to unreviewed, ``.`` / ``,``
+next / previous unreviewed nodule, ``m`` flip benign/malignant, ``r`` toggle accepted,
+``n`` draw a new box, Delete, Ctrl+Z undo, Ctrl+Shift+Z or Ctrl+Y redo. The selection
+stays across edits. Export writes LUNA16-style CSV + full JSON; Import restores a JSON (or
+CSV) made for the same image; Report writes an HTML report of the accepted nodules with a
+key image of each (`napari_resmtnet.report`).
 
 Weights: "Weights…" picks a user weights file for its modality (checked at once: sha256
 from ``<file>.sha256``, ``weights_only`` loading, format, network config); a file that fails
 is refused with a notification and the bundled weights stay in use.
 
 No lost work: every change of the nodules is autosaved (`napari_resmtnet.autosave`, about
-one second after the last edit, atomically); when an image whose autosave holds nodules is
-opened again, the widget asks whether to restore them (``RESMTNET_AUTOSAVE_RESTORE=always``
-or ``never`` answers for scripted sessions).
+one second after the last edit, atomically); whenever an image whose autosave holds
+nodules is opened (again), the widget asks whether to restore them, and "Restore autosave"
+brings them back on demand (``RESMTNET_AUTOSAVE_RESTORE=always`` or ``never`` answers for
+scripted sessions).
 
 The nodule table in ``layer.metadata["nodules"]`` is the truth; every change goes through
 `NoduleWidget._set_table`, which ends in `NoduleWidget._on_nodules_changed` -- the one
@@ -40,16 +51,18 @@ import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QApplication, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QMessageBox,
-    QPushButton, QSlider, QVBoxLayout, QWidget,
+    QProgressBar, QPushButton, QSlider, QVBoxLayout, QWidget,
 )
 
 from napari.utils.notifications import show_error, show_info
 
+from .boxes import slice_index_of
 from .layers import (
-    LABEL_RGB, LABELS, META_KEY, NoduleTable, edge_width_for, feature_defaults, features_frame,
-    image_identity,
-    reconcile, scan_for_layer, table_to_layer_data, table_to_shapes, text_kwargs,
+    LABEL_RGB, LABELS, META_KEY, REJECTED_RGB, NoduleTable, edge_width_for, feature_defaults,
+    features_frame, image_identity, reconcile, scan_for_layer, slice_geometry_kwargs,
+    table_to_layer_data, table_to_shapes, text_kwargs,
 )
+from .review import History, counts, merge_detections, next_nodule, reader_work
 
 MODEL_CHOICES = ("auto", "CT", "CXR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -101,6 +114,29 @@ def ask_restore(parent, question: str, on_answer) -> None:
     box.show()
 
 
+def ask_merge(parent, question: str, on_answer) -> None:
+    """Ask (without blocking the viewer) whether to detect again, keeping the reader's
+    work; calls ``on_answer(True/False)``. Tests and scripts replace this function."""
+    box = QMessageBox(QMessageBox.Question, "Detect again?", question,
+                      QMessageBox.Yes | QMessageBox.No, parent)
+    box.setDefaultButton(QMessageBox.Yes)
+    box.setWindowModality(Qt.NonModal)
+    box.setAttribute(Qt.WA_DeleteOnClose)
+    box.finished.connect(lambda result: on_answer(result == QMessageBox.Yes))
+    box.show()
+
+
+def operating_point(modality: str) -> float | None:
+    """The bundled model's operating threshold for ``modality`` (from the weights registry;
+    no torch), or None when it cannot be read."""
+    try:
+        from .weights import bundled_entry
+
+        return float(bundled_entry(modality).get("threshold", 0.5))
+    except Exception:  # a missing or broken registry: the slider just shows no model point
+        return None
+
+
 def probe_cuda() -> tuple[bool, str]:
     """(available, description) of a CUDA GPU, importing torch only now."""
     try:
@@ -147,7 +183,14 @@ class NoduleWidget(QWidget):
         self._cancel = threading.Event()
         self._pbar = None
         self.nodule_layer = None
-        self._undo: dict[int, list[NoduleTable]] = {}
+        self._history: dict[int, History] = {}
+        #: the slice the current-slice nodule layer shows (CT), None before any
+        self._slice: int | None = None
+        #: nodules the reader selected: kept across edits, slices and re-renders
+        self._selected: tuple = ()
+        self._merge_asked: set = set()
+        self._hidden_for_3d = None
+        self._lung_worker = None
         self._updating = False
         self._pending_removed: set[int] = set()
         self._sync_scheduled = False
@@ -160,6 +203,7 @@ class NoduleWidget(QWidget):
         self._autosave_since: float | None = None
         self._autosave_error = ""
         self._autosave_offered: set = set()
+        self._offered_keys: dict = {}
         self._build_ui()
         self._autosave_timer = QTimer(self)
         self._autosave_timer.setSingleShot(True)
@@ -178,6 +222,8 @@ class NoduleWidget(QWidget):
         layers.events.inserted.connect(self._on_layer_inserted)
         layers.events.removed.connect(self._on_layer_removed)
         layers.selection.events.active.connect(self._on_active_layer)
+        self.viewer.dims.events.point.connect(self._on_dims_point)
+        self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         for layer in layers:
             self._watch_name(layer)
         self._refresh_images()
@@ -231,6 +277,12 @@ class NoduleWidget(QWidget):
         row.addWidget(self.detect_button, 3)
         row.addWidget(self.cancel_button, 1)
         root.addLayout(row)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setFormat("%p%")
+        self.progress_bar.setVisible(False)
+        root.addWidget(self.progress_bar)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         root.addWidget(self.status_label)
@@ -254,13 +306,18 @@ class NoduleWidget(QWidget):
         self.count_label = QLabel("no nodules")
         root.addWidget(self.count_label)
         b, m = _hex(LABEL_RGB["benign"]), _hex(LABEL_RGB["malignant"])
+        g = _hex(REJECTED_RGB)
         self.legend = QLabel(f"<span style='color:{b}'>&#9632; benign</span> &nbsp; "
                              f"<span style='color:{m}'>&#9632; malignant</span> &nbsp; "
-                             "(fainter box = lower confidence)")
+                             f"<span style='color:{g}'>&#9632; rejected</span><br>"
+                             "box text: label and detection probability; fainter = less sure, "
+                             "&#10003; accepted, &#10007; rejected")
+        self.legend.setWordWrap(True)
         root.addWidget(self.legend)
 
         self.table = NoduleTableView(self)
         self.table.nodule_clicked.connect(self.focus_nodule)
+        self.table.key_pressed.connect(self._table_key)
         self.table.itemSelectionChanged.connect(self._on_table_selection)
         root.addWidget(self.table, 1)
 
@@ -273,24 +330,62 @@ class NoduleWidget(QWidget):
         self.add_button = QPushButton("Draw new (n)")
         self.add_button.clicked.connect(self.start_drawing)
         grid.addWidget(self.add_button, 0, 2)
+        self.accept_button = QPushButton("Accept (a)")
+        self.accept_button.setToolTip("Confirm the selected nodules")
+        self.accept_button.clicked.connect(self.accept_selected)
+        self.reject_button = QPushButton("Reject (x)")
+        self.reject_button.setToolTip("Dismiss the selected nodules (kept grey; a new detection "
+                                      "run does not bring them back)")
+        self.reject_button.clicked.connect(self.reject_selected)
+        self.unreview_button = QPushButton("Unreview (u)")
+        self.unreview_button.clicked.connect(self.unreview_selected)
+        grid.addWidget(self.accept_button, 1, 0)
+        grid.addWidget(self.reject_button, 1, 1)
+        grid.addWidget(self.unreview_button, 1, 2)
+        self.prev_button = QPushButton("< Previous unreviewed (,)")
+        self.prev_button.clicked.connect(self.previous_unreviewed)
+        self.next_button = QPushButton("Next unreviewed (.) >")
+        self.next_button.clicked.connect(self.next_unreviewed)
+        grid.addWidget(self.prev_button, 2, 0, 1, 2)
+        grid.addWidget(self.next_button, 2, 2)
         self.flip_button = QPushButton("Flip label (m)")
         self.flip_button.clicked.connect(self.flip_selected)
-        self.reviewed_button = QPushButton("Reviewed (r)")
+        self.reviewed_button = QPushButton("Accepted (r)")
+        self.reviewed_button.setToolTip("Toggle accepted / unreviewed")
         self.reviewed_button.clicked.connect(self.mark_reviewed)
         self.delete_button = QPushButton("Delete")
         self.delete_button.clicked.connect(self.delete_selected)
+        grid.addWidget(self.flip_button, 3, 0)
+        grid.addWidget(self.reviewed_button, 3, 1)
+        grid.addWidget(self.delete_button, 3, 2)
+        self.first_slice_button = QPushButton("First slice here ([)")
+        self.first_slice_button.setToolTip("The selected CT nodule starts at the slice shown")
+        self.first_slice_button.clicked.connect(self.set_first_slice)
+        self.last_slice_button = QPushButton("Last slice here (])")
+        self.last_slice_button.setToolTip("The selected CT nodule ends at the slice shown")
+        self.last_slice_button.clicked.connect(self.set_last_slice)
+        grid.addWidget(self.first_slice_button, 4, 0)
+        grid.addWidget(self.last_slice_button, 4, 1)
         self.undo_button = QPushButton("Undo (Ctrl+Z)")
         self.undo_button.clicked.connect(self.undo)
-        grid.addWidget(self.flip_button, 1, 0)
-        grid.addWidget(self.reviewed_button, 1, 1)
-        grid.addWidget(self.delete_button, 1, 2)
-        grid.addWidget(self.undo_button, 2, 2)
+        self.redo_button = QPushButton("Redo (Ctrl+Shift+Z)")
+        self.redo_button.clicked.connect(self.redo)
+        grid.addWidget(self.undo_button, 5, 0)
+        grid.addWidget(self.redo_button, 5, 1)
+        self.restore_button = QPushButton("Restore autosave")
+        self.restore_button.setToolTip("Show the nodules autosaved for the chosen image")
+        self.restore_button.clicked.connect(self._restore_clicked)
+        grid.addWidget(self.restore_button, 5, 2)
         self.export_button = QPushButton("Export…")
         self.export_button.clicked.connect(self._export_dialog)
         self.import_button = QPushButton("Import…")
         self.import_button.clicked.connect(self._import_dialog)
-        grid.addWidget(self.export_button, 2, 0)
-        grid.addWidget(self.import_button, 2, 1)
+        self.report_button = QPushButton("Report…")
+        self.report_button.setToolTip("An HTML report of the accepted nodules with a key image of each")
+        self.report_button.clicked.connect(self._report_dialog)
+        grid.addWidget(self.export_button, 6, 0)
+        grid.addWidget(self.import_button, 6, 1)
+        grid.addWidget(self.report_button, 6, 2)
         root.addLayout(grid)
         self._update_buttons()
 
@@ -301,10 +396,16 @@ class NoduleWidget(QWidget):
 
     def _update_buttons(self) -> None:
         have = self.nodule_layer is not None
-        for b in (self.flip_button, self.reviewed_button, self.delete_button, self.export_button,
-                  self.add_button):
+        for b in (self.flip_button, self.reviewed_button, self.delete_button, self.export_button, self.report_button,
+                  self.add_button, self.accept_button, self.reject_button, self.unreview_button,
+                  self.next_button, self.prev_button):
             b.setEnabled(have)
-        self.undo_button.setEnabled(have and bool(self._undo.get(id(self.nodule_layer))))
+        ct = have and self.nodules is not None and self.nodules.ndim == 3
+        self.first_slice_button.setEnabled(ct)
+        self.last_slice_button.setEnabled(ct)
+        h = self._history.get(id(self.nodule_layer)) if have else None
+        self.undo_button.setEnabled(bool(h and h.can_undo))
+        self.redo_button.setEnabled(bool(h and h.can_redo))
         self.detect_button.setEnabled(not self._running)
         self.cancel_button.setEnabled(self._running)
 
@@ -312,7 +413,8 @@ class NoduleWidget(QWidget):
     def _image_layers(self) -> list:
         from napari.layers import Image
 
-        return [ly for ly in self.viewer.layers if isinstance(ly, Image)]
+        return [ly for ly in self.viewer.layers
+                if isinstance(ly, Image) and not (ly.metadata or {}).get("resmtnet_3d")]
 
     def _watch_name(self, layer) -> None:
         layer.events.name.connect(self._refresh_images)
@@ -360,6 +462,10 @@ class NoduleWidget(QWidget):
         layer = self.image_layer()
         if layer is not None and not self._running:
             self.status_label.setText(f"{layer.name}: {self.modality_for(layer)} model")
+        if self.nodule_layer is None and hasattr(self, "threshold_slider"):
+            op = self.model_threshold()  # before any nodules: the model's operating point
+            if op is not None:
+                self._set_slider(op)
 
     def device(self) -> str:
         return DEVICE_CHOICES[self.device_combo.currentIndex()]
@@ -432,11 +538,31 @@ class NoduleWidget(QWidget):
         if device == "cuda" and not self.cuda_available:
             show_error("CUDA was chosen but no CUDA GPU was found; choose auto or CPU.")
             return
+        old_layer = self._layer_for_image(layer.name)
+        work = reader_work(old_layer.metadata[META_KEY]) if old_layer is not None else 0
+        if work and id(old_layer) not in self._merge_asked:
+            def answer(yes: bool) -> None:
+                if yes:
+                    self._merge_asked.add(id(old_layer))
+                    self._start_detection(layer, scan, modality, device)
+
+            ask_merge(self, f"{layer.name} has {work} nodule(s) you accepted, rejected or drew. "
+                            "Detect again? They are kept as they are; only the unreviewed "
+                            "candidates are replaced by the new run's.", answer)
+            return
+        self._start_detection(layer, scan, modality, device)
+
+    def _start_detection(self, layer, scan, modality: str, device: str) -> None:
+        if self._running or layer not in self.viewer.layers:
+            return
         from napari.utils import progress
 
         from ._qt.runner import run_detection
 
         self._cancel = threading.Event()
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("starting %p%")
+        self.progress_bar.setVisible(True)
         self._running = True
         self._update_buttons()
         self.status_label.setText(f"Detecting nodules in {layer.name} ({modality}, {device})…")
@@ -467,9 +593,12 @@ class NoduleWidget(QWidget):
             return  # a late update from a finished run
         if stage:
             pbar.set_description(f"Detecting nodules: {stage}")
+            self.progress_bar.setFormat(f"{stage} %p%")
         target = int(round(fraction * 1000))
         if target > pbar.n:
             pbar.update(target - pbar.n)
+        if target > self.progress_bar.value():
+            self.progress_bar.setValue(target)
 
     def _close_progress(self, complete: bool = False) -> None:
         if self._pbar is not None:
@@ -479,6 +608,7 @@ class NoduleWidget(QWidget):
                 self._pbar.update(self._pbar.total - self._pbar.n)
             self._pbar.close()
             self._pbar = None
+        self.progress_bar.setVisible(False)
 
     def _on_worker_finished(self) -> None:
         self._worker = None
@@ -503,11 +633,22 @@ class NoduleWidget(QWidget):
         except (ValueError, KeyError, TypeError) as exc:
             show_error(f"Nodule detection returned unusable results: {exc}")
             return
-        layer = self.show_nodules(table, image_layer_name=outcome.context["image_layer"])
+        if outcome.threshold is not None:
+            table.meta["model_threshold"] = float(outcome.threshold)
+        name = outcome.context["image_layer"]
+        old_layer = self._layer_for_image(name)
+        old = old_layer.metadata[META_KEY] if old_layer is not None else None
+        merged = ""
+        if old is not None and reader_work(old):
+            meta = dict(table.meta)
+            table, summary = merge_detections(old, table)
+            table.meta.update(meta)
+            merged = f" Merged: {summary.text()}."
+        layer = self.show_nodules(table, image_layer_name=name)
         n = int(table.visible_mask().sum())
-        self.status_label.setText(f"{len(table)} candidates, {n} at threshold {table.threshold:.2f}.")
-        show_info(f"Found {n} nodule(s) in {outcome.context['image_layer']} "
-                  f"({len(table)} candidates kept; move the threshold to see more).")
+        self._update_status()
+        show_info(f"Found {n} nodule(s) in {name} "
+                  f"({len(table)} candidates kept; move the threshold to see more).{merged}")
         return layer
 
     # --- nodule layers --------------------------------------------------------------------
@@ -517,6 +658,16 @@ class NoduleWidget(QWidget):
                 return ly
         return None
 
+    def _viewer_slice(self, table: NoduleTable) -> int | None:
+        """The CT slice the viewer shows, by the image's geometry (rounded: see
+        `napari_resmtnet.boxes.slice_index_of`); None for a radiograph."""
+        if table.ndim != 3:
+            return None
+        point = np.asarray(self.viewer.dims.point, float)
+        if len(point) < 3:
+            return 0
+        return slice_index_of(point[-3:], table.geometry, table.shape[0])
+
     def show_nodules(self, table: NoduleTable, image_layer_name: str | None = None):
         """Show ``table`` in the nodule layer of that image (made if missing; an existing one
         is replaced, undoably) and make it the widget's layer."""
@@ -524,18 +675,8 @@ class NoduleWidget(QWidget):
         if layer is None and image_layer_name is None:
             layer = self.nodule_layer
         if layer is None:
-            from napari.layers import Layer
-
-            name = f"{image_layer_name} nodules" if image_layer_name else None
-            data, kw, kind = table_to_layer_data(table, name=name,
-                                                 new_label=self.new_label_combo.currentText())
-            kw["metadata"]["image_layer"] = image_layer_name or ""
-            layer = Layer.create(data, kw, kind)
-            self._updating = True
-            try:
-                self.viewer.add_layer(layer)
-            finally:
-                self._updating = False
+            layer = self._add_slice_layer(table, image_layer_name or "",
+                                          f"{image_layer_name} nodules" if image_layer_name else None)
             self._adopt(layer)
             self._on_nodules_changed()
         else:
@@ -544,25 +685,75 @@ class NoduleWidget(QWidget):
         self.viewer.layers.selection.active = layer
         return layer
 
+    def _add_slice_layer(self, table: NoduleTable, image_layer_name: str, name=None, index=None):
+        """Add the widget's nodule layer for ``table``: for CT a 2D layer showing the nodules
+        of the current slice (refilled on every slice change), for a radiograph all of them.
+
+        Why one 2D layer of the current slice rather than a 3D layer with a rectangle on every
+        slice: napari picks a shape for a click only when the slice position, converted from
+        millimetres to the layer's voxels, equals the shape's slice *exactly*, and that
+        conversion is rarely exact (``29.000000000000014``), so boxes that are drawn could not
+        be clicked. A 2D layer has no slice position to compare; the slice is computed once,
+        rounded, by the image's geometry. It also keeps the layer small (a few boxes instead
+        of one per slice of every candidate) and puts no stack of slabs into the 3D view.
+        """
+        from napari.layers import Layer
+
+        k = self._viewer_slice(table)
+        data, kw, kind = table_to_layer_data(table, name=name, new_label=self.new_label_combo.currentText(),
+                                             slice_index=k)
+        kw["metadata"]["image_layer"] = image_layer_name
+        kw["metadata"]["slice"] = k
+        layer = Layer.create(data, kw, kind)
+        self._updating = True
+        try:
+            if index is None:
+                self.viewer.add_layer(layer)
+            else:
+                self.viewer.layers.insert(index, layer)
+        finally:
+            self._updating = False
+        self._slice = k
+        return layer
+
     def _adopt(self, layer) -> None:
-        """Make ``layer`` the one the widget edits: events, key bindings, slider, table."""
+        """Make ``layer`` the one the widget edits: events, key bindings, slider, table. A 3D
+        nodule layer made elsewhere (a sample, a script) is swapped for the current-slice
+        layer of the same name and table."""
         if layer is self.nodule_layer:
             return
-        self._release()
-        self.nodule_layer = layer
-        layer.events.data.connect(self._on_layer_data)
-        layer.events.highlight.connect(self._on_layer_selection)
-        layer.bind_key("m", self._key_flip, overwrite=True)
-        layer.bind_key("r", self._key_reviewed, overwrite=True)
-        layer.bind_key("n", self._key_draw, overwrite=True)
-        layer.bind_key("Control-Z", self._key_undo, overwrite=True)
-        self._on_new_label(self.new_label_combo.currentText())
         table = layer.metadata[META_KEY]
         if not layer.metadata.get("image_layer"):
             layer.metadata["image_layer"] = self._find_image_layer_name(table)
+        if table.ndim == 3 and layer.ndim == 3 and layer in self.viewer.layers:
+            index = self.viewer.layers.index(layer)
+            name, image_layer = layer.name, layer.metadata["image_layer"]
+            self._updating = True
+            try:
+                self.viewer.layers.remove(layer)
+            finally:
+                self._updating = False
+            layer = self._add_slice_layer(table, image_layer, name=name, index=index)
+        self._release()
+        self.nodule_layer = layer
+        self._slice = layer.metadata.get("slice")
+        self._selected = ()
+        layer.events.data.connect(self._on_layer_data)
+        layer.events.highlight.connect(self._on_layer_selection)
+        for key, cb in (("m", self._key_flip), ("r", self._key_reviewed), ("n", self._key_draw),
+                        ("a", self._key_accept), ("x", self._key_reject), ("u", self._key_unreview),
+                        (".", self._key_next), (",", self._key_previous),
+                        ("[", self._key_first_slice), ("]", self._key_last_slice),
+                        ("Control-Z", self._key_undo), ("Control-Shift-Z", self._key_redo),
+                        ("Control-Y", self._key_redo)):
+            layer.bind_key(key, cb, overwrite=True)
+        self._on_new_label(self.new_label_combo.currentText())
         self._set_slider(table.threshold)
         self.table.set_table(table)
+        if table.ndim == 3 and self._viewer_slice(table) != self._slice:
+            self._render()
         self._update_counts()
+        self._update_status()
         self._update_buttons()
 
     def _find_image_layer_name(self, table: NoduleTable) -> str:
@@ -596,84 +787,82 @@ class NoduleWidget(QWidget):
         """The current nodule table (the truth), or None."""
         return self.nodule_layer.metadata.get(META_KEY) if self.nodule_layer is not None else None
 
-    def _render(self) -> None:
-        """Bring the layer's shapes, features, colours and text in line with its table.
+    @property
+    def current_slice(self) -> int | None:
+        """The CT slice the nodule layer shows (None for a radiograph or no layer)."""
+        return self._slice
 
-        Only shapes that differ are removed and re-added (napari triangulates each added
-        shape, which is what makes a full regeneration of ~1000 CT slice boxes slow); the
-        rest stay, and features, colours and text are then set in the layer's order.
-        """
+    def _on_dims_point(self, event=None) -> None:
+        """The viewer moved: show the nodules of the new slice."""
+        t = self.nodules
+        if t is None or t.ndim != 3 or self._updating:
+            return
+        k = self._viewer_slice(t)
+        if k != self._slice:
+            self._render()
+
+    def _render(self) -> None:
+        """Bring the layer's shapes, features, colours and text in line with its table (at
+        the current slice for CT); the reader's selection is kept."""
         layer, table = self.nodule_layer, self.nodules
-        data, feats, edge, text = table_to_shapes(table)
-        target = {(int(i), int(k)): j for j, (i, k) in enumerate(zip(feats["id"], feats["slice"]))}
-        current = self._shape_keys()
+        k = self._viewer_slice(table)
+        data, feats, edge, text = table_to_shapes(table, slice_index=k)
+        keep = self._selected
         self._updating = True
         try:
             layer.selected_data = set()
-            if current is None:
-                drop, kept = list(range(len(layer.data))), []
-            else:
-                drop, kept, seen = [], [], set()
-                shapes, types = layer.data, layer.shape_type
-                for j, key in enumerate(current):
-                    t = target.get(key)
-                    same = (t is not None and types[j] == "rectangle" and key not in seen
-                            and shapes[j].shape == data[t].shape
-                            and np.allclose(shapes[j], data[t], rtol=0, atol=SAME_VOXELS))
-                    if same:
-                        kept.append(key)
-                        seen.add(key)
-                    else:
-                        drop.append(j)
-            if drop:
-                if len(drop) == len(layer.data):
+            if k is not None:
+                geo = slice_geometry_kwargs(table.image, k)
+                if not np.allclose(layer.translate, geo["translate"]):
+                    layer.translate = geo["translate"]
+            same = (len(layer.data) == len(data) and "id" in layer.features
+                    and layer.features["id"].tolist() == feats["id"]
+                    and all(a.shape == b.shape and np.allclose(a, b, rtol=0, atol=SAME_VOXELS)
+                            for a, b in zip(layer.data, data)))
+            if not same:
+                if len(layer.data):
                     layer.data = []
-                else:
-                    layer.remove(drop)
-            new_keys = [k for k in target if k not in seen] if current is not None else list(target)
-            if new_keys:
-                idx = [target[k] for k in new_keys]
-                layer.add([data[i] for i in idx], shape_type="rectangle",
-                          edge_width=edge_width_for(table), edge_color=edge[idx],
-                          face_color=np.zeros((len(idx), 4)))
-            order = [target[k] for k in kept + new_keys]
-            layer.features = features_frame({c: [v[i] for i in order] for c, v in feats.items()})
-            if order:
-                layer.edge_color = edge[order]
-            layer.text = text_kwargs(text[order] if order else text)
-            layer.feature_defaults = feature_defaults(self.new_label_combo.currentText())
+                if data:
+                    layer.add(data, shape_type="rectangle", edge_width=edge_width_for(table),
+                              edge_color=edge, face_color=np.zeros((len(data), 4)))
+            layer.features = features_frame(feats)
+            if data:
+                layer.edge_color = edge
+            layer.text = text_kwargs(text)
+            layer.feature_defaults = feature_defaults(self.new_label_combo.currentText(),
+                                                      -1 if k is None else k)
             layer.metadata["image"] = dict(table.image)
             layer.metadata["model_info"] = table.model_info
             layer.metadata["threshold"] = table.threshold
+            layer.metadata["slice"] = k
+            self._slice = k
+            ids = set(keep)
+            if ids:
+                layer.selected_data = {j for j, i in enumerate(feats["id"]) if i in ids}
         finally:
             self._updating = False
-        self._last_selected = ()
+        self._last_selected = tuple(sorted(i for i in set(keep) if i in set(feats["id"])))
 
-    def _shape_keys(self):
-        """(id, slice) of each shape of the layer, or None when features do not say."""
-        layer = self.nodule_layer
-        f = layer.features
-        if "id" not in f or "slice" not in f or len(f) != len(layer.data):
-            return None
-        try:
-            return [(int(i), int(k)) for i, k in zip(f["id"], f["slice"])]
-        except (TypeError, ValueError):
-            return None
+    def _history_of(self, layer) -> History:
+        return self._history.setdefault(id(layer), History(UNDO_DEPTH))
 
     def _set_table(self, table: NoduleTable, undo: bool = True) -> None:
         """The one way nodules change: store, re-render layer and table, notify."""
         layer = self.nodule_layer
         old = layer.metadata.get(META_KEY)
         if undo and old is not None:
-            stack = self._undo.setdefault(id(layer), [])
-            stack.append(old)
-            del stack[:-UNDO_DEPTH]
+            self._history_of(layer).push(old)
         layer.metadata[META_KEY] = table
+        self._selected = tuple(i for i in self._selected if i in table)
         self._render()
         self._set_slider(table.threshold)
         self.table.set_table(table)
+        if self._selected:
+            self.table.select_ids(self._selected)
         self._update_counts()
+        self._update_status()
         self._update_buttons()
+        self._update_3d()
         self._on_nodules_changed()
 
     def _on_nodules_changed(self) -> None:
@@ -681,6 +870,101 @@ class NoduleWidget(QWidget):
         threshold): emits ``nodules_changed`` and schedules the autosave."""
         self.nodules_changed.emit(self.nodules)
         self.schedule_autosave(self.nodules)
+
+    # --- 3D view --------------------------------------------------------------------------
+    def _on_ndisplay(self, event=None) -> None:
+        """Entering 3D: the nodules as spheres and the lungs as a surface instead of the CT
+        block and flat boxes; back in 2D: as before."""
+        three = self.viewer.dims.ndisplay == 3
+        t = self.nodules
+        if t is None or t.ndim != 3 or self.nodule_layer is None:
+            return
+        self.nodule_layer.visible = not three  # a 2D layer would lie flat in the 3D scene
+        image = self._image_of_nodules()
+        if three:
+            if image is not None and image.visible:
+                image.visible = False
+                self._hidden_for_3d = image
+            self._update_3d()
+            if image is not None:
+                self._start_lung_surface(image)
+        else:
+            for ly in self._layers_3d():
+                ly.visible = False
+            if self._hidden_for_3d is not None and self._hidden_for_3d in self.viewer.layers:
+                self._hidden_for_3d.visible = True
+            self._hidden_for_3d = None
+
+    def _image_of_nodules(self):
+        name = self.nodule_layer.metadata.get("image_layer") if self.nodule_layer is not None else None
+        return next((ly for ly in self._image_layers() if ly.name == name), None)
+
+    def _layers_3d(self) -> list:
+        return [ly for ly in self.viewer.layers if (ly.metadata or {}).get("resmtnet_3d")]
+
+    def _update_3d(self) -> None:
+        """Put the current nodules into the 3D spheres layer (made when missing)."""
+        from .views import nodule_spheres
+
+        t = self.nodules
+        if t is None or t.ndim != 3 or self.viewer.dims.ndisplay != 3:
+            return
+        centres, diam, colors, ids = nodule_spheres(t)
+        name = f"{self.nodule_layer.name} 3D"
+        layer = next((ly for ly in self._layers_3d() if ly.metadata["resmtnet_3d"] == "spheres"), None)
+        self._updating = True
+        try:
+            if layer is None:
+                layer = self.viewer.add_points(
+                    centres, size=diam, face_color=colors if len(diam) else "white", border_width=0,
+                    shading="spherical", name=name, features={"id": ids}, metadata={"resmtnet_3d": "spheres"})
+            else:
+                layer.data = centres
+                layer.size = diam
+                layer.features = {"id": ids}
+                if len(diam):
+                    layer.face_color = colors
+                layer.visible = True
+        finally:
+            self._updating = False
+
+    def _start_lung_surface(self, image) -> None:
+        """Compute the lung surface off the GUI thread (once per image), then show it."""
+        existing = next((ly for ly in self._layers_3d() if ly.metadata.get("resmtnet_3d") == "lungs"
+                         and ly.metadata.get("image_layer") == image.name), None)
+        if existing is not None:
+            existing.visible = True
+            return
+        if self._lung_worker is not None:
+            return
+        from napari.qt.threading import create_worker
+
+        from .views import lung_mask
+
+        try:
+            scan = scan_for_layer(image, "CT")
+        except ValueError:
+            return
+        worker = create_worker(lung_mask, scan.array, scan.spacing, _start_thread=False)
+        worker.returned.connect(partial(self._show_lung_surface, image.name, scan))
+        worker.finished.connect(lambda: setattr(self, "_lung_worker", None))
+        self._lung_worker = worker
+        worker.start()
+
+    def _show_lung_surface(self, image_name: str, scan, result) -> None:
+        from .scan import napari_geometry_kwargs
+
+        mask, step = result
+        if self.viewer.dims.ndisplay != 3 or not mask.any():
+            return
+        geo = napari_geometry_kwargs(np.asarray(scan.spacing) * step, scan.origin, scan.direction)
+        self._updating = True
+        try:
+            self.viewer.add_image(mask, name=f"{image_name} lungs", rendering="iso", iso_threshold=0.5,
+                                  colormap="gray", opacity=0.3, blending="additive",
+                                  metadata={"resmtnet_3d": "lungs", "image_layer": image_name}, **geo)
+        finally:
+            self._updating = False
 
     # --- autosave -------------------------------------------------------------------------
     def schedule_autosave(self, table) -> None:
@@ -745,6 +1029,7 @@ class NoduleWidget(QWidget):
         if key in self._autosave_offered:
             return
         self._autosave_offered.add(key)
+        self._offered_keys[id(layer)] = key
         if key in self._autosave_pending or any(
                 is_nodule_layer(ly) and autosave.image_key(ly.metadata[META_KEY].image) == key
                 for ly in self.viewer.layers):
@@ -768,6 +1053,14 @@ class NoduleWidget(QWidget):
         when = f" on {info.saved_at.replace('T', ' at ')[:22]}" if info.saved_at else ""
         ask_restore(self, f"{info.n_nodules} nodule(s) of {name} ({info.n_shown} shown) were autosaved"
                           f"{when}. Restore them?", answer)
+
+    def _restore_clicked(self, *_) -> None:
+        name = self.image_combo.currentText()
+        if not name:
+            show_info("Open the image whose autosaved nodules you want back first.")
+            return
+        if self.restore_autosave(name) is None:
+            show_info(f"There are no autosaved nodules for {name}.")
 
     def restore_autosave(self, image_layer_name: str):
         """Show the autosaved nodules of the image layer ``image_layer_name``; returns the
@@ -795,16 +1088,50 @@ class NoduleWidget(QWidget):
         if t is None:
             self.count_label.setText("no nodules")
             return
-        shown = int(t.visible_mask().sum())
-        rev = int(t.reviewed[t.visible_mask()].sum())
-        self.count_label.setText(f"{shown} of {len(t)} nodules shown, {rev} reviewed")
+        c = counts(t)
+        self.count_label.setText(
+            f"{c['shown']} of {c['total']} nodules shown: {c['unreviewed']} unreviewed, "
+            f"{c['accepted']} accepted, {c['rejected']} rejected")
+
+    def _update_status(self) -> None:
+        """The status line: what the nodules are now (kept current on every change)."""
+        t = self.nodules
+        if t is None or self._running:
+            return
+        n = int(t.visible_mask().sum())
+        where = f" (slice {self._slice})" if self._slice is not None else ""
+        self.status_label.setText(f"{len(t)} candidates, {n} shown at threshold {t.threshold:.2f}{where}.")
 
     # --- threshold ------------------------------------------------------------------------
+    def model_threshold(self) -> float | None:
+        """The operating point of the model behind the current nodules (from their model
+        information), else of the bundled model for the chosen image's modality."""
+        t = self.nodules
+        info = (t.model_info or {}) if t is not None else {}
+        if info.get("threshold") is not None:
+            return float(info["threshold"])
+        if t is not None and t.meta.get("model_threshold") is not None:
+            return float(t.meta["model_threshold"])
+        layer = self.image_layer()
+        modality = self.modality_for(layer) if layer is not None else ("CT" if t is None or t.ndim == 3 else "CXR")
+        if t is not None:
+            modality = "CT" if t.ndim == 3 else "CXR"
+        return operating_point(modality)
+
     def _set_slider(self, value: float) -> None:
         self.threshold_slider.blockSignals(True)
         self.threshold_slider.setValue(int(round(value * 100)))
         self.threshold_slider.blockSignals(False)
-        self.threshold_label.setText(f"{value:.2f}")
+        self._show_threshold(value)
+
+    def _show_threshold(self, value: float) -> None:
+        op = self.model_threshold()
+        if op is not None and abs(value - op) < 0.005:
+            self.threshold_label.setText(f"{value:.2f} (model's operating point)")
+            self.threshold_label.setToolTip("The threshold chosen for this model on its validation data")
+        else:
+            self.threshold_label.setText(f"{value:.2f}" + (f" (model: {op:.2f})" if op is not None else ""))
+            self.threshold_label.setToolTip("")
 
     def set_threshold(self, value: float) -> None:
         """Show nodules with probability >= value (the user's always); no re-detection."""
@@ -818,7 +1145,7 @@ class NoduleWidget(QWidget):
         self._set_table(t, undo=False)
 
     def _on_threshold(self, v: int) -> None:
-        self.threshold_label.setText(f"{v / 100.0:.2f}")
+        self._show_threshold(v / 100.0)
         if self.threshold_slider.isSliderDown():
             if not self._threshold_timer.isActive():
                 self._threshold_timer.start()
@@ -854,12 +1181,14 @@ class NoduleWidget(QWidget):
         removed, self._pending_removed = self._pending_removed, set()
         feats = layer.features
         cols = {c: feats[c].tolist() for c in ("id", "slice") if c in feats}
+        # what the reader is working on stays selected: the edited shapes' nodules
+        selected = self._layer_selected_ids()
         new, changed, added = reconcile(self.nodules, list(layer.data), cols, removed,
-                                        new_label=self.new_label_combo.currentText())
+                                        new_label=self.new_label_combo.currentText(),
+                                        slice_index=self._slice)
         if changed:
+            self._selected = tuple(added) if added else tuple(i for i in selected if i in new)
             self._set_table(new)
-            if added:
-                self.table.select_ids(added)
         return changed
 
     def _on_layer_selection(self, event=None) -> None:
@@ -869,6 +1198,8 @@ class NoduleWidget(QWidget):
         if ids == self._last_selected:
             return
         self._last_selected = ids
+        if ids or self.nodule_layer.mode in ("select", "direct"):
+            self._selected = ids
         self.table.select_ids(ids)
 
     def _layer_selected_ids(self) -> list[int]:
@@ -879,8 +1210,11 @@ class NoduleWidget(QWidget):
         return sorted({int(ids[i]) for i in layer.selected_data if i < len(ids) and ids[i] >= 0})
 
     def selected_ids(self) -> list[int]:
-        """Nodules selected in the layer, else in the table."""
-        return self._layer_selected_ids() or self.table.selected_ids()
+        """Nodules selected in the layer, else in the table, else the last ones the reader
+        selected (a CT nodule stays selected on slices it does not reach)."""
+        t = self.nodules
+        ids = self._layer_selected_ids() or self.table.selected_ids() or list(self._selected)
+        return [i for i in ids if t is not None and i in t]
 
     def _on_table_selection(self) -> None:
         if self._updating or self.nodule_layer is None:
@@ -889,6 +1223,7 @@ class NoduleWidget(QWidget):
         layer = self.nodule_layer
         if not ids or "id" not in layer.features:
             return
+        self._selected = tuple(sorted(ids))
         if set(self._layer_selected_ids()) == ids:
             return
         self._select_in_layer(ids)
@@ -903,6 +1238,7 @@ class NoduleWidget(QWidget):
         finally:
             self._updating = False
         self._last_selected = tuple(sorted(ids))
+        self._selected = tuple(sorted(ids))
 
     # --- navigation -----------------------------------------------------------------------
     def focus_nodule(self, nodule_id: int) -> None:
@@ -915,25 +1251,46 @@ class NoduleWidget(QWidget):
         k = t.center_slice(i)
         if t.ndim == 3:
             c[0] = k
-        world = np.asarray(layer.data_to_world(c), float)
+        from .boxes import voxel_to_world_points
+
+        world = voxel_to_world_points(c, t.geometry)[0]
+        self._selected = (int(nodule_id),)
         axis0 = self.viewer.dims.ndim - t.ndim
         if t.ndim == 3:
             self.viewer.dims.set_point(axis0, float(world[0]))
+            if self._viewer_slice(t) != self._slice:
+                self._render()
         self.viewer.camera.center = tuple(float(v) for v in world[-2:])
         self.viewer.layers.selection.active = layer
-        fid = layer.features["id"].to_numpy() if "id" in layer.features else np.zeros(0)
-        fsl = layer.features["slice"].to_numpy() if "slice" in layer.features else np.zeros(0)
-        sel = {j for j in range(len(fid)) if int(fid[j]) == int(nodule_id)
-               and (t.ndim == 2 or int(fsl[j]) == k)}
+        self._select_in_layer({int(nodule_id)})
         self._updating = True
         try:
-            layer.selected_data = sel
             if layer.mode not in ("select", "direct"):
                 layer.mode = "select"
         finally:
             self._updating = False
-        self._last_selected = (int(nodule_id),)
         self.table.select_ids([nodule_id])
+        self._update_status()
+
+    def next_unreviewed(self, *_) -> int | None:
+        """Jump to the next unreviewed nodule (reading order: by detection probability)."""
+        return self._step(+1)
+
+    def previous_unreviewed(self, *_) -> int | None:
+        return self._step(-1)
+
+    def _step(self, step: int) -> int | None:
+        t = self.nodules
+        if t is None:
+            return None
+        cur = self._selected[0] if len(self._selected) == 1 else None
+        nid = next_nodule(t, cur, step=step)
+        if nid is None:
+            c = counts(t)
+            show_info(f"No unreviewed nodule left: {c['accepted']} accepted, {c['rejected']} rejected.")
+            return None
+        self.focus_nodule(nid)
+        return nid
 
     # --- edits ----------------------------------------------------------------------------
     def _edit(self, fn, what: str) -> bool:
@@ -945,10 +1302,13 @@ class NoduleWidget(QWidget):
         if not ids:
             show_info(f"Select one or more nodules (in the layer or the table) to {what}.")
             return False
-        self._set_table(fn(t, ids))
-        if "id" in self.nodule_layer.features and what != "delete":
-            self._select_in_layer(ids)
-            self.table.select_ids(ids)
+        try:
+            new = fn(t, ids)
+        except (ValueError, KeyError) as exc:
+            show_error(f"Cannot {what}: {exc}")
+            return False
+        self._selected = () if what == "delete" else tuple(ids)
+        self._set_table(new)
         return True
 
     def flip_selected(self, *_) -> bool:
@@ -956,11 +1316,42 @@ class NoduleWidget(QWidget):
         return self._edit(lambda t, ids: t.flipped(ids), "flip")
 
     def mark_reviewed(self, *_) -> bool:
-        """Mark the selected nodules reviewed (or unmark, when all already are)."""
+        """Accept the selected nodules (or back to unreviewed, when all already are)."""
         return self._edit(lambda t, ids: t.with_reviewed(ids), "mark reviewed")
+
+    def accept_selected(self, *_) -> bool:
+        return self._edit(lambda t, ids: t.with_review(ids, "accepted"), "accept")
+
+    def reject_selected(self, *_) -> bool:
+        return self._edit(lambda t, ids: t.with_review(ids, "rejected"), "reject")
+
+    def unreview_selected(self, *_) -> bool:
+        return self._edit(lambda t, ids: t.with_review(ids, "unreviewed"), "mark unreviewed")
 
     def delete_selected(self, *_) -> bool:
         return self._edit(lambda t, ids: t.removed(ids), "delete")
+
+    def set_first_slice(self, *_) -> bool:
+        """The selected CT nodule starts at the slice shown (its z extent)."""
+        return self._z_edit(first=True)
+
+    def set_last_slice(self, *_) -> bool:
+        """The selected CT nodule ends at the slice shown."""
+        return self._z_edit(first=False)
+
+    def _z_edit(self, first: bool) -> bool:
+        t = self.nodules
+        if t is None or t.ndim != 3:
+            show_info("Only a CT nodule has slices to set.")
+            return False
+        k = self._viewer_slice(t)
+
+        def fn(t, ids):
+            for nid in ids:
+                t = t.with_z_extent(nid, first=k) if first else t.with_z_extent(nid, last=k)
+            return t
+
+        return self._edit(fn, "set the " + ("first" if first else "last") + " slice of")
 
     def set_label(self, ids, label: str) -> None:
         self._set_table(self.nodules.with_label(ids, label))
@@ -980,20 +1371,30 @@ class NoduleWidget(QWidget):
 
     def undo(self, *_) -> bool:
         """Undo the last change of the nodules (the threshold stays)."""
-        stack = self._undo.get(id(self.nodule_layer), [])
-        if not stack:
-            show_info("Nothing to undo.")
+        return self._travel(undo=True)
+
+    def redo(self, *_) -> bool:
+        """Redo what the last undo took back (the threshold stays)."""
+        return self._travel(undo=False)
+
+    def _travel(self, undo: bool) -> bool:
+        t = self.nodules
+        h = self._history.get(id(self.nodule_layer)) if t is not None else None
+        target = (h.undo(t) if undo else h.redo(t)) if h is not None else None
+        if target is None:
+            show_info("Nothing to undo." if undo else "Nothing to redo.")
             return False
-        prev = stack.pop().copy()
-        prev.threshold = self.nodules.threshold
-        self._set_table(prev, undo=False)
+        target = target.copy()
+        target.threshold = t.threshold
+        self._set_table(target, undo=False)
         return True
 
     def _on_new_label(self, label: str) -> None:
         if self.nodule_layer is not None and "id" in self.nodule_layer.features:
             self._updating = True
             try:
-                self.nodule_layer.feature_defaults = feature_defaults(label)
+                self.nodule_layer.feature_defaults = feature_defaults(
+                    label, -1 if self._slice is None else self._slice)
             finally:
                 self._updating = False
 
@@ -1004,11 +1405,45 @@ class NoduleWidget(QWidget):
     def _key_reviewed(self, layer):
         self.mark_reviewed()
 
+    def _key_accept(self, layer):
+        self.accept_selected()
+
+    def _key_reject(self, layer):
+        self.reject_selected()
+
+    def _key_unreview(self, layer):
+        self.unreview_selected()
+
+    def _key_next(self, layer):
+        self.next_unreviewed()
+
+    def _key_previous(self, layer):
+        self.previous_unreviewed()
+
+    def _key_first_slice(self, layer):
+        self.set_first_slice()
+
+    def _key_last_slice(self, layer):
+        self.set_last_slice()
+
     def _key_draw(self, layer):
         self.start_drawing()
 
     def _key_undo(self, layer):
         self.undo()
+
+    def _key_redo(self, layer):
+        self.redo()
+
+    def _table_key(self, key: str) -> None:
+        name = self.KEYS.get(key)
+        if name is not None and self.nodule_layer is not None:
+            getattr(self, name)()
+
+    #: what the keys do, in the widget's table as on the canvas
+    KEYS = {"m": "flip_selected", "r": "mark_reviewed", "a": "accept_selected", "x": "reject_selected",
+            "u": "unreview_selected", ".": "next_unreviewed", ",": "previous_unreviewed",
+            "[": "set_first_slice", "]": "set_last_slice", "n": "start_drawing"}
 
     # --- export / import ------------------------------------------------------------------
     def export_nodules(self, path) -> list[str]:
@@ -1052,9 +1487,59 @@ class NoduleWidget(QWidget):
         except NoduleFileError as exc:
             show_error(str(exc))
             return None
+        if str(path).lower().endswith(".csv") and table.model_info is None:
+            table = self._complete_csv_table(table, image_layer)
         layer = self.show_nodules(table, image_layer_name=image_layer)
         show_info(f"Imported {len(table)} nodule(s) from {os.path.basename(str(path))}")
         return layer
+
+    def _complete_csv_table(self, table: NoduleTable, image_layer) -> NoduleTable:
+        """A LUNA16-style CSV lists the nodules shown when it was exported, without the
+        threshold or the model: keep every row shown (threshold at most the lowest model
+        probability in it) and keep the model information of the nodules already on this
+        image, so that a re-import shows what was exported."""
+        t = table.copy()
+        current = self._layer_for_image(image_layer) if image_layer else None
+        cur = current.metadata[META_KEY] if current is not None else None
+        thr = cur.threshold if cur is not None else (self.model_threshold() or t.threshold)
+        model = t.probability[t.source == "model"]
+        if len(model):
+            thr = min(thr, float(np.floor(model.min() * 100) / 100))
+        t.threshold = float(thr)
+        if cur is not None and cur.model_info:
+            t.model_info = dict(cur.model_info)
+        return t
+
+    def write_report(self, path, states=("accepted",)):
+        """Write the HTML reading report of the nodules in ``states`` (default: accepted)
+        with a key image of each; returns its path (None after an error notification)."""
+        from .report import write_html_report
+
+        t = self.nodules
+        if t is None:
+            show_error("There are no nodules to report yet.")
+            return None
+        image = self._image_of_nodules()
+        if image is None:
+            show_error("Open the image the nodules belong to first: the report shows it.")
+            return None
+        try:
+            arr = scan_for_layer(image, "CT" if t.ndim == 3 else "CXR").array
+            out = write_html_report(path, t, arr, states=states)
+        except (OSError, ValueError) as exc:
+            show_error(f"Could not write the report {path}: {exc}")
+            return None
+        n = sum(int(np.sum(t.visible_mask() & (t.review == s))) for s in states)
+        show_info(f"Wrote the report of {n} {'/'.join(states)} nodule(s) to {out}")
+        return out
+
+    def _report_dialog(self, *_) -> None:
+        if self.nodules is None:
+            return
+        start = (self.nodules.image.get("seriesuid") or "nodules") + "_report.html"
+        path, _ = QFileDialog.getSaveFileName(self, "Reading report (HTML)", start, "HTML (*.html)")
+        if path:
+            self.write_report(path)
 
     def _export_dialog(self, *_) -> None:
         if self.nodules is None:
@@ -1089,10 +1574,12 @@ class NoduleWidget(QWidget):
         except (TypeError, ValueError, RuntimeError):
             pass
         self._refresh_images()
+        # the same image opened again in this session is offered its autosave again
+        self._autosave_offered.discard(self._offered_keys.pop(id(layer), None))
         if layer is self.nodule_layer:
             self.flush_autosave()
             self._release()
-            self._undo.pop(id(layer), None)
+            self._history.pop(id(layer), None)
             self.table.set_table(None)
             self._update_counts()
             self._update_buttons()

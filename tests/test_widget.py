@@ -103,13 +103,22 @@ def test_detect_makes_a_nodule_layer_in_image_mm(make_napari_viewer, qtbot, note
     assert f.made == [("CT", "auto")]
     assert f.predictors[0].thread is not threading.main_thread()  # ran in a worker
     assert layer is not None and layer in viewer.layers
-    np.testing.assert_allclose(layer.scale, CT_SPACING)
-    np.testing.assert_allclose(layer.translate, CT_ORIGIN)
-    # 4 rectangles for nodule 1, 1 for nodule 3; nodule 2 below the threshold
-    assert layer.features["id"].tolist() == [1, 1, 1, 1, 3]
+    # a 2D layer of the current slice, in the image's millimetres
+    np.testing.assert_allclose(layer.scale, CT_SPACING[1:])
+    np.testing.assert_allclose(layer.translate, CT_ORIGIN[1:])
+    # nodule 1 spans slices 5..8, nodule 3 slice 15; nodule 2 is below the threshold
+    shown = {}
+    for k in range(CT_SHAPE[0]):
+        viewer.dims.set_current_step(0, k)
+        assert w.current_slice == k
+        shown[k] = layer.features["id"].tolist()
+    assert {k: v for k, v in shown.items() if v} == {5: [1], 6: [1], 7: [1], 8: [1], 15: [3]}
+    viewer.dims.set_current_step(0, 6)
     assert set(layer.features.columns) >= {"id", "probability", "malignancy", "label", "diameter_mm",
-                                           "source", "reviewed"}
+                                           "source", "reviewed", "review"}
     assert layer.features["label"].tolist()[0] == "malignant"
+    # box text: label and the detection probability (not the malignancy)
+    assert list(layer.text.values) == ["malignant 0.90"]
     t = layer.metadata["nodules"]
     assert len(t) == 3 and t.model_info == MODEL and t.threshold == 0.5
     assert w.table.rowCount() == 2 and w.table.ids == [1, 3]
@@ -122,10 +131,16 @@ def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, q
 
     f = Factory(delay=1.0)
     viewer, w = make(make_napari_viewer, f)
-    ticks = []
+    ticks, shown = [], []
     timer = QTimer()
     timer.setInterval(20)
-    timer.timeout.connect(lambda: w.is_running and ticks.append(time.perf_counter()))
+
+    def tick():
+        if w.is_running:
+            ticks.append(time.perf_counter())
+            shown.append((w.progress_bar.isHidden(), w.progress_bar.value(), w.progress_bar.text()))
+
+    timer.timeout.connect(tick)
     timer.start()
     w.detect_button.click()
     assert w.is_running and not w.detect_button.isEnabled() and w.cancel_button.isEnabled()
@@ -136,6 +151,10 @@ def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, q
     timer.stop()
     assert len(f.made) == 1 and f.predictors[0].calls == 1
     assert pbar.n == 1000 and pbar not in napari.utils.progress._all_instances  # closed
+    # the widget's own bar: stage and percent while running, hidden afterwards
+    assert not any(hidden for hidden, _, _ in shown)
+    assert any(text.startswith("scanning ") and text.endswith("%") and 0 < v < 1000 for _, v, text in shown)
+    assert w.progress_bar.isHidden()
     assert any("already running" in m for m in notes["info"])
     gaps = np.diff(ticks)
     assert len(ticks) > 20 and gaps.max() < 0.2, f"event loop stalled for {gaps.max():.3f} s"
@@ -191,11 +210,15 @@ def test_threshold_slider_filters_live(make_napari_viewer, qtbot, notes):
     f = Factory()
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
+    viewer.dims.set_current_step(0, 10)  # nodule 2 (p 0.3) is on slices 10, 11
+    assert w.threshold_label.text().startswith("0.50 (model's operating point)")
+    assert "3 candidates, 2 shown at threshold 0.50" in w.status_label.text()
     w.threshold_slider.setValue(20)
-    assert sorted(set(layer.features["id"])) == [1, 2, 3] and len(layer.data) == 7
-    assert w.table.rowCount() == 3
+    assert layer.features["id"].tolist() == [2] and w.table.rowCount() == 3
+    assert "3 shown at threshold 0.20" in w.status_label.text()  # the status follows
+    assert w.threshold_label.text() == "0.20 (model: 0.50)"
     w.threshold_slider.setValue(80)
-    assert set(layer.features["id"]) == {1} and w.table.rowCount() == 1
+    assert len(layer.data) == 0 and w.table.rowCount() == 1
     w.threshold_slider.setValue(95)
     assert len(layer.data) == 0 and w.table.rowCount() == 0
     assert len(layer.metadata["nodules"]) == 3  # nothing was thrown away
@@ -204,8 +227,8 @@ def test_threshold_slider_filters_live(make_napari_viewer, qtbot, notes):
     w.threshold_slider.setSliderDown(True)
     w.threshold_slider.setValue(60)
     w.threshold_slider.setValue(20)
-    assert w.threshold_label.text() == "0.20" and len(layer.data) == 0
-    qtbot.waitUntil(lambda: len(layer.data) == 7, timeout=2000)
+    assert w.threshold_label.text().startswith("0.20") and len(layer.data) == 0
+    qtbot.waitUntil(lambda: len(layer.data) == 1, timeout=2000)
     w.threshold_slider.setSliderDown(False)
     assert w.nodules.threshold == 0.2
 
@@ -223,7 +246,9 @@ def test_table_click_goes_to_the_slice_and_selects(make_napari_viewer, qtbot, no
     w.table.click_row(w.table.ids.index(1))
     assert viewer.dims.point[0] == pytest.approx(CT_ORIGIN[0] + 6 * CT_SPACING[0])  # centre 6.4 -> slice 6
     # selecting in the layer selects the table row
-    layer.selected_data = {4}
+    viewer.dims.set_current_step(0, 15)
+    assert layer.selected_data == set()  # nodule 1 is not on slice 15
+    layer.selected_data = {0}
     layer._set_highlight(force=True)
     assert w.table.selected_ids() == [3]
 
@@ -239,43 +264,41 @@ def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot
     changes = []
     w.nodules_changed.connect(changes.append)
 
-    # move the slice-6 rectangle of nodule 1 by (+3, -2) voxels: the 3D box follows
+    # on slice 6, move nodule 1's rectangle by (+3, -2) voxels: the 3D box follows
+    viewer.dims.set_current_step(0, 6)
     data = [d.copy() for d in layer.data]
-    data[1][:, 1:] += [3, -2]
+    data[0] += [3, -2]
     layer.data = data
     _wait_sync(qtbot, w)
     t = w.nodules
     np.testing.assert_allclose(t.boxes[t.index_of(1)], [4.2, 13, 10, 8.6, 23, 22])
-    for d, nid in zip(layer.data, layer.features["id"]):
-        if nid == 1:
-            np.testing.assert_allclose(d[:, 1:].min(0), [13, 10])
+    for k in (5, 8):  # and its other slices show the moved box
+        viewer.dims.set_current_step(0, k)
+        np.testing.assert_allclose(layer.data[0].min(0), [13, 10])
     assert len(changes) == 1
 
     # resize nodule 3 on its slice
-    data = [d.copy() for d in layer.data]
-    j = layer.features["id"].tolist().index(3)
-    data[j] = np.array([[15, 40, 40], [15, 40, 52], [15, 50, 52], [15, 50, 40]], float)
-    layer.data = data
+    viewer.dims.set_current_step(0, 15)
+    layer.data = [np.array([[40, 40], [40, 52], [50, 52], [50, 40]], float)]
     _wait_sync(qtbot, w)
     t = w.nodules
     np.testing.assert_allclose(t.boxes[t.index_of(3)], [15.1, 40, 40, 15.3, 50, 52])
-    assert layer.features["diameter_mm"][layer.features["id"].tolist().index(3)] == pytest.approx(
-        np.mean([0.2 * 2, 10 * 0.7, 12 * 0.7]))
+    assert layer.features["diameter_mm"][0] == pytest.approx(np.mean([0.2 * 2, 10 * 0.7, 12 * 0.7]))
 
-    # flip with the 'm' key, mark reviewed with 'r'
+    # flip with the 'm' key, mark reviewed (accepted) with 'r'
     keys = viewer.window._qt_viewer._key_map_handler
     viewer.layers.selection.active = layer
-    layer.selected_data = {j}
+    layer.selected_data = {0}
     keys.press_key("m")
     keys.release_key("m")
     t = w.nodules
     assert t.label[t.index_of(3)] == "benign"
-    assert layer.features["label"][layer.features["id"].tolist().index(3)] == "benign"
-    layer.selected_data = {layer.features["id"].tolist().index(3)}
+    assert layer.features["label"][0] == "benign"
+    assert layer.selected_data == {0}  # the selection survives the edit
     keys.press_key("r")
     keys.release_key("r")
     assert w.nodules.reviewed[w.nodules.index_of(3)]
-    assert w.table.item(w.table.ids.index(3), 7).text() == "yes"
+    assert w.table.item(w.table.ids.index(3), 7).text() == "accepted"
     # table action: select a row, flip with the button
     w.table.click_row(w.table.ids.index(1))
     w.flip_button.click()
@@ -283,28 +306,37 @@ def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot
 
     # add: draw a rectangle on slice 12 with "new nodule label" = malignant
     w.new_label_combo.setCurrentText("malignant")
-    layer.add(np.array([[12, 50, 50], [12, 50, 57], [12, 57, 57], [12, 57, 50]], float),
-              shape_type="rectangle")
+    viewer.dims.set_current_step(0, 12)
+    layer.add(np.array([[50, 50], [50, 57], [57, 57], [57, 50]], float), shape_type="rectangle")
     _wait_sync(qtbot, w)
     t = w.nodules
     assert len(t) == 4 and 4 in t
     i = t.index_of(4)
     assert (t.source[i], t.probability[i], t.label[i]) == ("user", 1.0, "malignant")
     assert 12 in t.slices(i)
+    assert w.selected_ids() == [4]  # what was just drawn is selected
 
-    # delete one rectangle of nodule 1: the nodule goes
-    layer.selected_data = {layer.features["id"].tolist().index(1)}
+    # delete nodule 1's rectangle on one of its slices: the nodule goes
+    viewer.dims.set_current_step(0, 7)
+    layer.selected_data = {0}
     layer.remove_selected()
     _wait_sync(qtbot, w)
-    assert 1 not in w.nodules and 1 not in set(layer.features["id"])
+    assert 1 not in w.nodules and len(layer.data) == 0
 
     # undo brings it back (Ctrl+Z on the layer), then the button undoes the add
     keys.press_key("Control-Z")
     keys.release_key("Control-Z")
-    assert 1 in w.nodules and 1 in set(layer.features["id"])
+    assert 1 in w.nodules and layer.features["id"].tolist() == [1]
     w.undo_button.click()
     assert 4 not in w.nodules
-    assert len(changes) >= 8
+    # redo (Ctrl+Shift+Z, and the button) does them again
+    assert w.redo_button.isEnabled()
+    keys.press_key("Control-Shift-Z")
+    keys.release_key("Control-Shift-Z")
+    assert 4 in w.nodules and 1 in w.nodules
+    w.redo_button.click()
+    assert 1 not in w.nodules and not w.redo_button.isEnabled()
+    assert len(changes) >= 10
 
 
 def test_export_import_round_trip_and_foreign_file(make_napari_viewer, qtbot, notes, tmp_path):
@@ -328,7 +360,7 @@ def test_export_import_round_trip_and_foreign_file(make_napari_viewer, qtbot, no
     w.import_nodules(paths[1])
     assert w.nodules.equals(before)
     assert w.nodule_layer is layer and w.threshold_slider.value() == 50
-    assert sorted(set(layer.features["id"])) == sorted(before.ids[before.visible_mask()].tolist())
+    assert sorted(w.table.ids) == sorted(before.ids[before.visible_mask()].tolist())
     # a file made for another image is refused with a message
     other = dict(json.loads(Path(paths[1]).read_text()))
     other["image"]["shape"] = [30, 64, 64]
@@ -452,45 +484,291 @@ def test_real_predictor_tiny_network_through_the_widget(make_napari_viewer, qtbo
     assert len(viewer.layers) == n
 
 
-def test_mouse_drag_and_draw_go_through_napari_events(make_napari_viewer, qtbot, notes):
-    """Edits made with napari's own mouse tools (select-drag, rectangle tool) reach the table."""
-    from napari.utils._test_utils import read_only_mouse_event
-    from napari.utils.interactions import (
-        mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks,
-    )
+def _canvas_xy(viewer, world):
+    """Canvas pixel (x, y) where the world position ``world`` (its displayed axes) is drawn."""
+    canvas = viewer.window._qt_viewer.canvas
+    yx = [world[d] for d in viewer.dims.displayed]
+    p = (canvas.view.transform * canvas.view.scene.transform).map([yx[1], yx[0], 0, 1])
+    return float(p[0] / p[3]), float(p[1] / p[3])
 
+
+MOVE_MS = 20
+
+
+def mouse(viewer, qtbot, start, end=None, steps=4):
+    """A left click at world position ``start`` (or a drag to ``end``), sent as mouse events
+    to napari's canvas, the way a reader's mouse produces them."""
+    from vispy.app.canvas import MouseEvent
+
+    scene = viewer.window._qt_viewer.canvas._scene_canvas
+    a = _canvas_xy(viewer, start)
+    scene.events.mouse_move(pos=a, modifiers=())  # the pointer arrives
+    qtbot.wait(MOVE_MS)
+    scene.events.mouse_press(pos=a, modifiers=(), button=1)
+    press = MouseEvent(pos=a, type="mouse_press", button=1)
+    if end is not None:
+        b = _canvas_xy(viewer, end)
+        for f in np.linspace(0, 1, steps + 1)[1:]:
+            p = (a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1]))
+            scene.events.mouse_move(pos=p, modifiers=(), button=1, press_event=press)
+            qtbot.wait(MOVE_MS)  # napari throttles mouse moves (5 ms): let each one land
+        a = b
+    scene.events.mouse_release(pos=a, modifiers=(), button=1)
+    qtbot.wait(MOVE_MS)
+
+
+def press(viewer, key):
+    keys = viewer.window._qt_viewer._key_map_handler
+    keys.press_key(key)
+    keys.release_key(key)
+
+
+#: lung1's geometry: slice k lies at -777.4999999999998 + 5 k mm, which napari converts back
+#: to slice 29.000000000000014 and the like
+LUNG1 = dict(scale=(5.0, 0.5703125, 0.5703125), translate=(-777.4999999999998, -215.5, -134.0234375))
+
+
+def test_canvas_click_select_drag_resize_and_z_extent(make_napari_viewer, qtbot, notes):
+    """Click a box on a CT slice, drag it, resize it by its handle, set its first and last
+    slices with the keys -- all through napari's canvas mouse events and key handler, on a
+    geometry whose slice positions are not exact."""
+    boxes = [[27.6, 20, 20, 30.4, 30, 32]]  # slices 28, 29, 30
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((48, 64, 64), np.int16), name="lung1", metadata={"modality": "CT"}, **LUNG1)
+
+    class P(FakePredictor):
+        def predict(self, scan, progress=None, cancel=None):
+            return Detections(boxes, [0.9], [0.8], Detections.geometry_of(scan))
+
+    w = W.NoduleWidget(viewer, predictor_factory=lambda m, d: P())
+    viewer.window.add_dock_widget(w)
+    layer = detect(qtbot, w)
+    noisy = []
+    for k in (28, 29, 30):
+        viewer.dims.set_current_step(0, k)
+        d = image.world_to_data(viewer.dims.point)[0]
+        if d != k:
+            noisy.append(k)
+    assert 29 in noisy  # the viewer's slice position is not exactly slice 29 ...
+    viewer.dims.set_current_step(0, 29)
+    assert w.current_slice == 29 and layer.features["id"].tolist() == [1]  # ... the layer is
+    viewer.layers.selection.active = layer
+    layer.mode = "select"
+    layer.selected_data = set()
+    to_world = lambda yx: np.array([viewer.dims.point[0], *layer.data_to_world(yx)])  # noqa: E731
+
+    # click inside the box: it is selected, in the layer and the table
+    mouse(viewer, qtbot, to_world([25, 26]))
+    assert layer.selected_data == {0} and w.table.selected_ids() == [1]
+
+    # drag it 4 voxels down: the 3D box moves in-plane, z stays; the selection stays
+    mouse(viewer, qtbot, to_world([25, 26]), to_world([29, 26]))
+    _wait_sync(qtbot, w)
+    t = w.nodules
+    np.testing.assert_allclose(t.boxes[0], [27.6, 24, 20, 30.4, 34, 32], atol=1e-4)
+    assert layer.selected_data == {0} and w.selected_ids() == [1]
+
+    # resize by the lower right handle of the selected box
+    mouse(viewer, qtbot, to_world([34, 32]), to_world([38, 35]))
+    _wait_sync(qtbot, w)
+    np.testing.assert_allclose(w.nodules.boxes[0], [27.6, 24, 20, 30.4, 38, 35], atol=1e-4)
+    assert w.selected_ids() == [1]
+
+    # z extent: go up two slices (the box is not there), '[' starts it here; ']' ends it lower
+    viewer.dims.set_current_step(0, 26)
+    assert len(layer.data) == 0 and w.selected_ids() == [1]
+    press(viewer, "[")
+    assert list(w.nodules.slices(0)) == [26, 27, 28, 29, 30]
+    assert layer.features["id"].tolist() == [1] and layer.selected_data == {0}
+    viewer.dims.set_current_step(0, 33)
+    press(viewer, "]")
+    assert list(w.nodules.slices(0)) == list(range(26, 34))
+    np.testing.assert_allclose(w.nodules.boxes[0, [1, 2, 4, 5]], [24, 20, 38, 35], atol=1e-4)
+    press(viewer, "Control-Z")
+    assert list(w.nodules.slices(0)) == [26, 27, 28, 29, 30]
+    press(viewer, "Control-Y")
+    assert list(w.nodules.slices(0)) == list(range(26, 34))
+
+    # draw a new box with the rectangle tool on slice 40
+    viewer.dims.set_current_step(0, 40)
+    layer.mode = "add_rectangle"
+    mouse(viewer, qtbot, to_world([10, 40]), to_world([18, 50]))
+    _wait_sync(qtbot, w)
+    t = w.nodules
+    assert len(t) == 2 and t.source[1] == "user" and 40 in t.slices(1)
+    np.testing.assert_allclose(t.boxes[1, [1, 2, 4, 5]], [10, 40, 18, 50], atol=0.05)
+    assert notes["error"] == []
+
+
+def test_cxr_click_and_drag(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f, ndim=2)
+    layer = detect(qtbot, w)
+    viewer.layers.selection.active = layer
+    layer.mode = "select"
+    layer.selected_data = set()
+    to_world = layer.data_to_world
+    mouse(viewer, qtbot, to_world([20, 30]))  # inside nodule 1: (10, 20)-(30, 40)
+    assert w.selected_ids() == [1]
+    mouse(viewer, qtbot, to_world([20, 30]), to_world([25, 30]))
+    _wait_sync(qtbot, w)
+    np.testing.assert_allclose(w.nodules.boxes[0], [15, 20, 35, 40], atol=1e-4)
+    assert w.selected_ids() == [1]
+
+
+def test_review_keys_next_unreviewed_and_counts(make_napari_viewer, qtbot, notes):
     f = Factory()
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
-    w.table.click_row(w.table.ids.index(1))  # slice 6, select mode
-    assert layer.mode == "select"
-    layer.selected_data = set()
-
-    def gesture(start, end):
-        kw = {"dims_displayed": [1, 2]}
-        mouse_press_callbacks(layer, read_only_mouse_event(type="mouse_press", position=start, **kw))
-        for p in (start, end):
-            mouse_move_callbacks(layer, read_only_mouse_event(type="mouse_move", is_dragging=True,
-                                                              position=p, **kw))
-        mouse_release_callbacks(layer, read_only_mouse_event(type="mouse_release", is_dragging=True,
-                                                             position=end, **kw))
-
-    j = [i for i, (nid, k) in enumerate(zip(layer.features["id"], layer.features["slice"]))
-         if nid == 1 and k == 6][0]
-    centre = layer.data_to_world(layer.data[j].mean(0))
-    gesture(tuple(centre), tuple(centre + np.array([0, 3 * CT_SPACING[1], 0])))
-    _wait_sync(qtbot, w)
+    w.threshold_slider.setValue(20)  # all three shown; reading order 1 (0.9), 3 (0.7), 2 (0.3)
+    viewer.layers.selection.active = layer
+    assert "3 of 3 nodules shown: 3 unreviewed, 0 accepted, 0 rejected" in w.count_label.text()
+    press(viewer, ".")
+    assert w.selected_ids() == [1] and w.current_slice == 6 and layer.selected_data == {0}
+    press(viewer, "a")
+    assert w.nodules.review[0] == "accepted" and layer.features["mark"].tolist() == [" \u2713"]
+    press(viewer, ".")
+    assert w.selected_ids() == [3] and w.current_slice == 15
+    press(viewer, "x")
     t = w.nodules
-    np.testing.assert_allclose(t.boxes[t.index_of(1)], [4.2, 13, 12, 8.6, 23, 24], atol=1e-6)
-    assert len(layer.data) == 5  # regenerated: still one rectangle per slice
+    assert t.review[t.index_of(3)] == "rejected"
+    np.testing.assert_allclose(layer.edge_color[0][:3], W.REJECTED_RGB)
+    assert list(layer.text.values) == ["malignant 0.70 \u2717"]
+    assert w.table.item(w.table.ids.index(3), 7).text() == "rejected"
+    press(viewer, ",")
+    assert w.selected_ids() == [2] and w.current_slice in (10, 11)
+    assert "1 unreviewed, 1 accepted, 1 rejected" in w.count_label.text()
+    press(viewer, "a")
+    press(viewer, ".")
+    assert any("No unreviewed nodule left" in m for m in notes["info"])
+    press(viewer, "u")
+    assert w.nodules.review[w.nodules.index_of(2)] == "unreviewed"
+    # keys work the same while the table has the focus
+    w.table.click_row(w.table.ids.index(1))
+    from qtpy.QtCore import Qt
 
-    layer.mode = "add_rectangle"
-    a = layer.data_to_world(np.array([6, 40, 5]))
-    b = layer.data_to_world(np.array([6, 48, 13]))
-    gesture(tuple(a), tuple(b))
-    _wait_sync(qtbot, w)
+    qtbot.keyClick(w.table, Qt.Key_M)
+    assert w.nodules.label[0] == "benign"
+    # arrow keys in the table go to the nodule
+    qtbot.keyClick(w.table, Qt.Key_Down)
+    assert w.selected_ids() == [3] and w.current_slice == 15
+
+
+def test_detect_again_merges_keeps_reviewed_and_drawn(make_napari_viewer, qtbot, notes, monkeypatch):
+    asked = []
+    monkeypatch.setattr(W, "ask_merge", lambda parent, q, answer: (asked.append(q), answer(True)))
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    layer = detect(qtbot, w)
+    assert asked == []  # nothing of the reader's yet: no question
+    w.set_threshold(0.2)
+    w.focus_nodule(1)
+    w.accept_selected()
+    w.focus_nodule(3)
+    w.reject_selected()
+    nid = w.add_nodule([2.5, 50, 50, 3.5, 58, 58], label="malignant")
+    w.focus_nodule(1)
+    w.flip_selected()
+    before = w.nodules.copy()
+    detect(qtbot, w)
+    assert len(asked) == 1 and "3 nodule(s) you accepted, rejected or drew" in asked[0]
     t = w.nodules
-    assert len(t) == 4 and t.source[t.index_of(4)] == "user"
-    np.testing.assert_allclose(t.boxes[t.index_of(4)][[1, 2, 4, 5]], [40, 5, 48, 13], atol=1e-6)
-    assert 6 in t.slices(t.index_of(4))
+    assert w.nodule_layer is layer
+    # the reader's nodules are kept exactly; nodule 2 (unreviewed) is replaced by the new run's
+    for i in (1, 3, nid):
+        j, k = t.index_of(i), before.index_of(i)
+        assert (t.review[j], t.label[j], t.source[j]) == (before.review[k], before.label[k], before.source[k])
+        np.testing.assert_array_equal(t.boxes[j], before.boxes[k])
+    assert 2 not in t and len(t) == 4 and t.review[-1] == "unreviewed" and t.ids[-1] == nid + 1
+    assert any("Merged: 3 reviewed or drawn nodule(s) kept" in m for m in notes["info"])
+    detect(qtbot, w)  # asked once per layer
+    assert len(asked) == 1 and len(w.nodules) == 4
+    w.undo()
+    w.undo()
+    back = w.nodules.copy()
+    back.threshold, back.model_info = before.threshold, before.model_info  # undo keeps the threshold
+    assert back.equals(before)
+
+
+def test_csv_reimport_keeps_threshold_and_model(make_napari_viewer, qtbot, notes, tmp_path):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    detect(qtbot, w)
+    w.set_threshold(0.25)
+    paths = w.export_nodules(tmp_path / "case.csv")
+    w.set_threshold(0.6)
+    w.import_nodules(paths[0])
+    t = w.nodules
+    assert int(t.visible_mask().sum()) == 3 and t.threshold <= 0.3  # all exported rows shown
+    assert t.model_info == MODEL
     assert notes["error"] == []
+
+
+def test_restore_offered_again_and_restore_button(make_napari_viewer, qtbot, notes, monkeypatch):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    detect(qtbot, w)
+    w.focus_nodule(1)
+    w.accept_selected()
+    saved = w.nodules.copy()
+    w.flush_autosave()
+    viewer.layers.remove(w.nodule_layer)
+    assert w.nodule_layer is None
+    # the button brings them back
+    w.restore_button.click()
+    assert w.nodules is not None and w.nodules.equals(saved)
+    viewer.layers.remove(w.nodule_layer)
+    # the same image opened again in this session is offered its autosave (again)
+    monkeypatch.setenv("RESMTNET_AUTOSAVE_RESTORE", "always")
+    data = viewer.layers["ct"].data
+    viewer.layers.remove("ct")
+    viewer.add_image(data, name="ct", scale=CT_SPACING, translate=CT_ORIGIN, metadata={"modality": "CT"})
+    qtbot.waitUntil(lambda: w.nodules is not None, timeout=3000)
+    assert w.nodules.equals(saved)
+    viewer.layers.remove(w.nodule_layer)
+    viewer.layers.remove("ct")
+    viewer.add_image(data, name="ct", scale=CT_SPACING, translate=CT_ORIGIN, metadata={"modality": "CT"})
+    qtbot.waitUntil(lambda: w.nodules is not None, timeout=3000)
+
+
+def test_3d_view_shows_spheres_and_lungs_not_slabs(make_napari_viewer, qtbot, notes):
+    f = Factory()
+    viewer = make_napari_viewer()
+    ct = np.full(CT_SHAPE, -1000, np.int16)   # air around the patient
+    ct[2:18, 5:60, 5:60] = 40                 # the body
+    ct[4:16, 16:48, 12:28] = -850             # two lungs inside the chest wall
+    ct[4:16, 16:48, 36:52] = -850
+    image = viewer.add_image(ct, name="ct", scale=CT_SPACING, translate=CT_ORIGIN, metadata={"modality": "CT"})
+    w = W.NoduleWidget(viewer, predictor_factory=f)
+    viewer.window.add_dock_widget(w)
+    layer = detect(qtbot, w)
+    viewer.dims.ndisplay = 3
+    spheres = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "spheres"]
+    assert len(spheres) == 1 and not layer.visible and not image.visible
+    t = w.nodules
+    np.testing.assert_allclose(spheres[0].data, t.centers_world()[[0, 2]])  # the two shown
+    np.testing.assert_allclose(spheres[0].size, t.diameter_mm()[[0, 2]])
+    qtbot.waitUntil(lambda: any(ly.metadata.get("resmtnet_3d") == "lungs" for ly in viewer.layers), timeout=10000)
+    lungs = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "lungs"][0]
+    assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.image_combo.currentText()
+    w.focus_nodule(3)
+    w.reject_selected()  # a rejected nodule leaves the 3D view
+    assert len(spheres[0].data) == 1
+    viewer.dims.ndisplay = 2
+    assert layer.visible and image.visible and not spheres[0].visible and not lungs.visible
+    assert notes["error"] == []
+
+
+def test_report_button_writes_accepted_nodules(make_napari_viewer, qtbot, notes, tmp_path):
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    detect(qtbot, w)
+    w.focus_nodule(1)
+    w.accept_selected()
+    p = w.write_report(tmp_path / "report.html")
+    text = p.read_text()
+    assert text.count("<img ") == 1 and "fake-resmtnet" in text
+    assert w.write_report(tmp_path / "missing" / "x" / "r.html") is not None  # folders are made
+    (tmp_path / "file").write_text("x")  # a file where a folder should be
+    assert w.write_report(tmp_path / "file" / "r.html") is None
+    assert "Could not write the report" in notes["error"][-1]
