@@ -55,7 +55,30 @@ def rating_to_score(rating) -> float:
     return (r - 1) / 4
 
 
-MALIGNANCY_TARGETS = ("binary", "rating")
+def mean_to_score(mean) -> float:
+    """Readers' mean malignancy (1-5) -> soft target (mean - 1) / 4; -1 when unknown. Used by
+    ``malignancy_target: "readers_mean"``: every rated nodule trains, indeterminate ones at
+    their own mean, and the 0.5 decision threshold is the readers'-mean definition (< 3 benign,
+    > 3 malignant)."""
+    try:
+        m = float(mean)
+    except (TypeError, ValueError):
+        return -1.0
+    return (m - 1) / 4 if 1 <= m <= 5 else -1.0
+
+
+def mean_to_label(mean) -> int:
+    """Readers'-mean label: 0 benign (< 3), 1 malignant (> 3), -1 indeterminate (= 3) or unknown."""
+    try:
+        m = float(mean)
+    except (TypeError, ValueError):
+        return -1
+    if not 1 <= m <= 5 or abs(m - 3) < 1e-9:
+        return -1
+    return int(m > 3)
+
+
+MALIGNANCY_TARGETS = ("binary", "rating", "readers_mean")
 
 
 @dataclass
@@ -73,6 +96,16 @@ class CubeRecord:
     ratings: np.ndarray | None = None  # (K,) LIDC rating of each nodule, NaN when unknown
     mask: np.ndarray | None = None     # (z, y, x) uint8 mask of the main nodule, when the data has one
     direction: tuple = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK direction (x, y, z)
+    reader_means: np.ndarray | None = None  # (K,) every LIDC reader's mean malignancy, NaN when unknown
+
+    @property
+    def reader_mean(self) -> float:
+        return float(self.reader_means[self.main]) if self.reader_means is not None else float("nan")
+
+    @property
+    def label_mean(self) -> int:
+        """The main nodule's readers'-mean label (1 malignant, 0 benign, -1 indeterminate/unknown)."""
+        return mean_to_label(self.reader_mean)
 
     def extents(self) -> np.ndarray:
         """(K, 3) per-axis extent (z, y, x) of each nodule in cube voxels (= mm at 1 mm): the
@@ -102,6 +135,9 @@ class CubeRecord:
         if malignancy == "rating":
             ratings = self.ratings if self.ratings is not None else np.full(len(self.diameters), np.nan)
             mal = np.array([rating_to_score(r) for r in ratings], dtype=np.float32)
+        elif malignancy == "readers_mean":
+            means = self.reader_means if self.reader_means is not None else np.full(len(self.diameters), np.nan)
+            mal = np.array([mean_to_score(m) for m in means], dtype=np.float32)
         return {"centers": self.centers, "diameters": self.diameters, "malignant": mal, "extents": self.extents()}
 
     def ignore_region(self, margin: float = 2.0) -> np.ndarray:
@@ -161,7 +197,7 @@ def _pad_to_cube(arr, n=int(CUBE_MM / CUBE_SPACING)):
     return np.pad(arr, pad, mode="edge") if any(p[1] for p in pad) else arr
 
 
-def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings):
+def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings, reader_means=None):
     """cubes: list of (name, uid, array, origin_xyz[, direction]); nodules of the same series."""
     out = []
     for cube, mi in zip(cubes, main_index):
@@ -175,6 +211,7 @@ def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings
             malignant=labels[idx], main=int(np.nonzero(idx == mi)[0][0]), rating=ratings[mi],
             origin_xyz=tuple(origin), ratings=np.asarray(ratings, float)[idx],
             direction=tuple(direction) if direction is not None else CubeRecord.direction,
+            reader_means=None if reader_means is None else np.asarray(reader_means, float)[idx],
         ))
     return out
 
@@ -193,6 +230,12 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
     by_series: dict[str, list] = {}
     for r in rows:
         by_series.setdefault(r["seriesuid"], []).append(r)
+    reader_mean = {}
+    if (root / "reader_ratings.csv").exists():
+        from .readers import labels_for, read_reader_ratings
+
+        reader_mean = {k: (v.mean_malignancy if v.mean_malignancy is not None else np.nan)
+                       for k, v in labels_for(read_reader_ratings(root / "reader_ratings.csv")).items()}
     records = []
     for uid, rs in by_series.items():
         world = np.array([[float(r["center_x_mm"]), float(r["center_y_mm"]), float(r["center_z_mm"])] for r in rs])
@@ -210,7 +253,8 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
                 m = _pad_to_cube((sitk.GetArrayFromImage(sitk.ReadImage(str(mpath))) > 0).astype(np.uint8))
                 m = m if m.shape == arr.shape else None
             masks.append(m)
-        recs = _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings)
+        means = [reader_mean.get(r["cube"], np.nan) for r in rs]
+        recs = _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings, means)
         for rec, m in zip(recs, masks):
             rec.mask = m
         records += recs

@@ -68,7 +68,8 @@ class TrainConfig:
     spacing_mm: float = 1.0       # model input spacing
     init: str = ""                # start from these weights (fine-tuning); "" = random init
     implant: dict = field(default_factory=dict)   # CXR: nodule implantation settings
-    malignancy_target: str = "binary"  # CT: "binary" (LIDC 1-2 vs 4-5) or "rating" (soft (r-1)/4)
+    malignancy_target: str = "binary"  # CT: "binary" (LIDC 1-2 vs 4-5), "rating" (soft (r-1)/4) or
+    #                                    "readers_mean" (soft (mean-1)/4 of every reader's rating)
     network: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
     # CT: hard negatives from whole training scans: {"scans": folder, "fraction": share of each
@@ -77,6 +78,9 @@ class TrainConfig:
     # second stage: {"steps", "batch_size", "lr", "floor", "pos_fraction"} trains only the
     # candidate classifier of an ``init`` model (see `train_fpr`); {} trains the detector
     fpr: dict = field(default_factory=dict)
+    # names (prefixes) of the parameters to train, e.g. ["mal2.", "malignancy_head."]; the
+    # rest stay as ``init`` gave them ([] trains everything)
+    trainable: list = field(default_factory=list)
 
     @classmethod
     def from_file(cls, path, overrides=()):
@@ -100,8 +104,8 @@ class TrainConfig:
 
         if cfg.malignancy_target not in MALIGNANCY_TARGETS:
             raise ValueError(f"{path}: malignancy_target must be one of {MALIGNANCY_TARGETS}, got {cfg.malignancy_target!r}")
-        if cfg.malignancy_target == "rating" and cfg.modality != "CT":
-            raise ValueError(f"{path}: malignancy_target 'rating' needs LIDC ratings (CT only)")
+        if cfg.malignancy_target != "binary" and cfg.modality != "CT":
+            raise ValueError(f"{path}: malignancy_target {cfg.malignancy_target!r} needs LIDC ratings (CT only)")
         return cfg
 
     def network_config(self) -> ResMTNetConfig:
@@ -138,24 +142,36 @@ def split_records(records, cfg: TrainConfig):
     return [r for r in records if r.seriesuid in tr], [r for r in records if r.seriesuid in va], train_uids, val_uids
 
 
-def negative_context(cfg: TrainConfig, split: dict):
-    """Whole training scans with hard-negative crop centres (``cfg.negatives``), or None."""
+def negative_context(cfg: TrainConfig, split: dict, model: ResMTNet | None = None):
+    """Whole training scans with hard-negative crop centres (``cfg.negatives``), or None.
+
+    ``negatives``: ``scans`` (the whole-scan folder), ``fraction`` (share of each batch),
+    ``mine`` (weights whose candidates are mined: "bundled" or a path), ``remine_epochs``
+    (epochs after which the model being trained mines its own candidates again). With
+    ``model`` given, that model is the miner."""
     neg = cfg.negatives or {}
     if cfg.modality != "CT" or not neg.get("scans") or not neg.get("fraction"):
         return None
     from . import wholescan
+    from .inference import Predictor
 
     scans = wholescan.whole_scans(neg["scans"], split, splits=("train",))
     if not scans:
         raise RuntimeError(f"{neg['scans']}: no whole training scans found for hard negatives")
     mined = None
-    if neg.get("mine"):
-        from .inference import Predictor
+    if model is not None:
+        was = model.training
+        model.eval()
+        pred = Predictor("CT", model=model, info={"threshold": 0.05, "spacing_mm": cfg.spacing_mm}, device="cpu",
+                         score_floor=0.05, max_detections=300, detector_only=True)
+        mined = wholescan.mine_candidates(pred, scans)
+        model.train(was)
+    elif neg.get("mine"):
         from .weights import sha256_of
 
         w = None if neg["mine"] == "bundled" else neg["mine"]
         pred = Predictor("CT", weights=w, sha256=None if w is None else sha256_of(w), score_floor=0.05,
-                         max_detections=300)
+                         max_detections=300, detector_only=True)
         mined = wholescan.mine_candidates(pred, scans)
     return wholescan.negative_pool(scans, cfg.spacing_mm, mined, seed=cfg.seed)
 
@@ -308,7 +324,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model = model.to(device)
     if net_cfg.spatial_dims == 3 and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    if cfg.trainable:
+        named = dict(model.named_parameters())
+        for n, p in named.items():
+            p.requires_grad_(any(n.startswith(t) for t in cfg.trainable))
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"'trainable' {cfg.trainable} names no parameter of the network")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, len(train_recs) // (per_rank * world))  # full global batches per epoch
     total = cfg.epochs * steps_per_epoch
@@ -373,7 +397,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             losses = ddp_model(images, targets)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             step += 1
             if rank == 0:
@@ -384,6 +408,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", hm=f"{rec['heatmap']:.3f}", mal=f"{rec['malignancy']:.3f}")
         epoch += 1
+        if negatives is not None and epoch in (cfg.negatives.get("remine_epochs") or []) and step < total:
+            negatives = negative_context(cfg, split, model)  # the model mines its own false positives again
+            if rank == 0:
+                n = sum(len(x.points) for x in negatives)
+                log.write(json.dumps({"epoch": epoch, "remined": n}) + "\n")
         if rank == 0:
             log.flush()
             gens = [g.get_state()]

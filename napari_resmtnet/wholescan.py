@@ -161,6 +161,8 @@ def evaluate_scans(predictor, scans, thresholds=None) -> dict:
         entry = {"split": ws.split, "n_lesions": len(ws.lesions), "seconds": round(dt, 2),
                  "lung_mask": det.meta.get("lung_mask", {}).get("reason", ""),
                  "scores": [round(float(v), 4) for v in s], "match": mm.tolist()}
+        if det.meta.get("stages"):
+            entry["stages"] = {k: [round(float(v), 4) for v in vals] for k, vals in det.meta["stages"].items()}
         if len(ws.lesions) and (m >= 0).any():
             best = int(np.argmax(np.where(m >= 0, s, -1)))
             entry["best_hit"] = {"score": float(s[best]), "rank": int((s > s[best]).sum()) + 1,
