@@ -460,7 +460,9 @@ class NoduleWidget(QWidget):
 
     def _update_model_hint(self, *_):
         layer = self.image_layer()
-        if layer is not None and not self._running:
+        if self.nodule_layer is not None:
+            self._update_status()  # the nodules' state stays on the status line
+        elif layer is not None and not self._running:
             self.status_label.setText(f"{layer.name}: {self.modality_for(layer)} model")
         if self.nodule_layer is None and hasattr(self, "threshold_slider"):
             op = self.model_threshold()  # before any nodules: the model's operating point
@@ -961,7 +963,8 @@ class NoduleWidget(QWidget):
         self._updating = True
         try:
             self.viewer.add_image(mask, name=f"{image_name} lungs", rendering="iso", iso_threshold=0.5,
-                                  colormap="gray", opacity=0.3, blending="additive",
+                                  contrast_limits=(0, 1), colormap="gray", opacity=0.35,
+                                  blending="additive",
                                   metadata={"resmtnet_3d": "lungs", "image_layer": image_name}, **geo)
         finally:
             self._updating = False
@@ -1260,7 +1263,9 @@ class NoduleWidget(QWidget):
             self.viewer.dims.set_point(axis0, float(world[0]))
             if self._viewer_slice(t) != self._slice:
                 self._render()
-        self.viewer.camera.center = tuple(float(v) for v in world[-2:])
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+        camera = scene.camera if scene is not None and hasattr(scene, "camera") else self.viewer.camera
+        camera.center = tuple(float(v) for v in world[-2:])
         self.viewer.layers.selection.active = layer
         self._select_in_layer({int(nodule_id)})
         self._updating = True

@@ -751,6 +751,8 @@ def test_3d_view_shows_spheres_and_lungs_not_slabs(make_napari_viewer, qtbot, no
     qtbot.waitUntil(lambda: any(ly.metadata.get("resmtnet_3d") == "lungs" for ly in viewer.layers), timeout=10000)
     lungs = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "lungs"][0]
     assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.image_combo.currentText()
+    assert tuple(lungs.contrast_limits) == (0, 1)  # the mask's 1 is bright, not 1/255
+    assert "3 candidates, 2 shown" in w.status_label.text()  # the status is still the nodules
     w.focus_nodule(3)
     w.reject_selected()  # a rejected nodule leaves the 3D view
     assert len(spheres[0].data) == 1
