@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -410,8 +411,9 @@ def _run_dask(args, opts, out: Path, todo: list[dict], records: dict, bar) -> in
                      else "no dashboard (install bokeh for Dask's dashboard)")
             tqdm.write(f"{PROG}: {len(todo)} study(ies) on {n_workers} Dask worker(s); {board}", file=sys.stderr)
             futures = {}
-            for s in todo:  # pure=False: a study runs again when asked again (resume)
-                f = client.submit(screen_one, s, str(out.resolve()), opts, key=f"screen-{s['key']}", pure=False)
+            run = uuid.uuid4().hex[:8]  # keys of this run only: a shared scheduler may remember older ones
+            for s in todo:
+                f = client.submit(screen_one, s, str(out.resolve()), opts, key=f"screen-{s['key']}-{run}")
                 futures[f] = s
             for f in as_completed(futures):
                 s = futures[f]

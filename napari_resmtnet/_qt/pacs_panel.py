@@ -61,6 +61,7 @@ class PacsPanel(QWidget):
         self._opened: dict = {}  # image layer name -> {"url", "study_uid", "series_uid"}
         self._worker = None
         self._cancel = threading.Event()
+        self.last_sent = None  # what the last Send did: ("sent", (stored, missing)), ("none", None), ...
 
         self.url_edit = QLineEdit(os.environ.get(URL_ENV, ""))
         self.url_edit.setPlaceholderText("https://pacs.example.org/dicom-web")
