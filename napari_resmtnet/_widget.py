@@ -963,8 +963,8 @@ class NoduleWidget(QWidget):
         self._updating = True
         try:
             self.viewer.add_image(mask, name=f"{image_name} lungs", rendering="iso", iso_threshold=0.5,
-                                  contrast_limits=(0, 1), colormap="gray", opacity=0.35,
-                                  blending="additive",
+                                  contrast_limits=(0, 1), colormap="bop blue", opacity=0.4,
+                                  blending="translucent",
                                   metadata={"resmtnet_3d": "lungs", "image_layer": image_name}, **geo)
         finally:
             self._updating = False

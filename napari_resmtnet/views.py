@@ -20,7 +20,7 @@ LUNG_GRID_MM = 4.0
 
 def lung_mask(hu: np.ndarray, spacing, grid_mm: float = LUNG_GRID_MM):
     """A rough lung mask of a CT on a coarse grid: air-like voxels that are not connected to
-    the volume's border (the air around the patient), largest components first, keeping
+    the in-plane edges (the air around the patient), largest components first, keeping
     those of at least 5 % of the largest. Returns ``(mask (uint8), step (per axis))``: the
     mask is ``hu[::step[0], ::step[1], ::step[2]]``-shaped."""
     from scipy import ndimage
@@ -32,7 +32,9 @@ def lung_mask(hu: np.ndarray, spacing, grid_mm: float = LUNG_GRID_MM):
     lab, n = ndimage.label(air)
     if n == 0:
         return np.zeros(small.shape, np.uint8), step
-    border = np.unique(np.concatenate([lab[[0, -1]].ravel(), lab[:, [0, -1]].ravel(), lab[:, :, [0, -1]].ravel()]))
+    # the air around the patient touches the in-plane edges; the lungs may well touch the
+    # first and last slices of a scan that does not cover the whole chest
+    border = np.unique(np.concatenate([lab[:, [0, -1]].ravel(), lab[:, :, [0, -1]].ravel()]))
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     sizes[0] = 0
     sizes[border] = 0
