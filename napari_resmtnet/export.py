@@ -340,7 +340,7 @@ def _checked_image(image, where: str) -> dict:
     for k in ("path", "seriesuid", "modality"):
         if k in image and image[k] is not None:
             out[k] = _text(image[k], w, k, max_len=4096)
-    return out
+    return {k: out[k] for k in image if k in out}  # the file's order: a re-export is identical
 
 
 def _plain(value, depth: int = 0) -> bool:

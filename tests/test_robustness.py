@@ -1174,11 +1174,11 @@ def test_restore_policies(policy, make_napari_viewer, qtbot, notes, gui_env, tmp
         assert asked == [] and w.nodule_layer is None
     else:
         assert len(asked) == 1 and "2 nodule(s) of case7 (1 shown)" in asked[0] and w.nodule_layer is None
-    # opening the same image again in this session does not ask twice
+    # the same image closed and opened again in this session is offered its autosave again
     viewer.layers.clear()
     viewer.open(str(scan_path), plugin="napari-resmtnet")
     qtbot.wait(50)
-    assert len(asked) == (policy == "declined")
+    assert len(asked) == (2 if policy == "declined" else 0)
 
 
 @pytest.mark.gui
@@ -1244,7 +1244,7 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
         assert w.export_nodules(out / "nodules.csv") == []
     finally:
         undo()
-    assert re.search(r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied)",
+    assert re.search(r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied|folder .* is not writable)",
                      notes["error"][-1]), notes["error"][-1]
     assert {p: Path(p).read_text() for p in paths} == before
     assert sorted(os.listdir(out)) == ["nodules.csv", "nodules.json"]
