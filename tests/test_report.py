@@ -25,13 +25,13 @@ def test_report_has_accepted_nodules_key_images_and_model(tmp_path):
     assert report_rows(t) == [0]
     assert report_rows(t, ("accepted", "unreviewed", "rejected")) == [0, 2, 1]
     p = write_html_report(tmp_path / "r" / "report.html", t, arr)
-    text = p.read_text()
+    text = p.read_text(encoding="utf-8")
     assert "Research use only" in text and "resmtnet 1.0" in text and "threshold 0.25" in text
     assert text.count("<img ") == 1 and "1 nodule(s) reported of 3 kept" in text
     assert re.search(r"<td>1</td><td>1</td><td>malignant</td><td>0.87</td><td>0.90</td>", text)
     assert "rejected" not in text.split("<table>")[1]
     everything = write_html_report(tmp_path / "all.html", t, arr, states=("accepted", "unreviewed", "rejected"))
-    assert everything.read_text().count("<img ") == 3
+    assert everything.read_text(encoding="utf-8").count("<img ") == 3
     assert not list(tmp_path.glob("r/.report-*"))  # atomic: no temporary file left
 
 

@@ -768,7 +768,7 @@ def test_report_button_writes_accepted_nodules(make_napari_viewer, qtbot, notes,
     w.focus_nodule(1)
     w.accept_selected()
     p = w.write_report(tmp_path / "report.html")
-    text = p.read_text()
+    text = p.read_text(encoding="utf-8")
     assert text.count("<img ") == 1 and "fake-resmtnet" in text
     assert w.write_report(tmp_path / "missing" / "x" / "r.html") is not None  # folders are made
     (tmp_path / "file").write_text("x")  # a file where a folder should be
