@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import boxes as B
-from .layers import LABELS, SOURCES, NoduleTable
+from .layers import LABELS, REVIEW_STATES, SOURCES, NoduleTable
 from .paths import OutputPathError, check_output, escape_text, file_kind, shown
 from .scan import geometry_dict
 
@@ -198,6 +198,7 @@ def _nodule_dict(table: NoduleTable, i: int, centres, sizes, diam) -> dict:
         "diameter_mm": float(diam[i]),
         "source": str(table.source[i]),
         "reviewed": bool(table.reviewed[i]),
+        "review": str(table.review[i]),
         "box_voxel": [float(v) for v in table.boxes[i]],
         "center_world_xyz": [float(v) for v in centres[i][::-1]],
         "size_mm_xyz": [float(v) for v in sizes[i][::-1]],
@@ -403,7 +404,7 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         raise NoduleFileError(f"{where}: {len(rows)} nodules, more than {MAX_NODULES}; refused")
     threshold = _number(d.get("threshold", 0.5), where, "threshold", lo=0.0, hi=1.0)
     model = _checked_model(d.get("model"), where)
-    cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed")}
+    cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review")}
     seen: set[int] = set()
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
@@ -427,14 +428,20 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         cols["malignancy"].append(_number(r["malignancy"], w, "malignancy", lo=0.0, hi=1.0))
         cols["label"].append(_text(r["label"], w, "label", LABELS))
         cols["source"].append(_text(r.get("source", "user"), w, "source", SOURCES))
-        cols["reviewed"].append(reviewed)
+        review = r.get("review", "accepted" if reviewed else "unreviewed")  # files before review states
+        if review not in REVIEW_STATES:
+            raise NoduleFileError(f"{w}: review must be one of {REVIEW_STATES}, got {_brief(review)}")
+        if "review" in r and "reviewed" in r and reviewed != (review == "accepted"):
+            raise NoduleFileError(f"{w}: reviewed={str(reviewed).lower()} contradicts review={review!r}")
+        cols["reviewed"].append(reviewed or review == "accepted")
+        cols["review"].append(review)
     order = np.argsort(np.asarray(cols["ids"], np.int64), kind="stable")  # the table lists nodules by id
     pick = lambda v: [v[i] for i in order]  # noqa: E731
     try:
         return NoduleTable(np.asarray(pick(cols["boxes"]), float).reshape(-1, 2 * nd), pick(cols["ids"]),
                            pick(cols["probability"]), pick(cols["malignancy"]), pick(cols["label"]),
                            pick(cols["source"]), pick(cols["reviewed"]), image=image,
-                           threshold=threshold, model_info=model)
+                           threshold=threshold, model_info=model, review=pick(cols["review"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise NoduleFileError(f"{where}: {exc}") from None
 

@@ -380,3 +380,27 @@ def test_import_from_a_fifo_does_not_block(tmp_path):
     os.mkfifo(p)
     with pytest.raises(E.NoduleFileError, match="FIFO"):
         E.import_nodules(p, image_identity(scan))
+
+
+def test_json_keeps_the_review_state_and_old_files_still_import(tmp_path):
+    """Rejected nodules stay rejected through a JSON file (and the autosave, which is one);
+    a file from before review states (only ``reviewed``) reads as accepted / unreviewed."""
+    scan, t = ct_table()
+    t = t.with_review([2], "rejected")
+    _, json_path = E.export_nodules(tmp_path / "out.json", t)
+    d = json.loads(open(json_path).read())
+    states = {n["id"]: n["review"] for n in d["nodules"] + d["hidden"]}
+    assert states[1] == "accepted" and states[2] == "rejected" and states[3] == "unreviewed"
+    back = E.import_nodules(json_path, image_identity(scan))
+    assert back.equals(t) and list(back.review) == list(t.review)
+    for n in d["nodules"] + d["hidden"]:
+        del n["review"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    back = E.import_nodules(old, image_identity(scan))
+    assert dict(zip(back.ids, back.review))[1] == "accepted" and dict(zip(back.ids, back.review))[2] == "unreviewed"
+    d["nodules"][0]["review"] = "rejected"  # contradicts reviewed=true
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(E.NoduleFileError, match="contradicts"):
+        E.import_nodules(bad, image_identity(scan))

@@ -111,7 +111,13 @@ def test_scan_boxes_and_napari_transform_agree(data):
 def nodule_tables(draw):
     g = draw(geometries())
     nd = len(g["spacing"])
-    boxes = draw(voxel_boxes(nd, n_max=15, min_size=0.25))
+    boxes = np.asarray(draw(voxel_boxes(nd, n_max=15, min_size=0.25)), float).reshape(-1, 2 * nd)
+    # every box the plugin makes or imports has its centre on its image (a CSV whose centres
+    # lie off the image is refused as another image's), so centres are moved into the image
+    shape = np.asarray(g["shape"], float)
+    mid = (boxes[:, :nd] + boxes[:, nd:]) / 2
+    shift = np.mod(mid + 0.5, shape) - 0.5 - mid
+    boxes = boxes + np.concatenate([shift, shift], axis=1)
     n = len(boxes)
     unit = st.floats(0.0, 1.0, **finite)
     # ids ascend in table order, as every table the plugin makes has them (detections are
