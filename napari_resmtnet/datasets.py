@@ -180,12 +180,14 @@ def mask_extent(mask) -> np.ndarray | None:
 def _nodules_in_cube(world_xyz, origin_xyz, shape_zyx, spacing=CUBE_SPACING, direction=None):
     """World centres (K, 3 xyz) -> cube voxel centres (K, 3 zyx) and an inside mask.
 
-    Through the cube's header: world = origin + D @ (spacing * index), so index =
-    D^T (world - origin) / spacing (D orthonormal). Cubes stored with a flipped direction
+    Through the cube's header (world = origin + D @ (spacing * index), the geometry of
+    `napari_resmtnet.boxes` in array order). Cubes stored with a flipped direction
     (-1, -1, 1) have their nodules at origin - index in x and y, not origin + index."""
+    from .boxes import world_to_voxel_points
+
     D = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
-    v_xyz = (np.asarray(world_xyz, float).reshape(-1, 3) - np.asarray(origin_xyz, float)) @ D / spacing
-    v = v_xyz[:, ::-1]
+    geom = {"spacing": [spacing] * 3, "origin": np.asarray(origin_xyz, float)[::-1], "direction": D[::-1, ::-1]}
+    v = world_to_voxel_points(np.asarray(world_xyz, float).reshape(-1, 3)[:, ::-1], geom)
     inside = ((v >= 0) & (v <= np.asarray(shape_zyx) - 1)).all(1)
     return v, inside
 

@@ -51,7 +51,7 @@ from .detections import Detections
 from .scan import Scan
 
 __all__ = ["Predictor", "predict", "Cancelled", "PredictionError", "DeviceError", "resolve_device",
-           "lung_mask_cells", "window_starts"]
+           "lung_mask_cells", "scan_lung_mask", "window_starts"]
 
 #: Largest model grid (bytes) a CT may need after resampling; a whole-body CT at 1 mm
 #: (500 x 500 x 2000 mm) needs about 2.4 GB, so this only refuses absurd spacings.
@@ -234,6 +234,14 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     return lung, info
 
 
+def scan_lung_mask(scan: Scan, hu_cells: np.ndarray, cell_mm: float) -> tuple[np.ndarray | None, dict]:
+    """`lung_mask_cells` for ``hu_cells``, the scan resampled in its index space to cells of
+    ``cell_mm``: the axial axis and the in-plane field of view come from the scan's geometry."""
+    axial = int(np.argmax(np.abs(np.asarray(scan.direction, float)[0])))  # the array axis along world z
+    fov = [n * s for ax, (n, s) in enumerate(zip(scan.shape, scan.spacing)) if ax != axial]
+    return lung_mask_cells(hu_cells, cell_mm, fov, axial)
+
+
 def _disc(radius_mm: float, spacing_mm) -> np.ndarray:
     """2D disc structuring element of ``radius_mm`` on a grid of ``spacing_mm`` (2 values)."""
     r = [max(1, int(np.floor(radius_mm / s))) for s in spacing_mm]
@@ -382,6 +390,7 @@ class Predictor:
         self.threads = None if threads is None else int(threads)
         cfg = getattr(self.model, "config", None)
         self.second_stage = bool(getattr(cfg, "fpr", False)) and not detector_only
+        self.size_channels = self.ndim if getattr(cfg, "size_per_axis", False) else 1
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -409,9 +418,7 @@ class Predictor:
         mask, mask_info = None, {"used": False, "reason": "not used for radiographs" if self.ndim == 2 else "disabled"}
         if self.use_lung_mask and hu_cells is not None:
             report(0.08, "lung mask")
-            axial = int(np.argmax(np.abs(np.asarray(scan.direction, float)[0])))  # world z row
-            fov = [n * s for ax, (n, s) in enumerate(zip(scan.shape, scan.spacing)) if ax != axial]
-            mask, mask_info = lung_mask_cells(hu_cells, 4 * self.spacing_mm, fov, axial)
+            mask, mask_info = scan_lung_mask(scan, hu_cells, 4 * self.spacing_mm)
         del hu_cells
         timings["lung_mask"] = time.perf_counter() - t
         _check_cancel(cancel)
@@ -550,8 +557,7 @@ class Predictor:
             todo.append((start, core))
         maps = {
             "heatmap": torch.full((1, 1, *cells), -1e4, dtype=torch.float32),
-            "size": torch.zeros((1, nd if getattr(getattr(self.model, "config", None), "size_per_axis", False) else 1,
-                                 *cells), dtype=torch.float32),
+            "size": torch.zeros((1, self.size_channels, *cells), dtype=torch.float32),
             "offset": torch.zeros((1, nd, *cells), dtype=torch.float32),
             "malignancy": torch.zeros((1, 1, *cells), dtype=torch.float32),
         }

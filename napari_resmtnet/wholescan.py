@@ -59,11 +59,16 @@ class WholeScan:
     split: str
     path: Path
     lesions: list = field(default_factory=list)
+    _scan: Scan | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> Scan:
-        from .io import load_scan
+        """The scan, read once (mining, negative crops and the second stage's candidates all
+        start from it)."""
+        if self._scan is None:
+            from .io import load_scan
 
-        return load_scan(self.path)
+            self._scan = load_scan(self.path)
+        return self._scan
 
 
 def _read_csv(path):
@@ -139,7 +144,7 @@ def evaluate_scans(predictor, scans, thresholds=None) -> dict:
     counted once, further hits on it ignored)."""
     import time
 
-    from .evaluation import FP_RATES
+    from .evaluation import froc
 
     per_scan, curve = {}, []
     n_lesions = 0
@@ -173,19 +178,12 @@ def evaluate_scans(predictor, scans, thresholds=None) -> dict:
             entry[f"at_{thr:.4f}"] = {"found": int(len(set(mm[k & (mm >= 0)].tolist()))),
                                       "other": int((k & (mm == -1)).sum())}
         per_scan[ws.file] = entry
-    scores = np.concatenate([s for s, _ in curve]) if curve else np.zeros(0)
-    match = np.concatenate([m for _, m in curve]) if curve else np.zeros(0, int)
-    keep = match != -2
-    scores, tp = scores[keep], match[keep] >= 0
-    order = np.argsort(-scores, kind="stable")
-    scores, tp = scores[order], tp[order]
-    sens = np.cumsum(tp) / max(n_lesions, 1)
-    fps = np.cumsum(~tp) / max(len(curve), 1)
-    froc = {"fp_rates": list(FP_RATES),
-            "sensitivity": [float(sens[fps <= r].max()) if (fps <= r).any() else 0.0 for r in FP_RATES],
-            "n_lesions": n_lesions, "n_scans": len(curve)}
-    return {"scans": per_scan, "froc_per_scan": froc,
-            "curve": {"scores": scores.tolist(), "fp_per_scan": fps.tolist(), "sensitivity": sens.tolist()}}
+    fr = froc(curve, n_lesions)  # lesion-level, one FROC point per false positive per scan
+    return {"scans": per_scan,
+            "froc_per_scan": {"fp_rates": fr["fp_rates"], "sensitivity": fr["sensitivity"],
+                              "n_lesions": n_lesions, "n_scans": len(curve)},
+            "curve": {"scores": fr["curve"]["scores"], "fp_per_scan": fr["curve"]["fp_per_image"],
+                      "sensitivity": fr["curve"]["sensitivity"]}}
 
 
 def fp_per_scan_at(result: dict, threshold: float) -> float:
@@ -226,17 +224,14 @@ def negative_pool(scans, spacing_mm: float = 1.0, mined: dict | None = None, n_r
     """Crop centres for hard negatives on whole training scans: the detector's own candidates
     (``mined``: file -> (K, 3) world xyz, off the lesions), voxels of dense structure inside the
     lung mask (vessels, fissures, pleura: HU > -600) and lung voxels at random."""
-    from .inference import lung_mask_cells
+    from .inference import scan_lung_mask
 
     rng = np.random.default_rng(seed)
     out = []
     for ws in scans:
         scan = ws.load()
         hu, a = model_grid_hu(scan, spacing_mm)
-        cells = hu[::4, ::4, ::4].astype(np.float32)
-        axial = int(np.argmax(np.abs(np.asarray(scan.direction, float)[0])))
-        fov = [n * s for ax, (n, s) in enumerate(zip(scan.shape, scan.spacing)) if ax != axial]
-        mask, _ = lung_mask_cells(cells, 4 * spacing_mm, fov, axial)
+        mask, _ = scan_lung_mask(scan, hu[::4, ::4, ::4].astype(np.float32), 4 * spacing_mm)
         pts = []
         if mask is not None:
             lung = np.argwhere(mask) * 4

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_resmtnet.datasets import CubeRecord, _nodules_in_cube, mask_extent
-from napari_resmtnet.inference import lung_mask_cells
+from napari_resmtnet.inference import lung_mask_cells, scan_lung_mask
 from napari_resmtnet.model import ResMTNet, ResMTNetConfig, decode
 from napari_resmtnet.model.network import candidate_patches
 from napari_resmtnet.scan import Scan
@@ -207,8 +207,7 @@ def test_lung1_mask_keeps_its_nodule():
     label = load_scan(samples / "lung1_label.mha")
     pred = Predictor("CT", device="cpu")
     vol, hu_cells, _ = pred._preprocess(scan)
-    fov = [n * s for n, s in zip(scan.shape[1:], scan.spacing[1:])]
-    mask, info = lung_mask_cells(hu_cells, 4.0, fov, 0)
+    mask, info = scan_lung_mask(scan, hu_cells, 4.0)
     assert info["used"], info
     idx = np.argwhere(label.array > 0).mean(0)
     c = np.round(idx * np.asarray(scan.spacing) / 4.0).astype(int)
