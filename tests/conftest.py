@@ -1,5 +1,7 @@
 """Shared fixtures: where the real data lives, and skips when it is absent."""
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 # One intra-op thread per test process: on a loaded 2-core machine, two spinning OpenMP
@@ -31,3 +33,23 @@ def _autosave_sandbox(tmp_path_factory, monkeypatch):
     test is asked to restore one unless it sets the policy itself."""
     monkeypatch.setenv("RESMTNET_AUTOSAVE_DIR", str(tmp_path_factory.mktemp("autosave")))
     monkeypatch.setenv("RESMTNET_AUTOSAVE_RESTORE", "never")
+
+
+@contextlib.contextmanager
+def hang_alarm(seconds: int):
+    """Fail (not hang): a block running longer than ``seconds`` raises TimeoutError (where
+    the platform has SIGALRM)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test ran longer than {seconds} s (a hang)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from conftest import hang_alarm
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -34,16 +34,8 @@ CASE_TIMEOUT_S = 60
 @pytest.fixture(autouse=True)
 def _alarm():
     """Fail (not hang) a test that runs longer than CASE_TIMEOUT_S."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test ran longer than {CASE_TIMEOUT_S} s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(CASE_TIMEOUT_S)
-    try:
+    with hang_alarm(CASE_TIMEOUT_S):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- builders
