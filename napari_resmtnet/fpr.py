@@ -54,7 +54,6 @@ def cube_candidates(model, records, floor: float, batch: int = 16):
     from .model import decode
 
     vols, samples = [], []
-    model.fpr.to(memory_format=torch.contiguous_format)
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(records), batch):
@@ -186,7 +185,7 @@ def train_fpr(cfg, model, train_recs, split: dict, out: Path, progress: bool = T
         p.requires_grad_(False)
     for p in model.fpr.parameters():
         p.requires_grad_(True)
-    params = [p for p in model.fpr.parameters()]
+    params = list(model.fpr.parameters())
     opt = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=1e-4)
     total = int(opts["steps"])
     side = model.config.fpr_patch
@@ -196,7 +195,6 @@ def train_fpr(cfg, model, train_recs, split: dict, out: Path, progress: bool = T
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="fpr", unit="step", file=sys.stderr)
-    model.fpr.to(memory_format=torch.contiguous_format)
     model.eval()
     model.fpr.to(memory_format=torch.channels_last_3d)
     model.fpr.train()
