@@ -20,6 +20,15 @@ class Detections:
     probability : (N,) detection confidence in [0, 1].
     malignancy : (N,) probability that the nodule is malignant, in [0, 1].
     geometry : dict with ``spacing``, ``origin``, ``direction`` of the scan (array order).
+    findings : one dict per nodule (or an empty list: none measured) with what the model
+        says about each nodule beyond box and malignancy; every key is optional:
+        ``texture`` ("solid" / "part-solid" / "ground-glass", the model's call),
+        ``texture_probability`` ({class: p}), ``calcified``, ``spiculated``,
+        ``ill_defined_margin`` (probabilities), ``long_axis_mm``, ``short_axis_mm``,
+        ``mean_diameter_mm`` (caliper measurements on the axial slice of the largest long
+        axis, see `measurements`), ``volume_mm3``, ``solid_mean_diameter_mm`` (of the
+        component above -300 HU), ``lungrads`` (category "1".."4B", decision support) and
+        ``lungrads_reason``.
     """
 
     boxes: np.ndarray
@@ -27,6 +36,7 @@ class Detections:
     malignancy: np.ndarray
     geometry: dict
     meta: dict = field(default_factory=dict)
+    findings: list = field(default_factory=list)
 
     def __post_init__(self):
         nd = len(self.geometry["spacing"])
@@ -35,6 +45,9 @@ class Detections:
         self.malignancy = np.asarray(self.malignancy, dtype=float).reshape(-1)
         if not (len(self.boxes) == len(self.probability) == len(self.malignancy)):
             raise ValueError("boxes, probability and malignancy must have the same length")
+        self.findings = [dict(f or {}) for f in self.findings]
+        if self.findings and len(self.findings) != len(self.boxes):
+            raise ValueError(f"findings: {len(self.findings)} entries for {len(self.boxes)} nodules")
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -64,7 +77,9 @@ class Detections:
 
     def above(self, threshold: float) -> "Detections":
         k = self.probability >= threshold
-        return Detections(self.boxes[k], self.probability[k], self.malignancy[k], self.geometry, dict(self.meta))
+        findings = [f for f, keep in zip(self.findings, k) if keep]
+        return Detections(self.boxes[k], self.probability[k], self.malignancy[k], self.geometry, dict(self.meta),
+                          findings)
 
     @staticmethod
     def geometry_of(scan) -> dict:
