@@ -97,6 +97,8 @@ class CubeRecord:
     mask: np.ndarray | None = None     # (z, y, x) uint8 mask of the main nodule, when the data has one
     direction: tuple = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK direction (x, y, z)
     reader_means: np.ndarray | None = None  # (K,) every LIDC reader's mean malignancy, NaN when unknown
+    attributes: np.ndarray | None = None    # (K, 4) readers' texture class, calcified, spiculated,
+    #                                         ill-defined margin (`attribute_row`), -1 unknown
 
     @property
     def reader_mean(self) -> float:
@@ -138,7 +140,10 @@ class CubeRecord:
         elif malignancy == "readers_mean":
             means = self.reader_means if self.reader_means is not None else np.full(len(self.diameters), np.nan)
             mal = np.array([mean_to_score(m) for m in means], dtype=np.float32)
-        return {"centers": self.centers, "diameters": self.diameters, "malignant": mal, "extents": self.extents()}
+        out = {"centers": self.centers, "diameters": self.diameters, "malignant": mal, "extents": self.extents()}
+        if self.attributes is not None:
+            out["attributes"] = self.attributes
+        return out
 
     def ignore_region(self, margin: float = 2.0) -> np.ndarray:
         """(z, y, x) uint8: balls around the nodules other than the main one (radius + margin),
@@ -155,6 +160,26 @@ class CubeRecord:
             out |= (((grid - np.asarray(c, np.float32)[:, None, None, None]) ** 2).sum(0) <= r2).astype(np.uint8)
         self.extra[key] = out
         return out
+
+
+def attribute_row(labels) -> list[float]:
+    """A cube's reader labels (`readers.CubeLabels`, or None) -> the attribute head's targets:
+    texture class index (`model.network.TEXTURE_CLASSES` order), calcified (any pattern),
+    spiculated (majority spiculation >= 3), ill-defined margin (majority margin <= 3); -1 unknown."""
+    from .readers import TEXTURE_CLASSES
+
+    if labels is None:
+        return [-1.0] * 4
+
+    def flag(v):
+        return -1.0 if v is None else float(bool(v))
+
+    return [
+        float(TEXTURE_CLASSES.index(labels.texture)) if labels.texture is not None else -1.0,
+        flag(labels.calcified),
+        flag(None if labels.spiculation is None else labels.spiculation >= 3),
+        flag(None if labels.margin is None else labels.margin <= 3),
+    ]
 
 
 def _read_csv(path):
@@ -199,7 +224,7 @@ def _pad_to_cube(arr, n=int(CUBE_MM / CUBE_SPACING)):
     return np.pad(arr, pad, mode="edge") if any(p[1] for p in pad) else arr
 
 
-def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings, reader_means=None):
+def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings, reader_means=None, attributes=None):
     """cubes: list of (name, uid, array, origin_xyz[, direction]); nodules of the same series."""
     out = []
     for cube, mi in zip(cubes, main_index):
@@ -214,6 +239,7 @@ def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings
             origin_xyz=tuple(origin), ratings=np.asarray(ratings, float)[idx],
             direction=tuple(direction) if direction is not None else CubeRecord.direction,
             reader_means=None if reader_means is None else np.asarray(reader_means, float)[idx],
+            attributes=None if attributes is None else np.asarray(attributes, np.float32).reshape(-1, 4)[idx],
         ))
     return out
 
@@ -232,12 +258,13 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
     by_series: dict[str, list] = {}
     for r in rows:
         by_series.setdefault(r["seriesuid"], []).append(r)
-    reader_mean = {}
+    reader_mean, reader_labels = {}, {}
     if (root / "reader_ratings.csv").exists():
         from .readers import labels_for, read_reader_ratings
 
+        reader_labels = labels_for(read_reader_ratings(root / "reader_ratings.csv"))
         reader_mean = {k: (v.mean_malignancy if v.mean_malignancy is not None else np.nan)
-                       for k, v in labels_for(read_reader_ratings(root / "reader_ratings.csv")).items()}
+                       for k, v in reader_labels.items()}
     records = []
     for uid, rs in by_series.items():
         world = np.array([[float(r["center_x_mm"]), float(r["center_y_mm"]), float(r["center_z_mm"])] for r in rs])
@@ -256,7 +283,8 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
                 m = m if m.shape == arr.shape else None
             masks.append(m)
         means = [reader_mean.get(r["cube"], np.nan) for r in rs]
-        recs = _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings, means)
+        attrs = [attribute_row(reader_labels.get(r["cube"])) for r in rs] if reader_labels else None
+        recs = _records_from_series(cubes, world, diam, labels, range(len(rs)), ratings, means, attrs)
         for rec, m in zip(recs, masks):
             rec.mask = m
         records += recs

@@ -270,6 +270,102 @@ def size_errors(records, outs, per_image, threshold: float) -> dict:
             "median_abs_extent_error_mm_zyx": np.median(ae, 0).round(2).tolist() if len(ae) else []}
 
 
+def findings_metrics(model, records, data=None, tta: bool = False) -> dict | None:
+    """Characteristics and segmentation of a CT model with those heads, on the validation
+    cubes, read at each cube's true main-nodule centre (so detection misses do not mix in):
+
+    * each characteristic's accuracy against the readers' majority (texture: 3 classes;
+      calcified, spiculated >= 3, ill-defined margin <= 3: binary, with the AUC and the
+      balanced accuracy since positives are rare), beside the inter-reader agreement on the
+      same cubes (how often one reader agrees with the others' majority, `readers`);
+    * the mask: Dice against the cube's nodule mask, relative volume error, and the diameter
+      error of the mask's mean extent against the annotated diameter (what a box sized from
+      the mask would show).
+    Returns None for a model without the heads."""
+    from .characterise import characterise
+    from .measurements import dice
+    from .model.network import BINARY_ATTRIBUTES, PATCH, TEXTURE_CLASSES
+    from .transforms import normalize_ct
+
+    cfg = model.config
+    if cfg.spatial_dims != 3 or not (cfg.attributes or cfg.fine_segmentation):
+        return None
+    import torch
+
+    model.eval()
+    truth_att, pred_att, dices, vol_err, diam_err = [], [], [], [], []
+    for r in records:
+        if not len(r.centers):
+            continue
+        c = np.asarray(r.centers[r.main], float)
+        vol = torch.from_numpy(normalize_ct(r.array))
+        f = characterise(model, vol, [c], 1.0, tta=tta)[0]
+        if cfg.attributes and r.attributes is not None:
+            truth_att.append(r.attributes[r.main])
+            pred_att.append([TEXTURE_CLASSES.index(f["texture"])] + [f[k] for k in BINARY_ATTRIBUTES])
+        if cfg.fine_segmentation and r.mask is not None:
+            from .characterise import MASK_LEVEL, _centre_component, _patch_outputs
+            from .model.network import centre_patches
+
+            _, m = _patch_outputs(model, centre_patches(vol, [c]), tta)
+            pm = _centre_component(m[0] > MASK_LEVEL)
+            h = PATCH // 2
+            ci = np.round(c).astype(int)
+            truth = np.zeros_like(pm)
+            lo = ci - h
+            src = tuple(slice(max(0, lo[a]), min(r.mask.shape[a], lo[a] + PATCH)) for a in range(3))
+            dst = tuple(slice(sl.start - lo[a], sl.stop - lo[a]) for a, sl in enumerate(src))
+            truth[dst] = r.mask[src] > 0
+            if not truth.any():
+                continue
+            dices.append(dice(pm, truth))
+            vol_err.append(abs(float(pm.sum()) - float(truth.sum())) / float(truth.sum()))
+            if "mask_extent_mm" in f:
+                diam_err.append(abs(np.mean(f["mask_extent_mm"]) - r.diameter) / r.diameter)
+    out: dict = {"read_at": "true main-nodule centres of the validation cubes", "tta": bool(tta)}
+    if truth_att:
+        t, pr = np.asarray(truth_att, float), np.asarray(pred_att, float)
+        heads = {}
+        k = t[:, 0] >= 0
+        heads["texture"] = {"n": int(k.sum()), "accuracy": float((pr[k, 0] == t[k, 0]).mean()),
+                            "confusion": [[int(((t[k, 0] == i) & (pr[k, 0] == j)).sum()) for j in range(3)]
+                                          for i in range(3)], "classes": list(TEXTURE_CLASSES),
+                            "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax()))}
+        for j, name in enumerate(BINARY_ATTRIBUTES):
+            k = t[:, 1 + j] >= 0
+            y, p = t[k, 1 + j], pr[k, 1 + j]
+            yh = p >= 0.5
+            heads[name] = {"n": int(k.sum()), "positives": int(y.sum()), "accuracy": float((yh == (y > 0.5)).mean()),
+                           "balanced_accuracy": float(np.nanmean([np.mean(yh[y > 0.5]) if (y > 0.5).any() else np.nan,
+                                                                  np.mean(~yh[y < 0.5]) if (y < 0.5).any() else np.nan])),
+                           "auc": roc_auc(y, p), "majority_class_accuracy": float(max(y.mean(), 1 - y.mean()))}
+        out["characteristics"] = heads
+        out["inter_reader_agreement"] = _agreement_on(records, data)
+    if dices:
+        out["segmentation"] = {"n": len(dices), "median_dice": float(np.median(dices)), "mean_dice": float(np.mean(dices)),
+                               "median_volume_error": float(np.median(vol_err)),
+                               "median_rel_diameter_error_mask_extent": float(np.median(diam_err)) if diam_err else None}
+    return out
+
+
+def _agreement_on(records, data) -> dict | None:
+    """Inter-reader agreement on the characteristics the heads learn, over ``records``' cubes."""
+    from . import readers as R
+
+    root = Path(data) if data else None
+    path = root / "reader_ratings.csv" if root else None
+    if path is None or not path.exists():
+        return None
+    cubes = R.read_reader_ratings(path)
+    names = {r.name for r in records}
+    sub = {k: v for k, v in cubes.items() if k in names}
+    tasks = (R.Task("texture", "texture", R.texture_class),
+             R.Task("calcified", "calcification", lambda v: v != R.CALCIFICATION_ABSENT),
+             R.Task("spiculated", "spiculation", lambda v: v >= 3),
+             R.Task("ill_defined_margin", "margin", lambda v: v <= 3))
+    return {k: round(a.rate, 4) for k, a in R.agreement_rates(sub, tasks).items()}
+
+
 def thick_slices(record, slice_mm: float):
     """A copy of a 1 mm CT cube as if scanned with ``slice_mm`` slices (box-averaged along z,
     then linearly interpolated back to 1 mm, as the Predictor resamples thick-slice scans)."""
@@ -323,6 +419,28 @@ def markdown_table(result: dict) -> str:
                 f"{_fmt(dr['accuracy'], True)} | {_fmt(dr['auc'])} | {dr['n']} |")
     rows.append(f"| majority class ({b['majority_class']['predicts']}) | – | – | – | – | – | – | – | – | – | "
                 f"{_fmt(b['majority_class']['accuracy'], True)} | – | – |")
+    rm = result.get("baselines_readers_mean")
+    for name, r in result["models"].items():
+        m = r.get("malignancy_readers_mean")
+        if m and rm:
+            dr = rm["diameter_rule"]
+            rows += ["", f"Malignancy by the readers' mean (< 3 benign, > 3 malignant), {name}: accuracy "
+                     f"{_fmt(m['accuracy'], True)}, AUC {_fmt(m['auc'])} (n {m['n']}); diameter rule "
+                     f"(≥ {dr['threshold_mm']:g} mm, chosen on train) {_fmt(dr['accuracy'], True)}, AUC {_fmt(dr['auc'])}."]
+        f = r.get("findings")
+        if f and f.get("characteristics"):
+            agree = f.get("inter_reader_agreement") or {}
+            rows += ["", f"| {name}: characteristic (readers' majority) | n | accuracy | balanced acc. | AUC | "
+                     "majority class | inter-reader agreement |", "|---|---|---|---|---|---|---|"]
+            for k, h in f["characteristics"].items():
+                rows.append(f"| {k} | {h['n']} | {_fmt(h['accuracy'], True)} | {_fmt(h.get('balanced_accuracy'), True)} | "
+                            f"{_fmt(h.get('auc'))} | {_fmt(h['majority_class_accuracy'], True)} | "
+                            f"{_fmt(agree.get(k), True)} |")
+        if f and f.get("segmentation"):
+            sg = f["segmentation"]
+            rows += ["", f"Segmentation ({name}, {sg['n']} validation nodules): median Dice {_fmt(sg['median_dice'])}, "
+                     f"median volume error {_fmt(sg['median_volume_error'], True)}, diameter from the mask's extent: "
+                     f"median error {_fmt(sg.get('median_rel_diameter_error_mask_extent'), True)}."]
     ws = [(name, r["whole_scans"]) for name, r in result["models"].items() if r.get("whole_scans")]
     if ws:
         rows += ["", "| model | whole scan | split | lesions found | other detections | best hit (rank, score) | "
@@ -456,6 +574,10 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, s
                 r["malignancy_tta"] = bool(tta)
                 r["operating_point_choice"] = op
             r["whole_scans"] = evaluate_whole_scans(model, info, ck["split"], scans_dir, r["threshold"])
+        if modality == "CT" and not slice_mm:
+            fm = findings_metrics(model, val_recs, data or first["train_config"]["data"], tta=bool(tta))
+            if fm is not None:
+                r["findings"] = fm
         r["weights"] = {"path": ck["path"], "sha256": ck["sha256"]}
         result["models"][name] = r
     result["baselines"] = baselines(train_recs, val_recs)

@@ -391,6 +391,7 @@ class Predictor:
         cfg = getattr(self.model, "config", None)
         self.second_stage = bool(getattr(cfg, "fpr", False)) and not detector_only
         self.size_channels = self.ndim if getattr(cfg, "size_per_axis", False) else 1
+        self._characterises = bool(getattr(cfg, "attributes", False) or getattr(cfg, "fine_segmentation", False))
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -617,6 +618,16 @@ class Predictor:
             order = order[p[order] >= floor][: self.max_detections]
             stages = {"detector": sc[order].tolist(), "second_stage": p_fpr[order].tolist()}
             bx, sc, mal = bx[order], p[order], mal[order]
+        findings = []
+        if self.ndim == 3 and len(bx) and vol is not None and self._characterises:
+            from .characterise import MAX_CHARACTERISED, characterise
+            from .transforms import CT_WINDOW
+
+            n = min(len(bx), MAX_CHARACTERISED)
+            centres = ((bx[:n, :3] + bx[:n, 3:]) / 2).double().numpy()
+            with _torch_threads(self.threads):
+                findings = characterise(self.model, vol, centres, self.spacing_mm, CT_WINDOW)
+            findings += [{} for _ in range(len(bx) - n)]
         bx = bx.double().numpy().reshape(-1, 2 * self.ndim)
         if len(bx):
             # model voxel k -> scan voxel a * k + b: the model grid shares the scan's origin
@@ -624,7 +635,8 @@ class Predictor:
             a, b = to_scan
             centres, sizes = B.boxes_to_centers_sizes(bx)
             bx = B.centers_sizes_to_boxes(centres * a + b, sizes * a)
-        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {})
+        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {},
+                          findings)
 
 
 def sitk_view(img):

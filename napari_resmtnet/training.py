@@ -206,7 +206,8 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
             targets[k] = {"centers": lc, "diameters": d, "malignant": -np.ones(len(lc), np.float32), "extents": le}
     imgs = torch.from_numpy(np.stack([normalize_ct(a) for a in arrays]))[:, None]
     aux = None
-    if cfg.network_config().segmentation:
+    net = cfg.network_config()
+    if net.segmentation or net.fine_segmentation:
         aux = [{"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None and k not in replaced else None
                for k, r in enumerate(records)]
     return augment_batch(imgs, targets, aug, g, "CT", centers=centres, aux=aux)
@@ -214,7 +215,8 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
 
 #: Network settings a fine-tune may add to its base: their new parameters start fresh (the
 #: per-axis size head from the base's one-channel head, repeated per axis).
-GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight")
+GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight", "attributes", "fine_segmentation",
+            "w_attributes", "w_fine_segmentation")
 
 
 def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str = "init") -> list[str]:
@@ -406,7 +408,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 log.write(json.dumps(rec) + "\n")
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", hm=f"{rec['heatmap']:.3f}", mal=f"{rec['malignancy']:.3f}")
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", hm=f"{rec['heatmap']:.3f}", mal=f"{rec['malignancy']:.3f}",
+                                    **{k[:3]: f"{rec[k]:.3f}" for k in ("attributes", "fine_segmentation") if k in rec})
         epoch += 1
         if negatives is not None and epoch in (cfg.negatives.get("remine_epochs") or []) and step < total:
             negatives = negative_context(cfg, split, model)  # the model mines its own false positives again

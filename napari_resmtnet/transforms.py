@@ -137,6 +137,8 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
         if tg.get("extents") is not None:  # per-axis extents follow the affine: |A^-1| e
             e = torch.as_tensor(np.asarray(tg["extents"], dtype=np.float64).reshape(-1, nd))
             nt["extents"] = (e @ torch.linalg.inv(A).abs().T)[inside].float()
+        if tg.get("attributes") is not None:  # per-nodule labels: unchanged by the affine
+            nt["attributes"] = torch.as_tensor(np.asarray(tg["attributes"], dtype=np.float32).reshape(-1, 4))[inside]
         new_targets.append(nt)
     theta = torch.stack(thetas)
     size = (N, 1) + (cfg.out_size,) * nd

@@ -12,7 +12,12 @@ Terms: ``heatmap`` (penalty-reduced focal loss on the Gaussian centre heatmap, C
 centre cells), ``malignancy`` (binary cross-entropy on the cells within the nodule's core,
 labelled nodules only), ``segmentation`` (binary cross-entropy between the segmentation
 logit and the fraction of each stride-4 cell inside the nodule mask, images with a mask
-only, cells touching ``ignore`` left out). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
+only, cells touching ``ignore`` left out), ``attributes`` (cross-entropy of the texture
+logits plus binary cross-entropy of each binary characteristic, on the cells within the
+nodule's core, where the readers gave the characteristic: a target's ``attributes`` is a
+(K, 4) array of texture class index and three 0/1 flags, -1 unknown) and
+``fine_segmentation`` (binary cross-entropy plus soft Dice between the full-resolution mask
+logit and the warped nodule mask, ``ignore`` left out). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
 """
 from __future__ import annotations
 
@@ -20,6 +25,73 @@ import torch
 import torch.nn.functional as F
 
 from .network import STRIDE
+
+
+def attribute_targets(targets, grid_shape, cfg, device):
+    """Dense stride-4 attribute targets: texture class (B, *G) long and binary flags
+    (B, 3, *G) float, -1 where unknown, on each labelled nodule's core cells (as malignancy)."""
+    nd = len(grid_shape)
+    B = len(targets)
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    tex = torch.full((B, *grid_shape), -1, dtype=torch.long, device=device)
+    flags = torch.full((B, 3, *grid_shape), -1.0, device=device)
+    for b, t in enumerate(targets):
+        att = t.get("attributes")
+        if att is None:
+            continue
+        att = torch.as_tensor(att, dtype=torch.float32, device=device).reshape(-1, 4)
+        centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
+        diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
+        for c, d, a in zip(centres, diams, att):
+            if (a < 0).all():
+                continue
+            cell = torch.round(c).long()
+            if (cell < 0).any() or (cell >= torch.tensor(grid_shape, device=device)).any():
+                continue
+            sigma = max(cfg.min_sigma, float(d) / 4)
+            core = torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2)) >= 0.5
+            core[tuple(cell.tolist())] = True
+            if a[0] >= 0:
+                tex[b][core] = int(a[0])
+            for j in range(3):
+                if a[1 + j] >= 0:
+                    flags[b, j][core] = a[1 + j]
+    return tex, flags
+
+
+def attribute_loss(logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor) -> torch.Tensor | None:
+    terms = []
+    lg = logits.float()
+    known = tex >= 0
+    if known.any():
+        terms.append(F.cross_entropy(lg[:, :3].movedim(1, -1)[known], tex[known]))
+    for j in range(3):
+        k = flags[:, j] >= 0
+        if k.any():
+            terms.append(F.binary_cross_entropy_with_logits(lg[:, 3 + j][k], flags[:, j][k]))
+    return sum(terms) / len(terms) if terms else None
+
+
+def fine_segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
+    """BCE + soft Dice of the full-resolution mask logit against each image's warped mask."""
+    have = [i for i, t in enumerate(targets) if t.get("mask") is not None]
+    if not have:
+        return None
+    mask = torch.stack([torch.as_tensor(targets[i]["mask"], dtype=torch.float32) for i in have])[:, None]
+    ign = torch.stack([torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32)
+                       for i in have])[:, None]
+    mask, ign = mask.to(logits.device).clamp(0, 1), ign.to(logits.device)
+    lg = logits[have].float()
+    if lg.shape != mask.shape:
+        raise ValueError(f"mask target {tuple(mask.shape)} does not match the mask map {tuple(lg.shape)}")
+    keep = (ign < 0.5).float()
+    bce = (F.binary_cross_entropy_with_logits(lg, mask, reduction="none") * keep).sum() / keep.sum().clamp(min=1.0)
+    p = torch.sigmoid(lg) * keep
+    dims = tuple(range(1, lg.dim()))
+    inter = (p * mask).sum(dims)
+    dice = 1 - (2 * inter + 1) / (p.sum(dims) + (mask * keep).sum(dims) + 1)
+    return bce + dice.mean()
 
 
 def build_targets(targets, grid_shape, cfg, device):
@@ -114,6 +186,10 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
     losses = {"heatmap": zero, "size": zero, "offset": zero, "malignancy": zero}
     if cfg.segmentation:
         losses["segmentation"] = zero
+    if getattr(cfg, "attributes", False):
+        losses["attributes"] = zero
+    if getattr(cfg, "fine_segmentation", False):
+        losses["fine_segmentation"] = zero
     if cfg.detection:
         losses["heatmap"] = focal_heatmap_loss(hm[:, 0].float(), heat, cfg.focal_alpha, cfg.focal_beta)
         if pos.any():
@@ -133,11 +209,21 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
         seg = segmentation_loss(maps["segmentation"], targets)
         if seg is not None:
             losses["segmentation"] = seg
+    if getattr(cfg, "attributes", False):
+        att = attribute_loss(maps["attributes"], *attribute_targets(targets, grid_shape, cfg, hm.device))
+        if att is not None:
+            losses["attributes"] = att
+    if getattr(cfg, "fine_segmentation", False) and "mask" in maps:
+        fs = fine_segmentation_loss(maps["mask"], targets)
+        if fs is not None:
+            losses["fine_segmentation"] = fs
     losses["loss"] = (
         cfg.w_heatmap * losses["heatmap"]
         + cfg.w_size * losses["size"]
         + cfg.w_offset * losses["offset"]
         + cfg.w_malignancy * losses["malignancy"]
         + (cfg.w_segmentation * losses["segmentation"] if cfg.segmentation else 0.0)
+        + (cfg.w_attributes * losses["attributes"] if "attributes" in losses else 0.0)
+        + (cfg.w_fine_segmentation * losses["fine_segmentation"] if "fine_segmentation" in losses else 0.0)
     )
     return losses

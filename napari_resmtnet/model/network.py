@@ -38,6 +38,15 @@ from torch import nn
 
 STRIDE = 4
 
+#: Channels of the attribute head (``attributes=True``), read at a nodule's centre like the
+#: malignancy logit: three texture logits (softmax over TEXTURE_CLASSES, the LIDC readers'
+#: majority: texture 1 ground-glass, 2-4 part-solid, 5 solid) and three binary logits from the
+#: readers' majority: calcified (any LIDC calcification pattern, code != 6), spiculated (LIDC
+#: spiculation >= 3) and ill-defined margin (LIDC margin <= 3).
+TEXTURE_CLASSES = ("ground-glass", "part-solid", "solid")
+BINARY_ATTRIBUTES = ("calcified", "spiculated", "ill_defined_margin")
+ATTRIBUTE_CHANNELS = len(TEXTURE_CLASSES) + len(BINARY_ATTRIBUTES)
+
 
 @dataclass
 class ResMTNetConfig:
@@ -53,6 +62,8 @@ class ResMTNetConfig:
     cross_task: bool = True            # cross-task residual connections between branches
     segmentation: bool = False         # auxiliary nodule-occupancy head on the malignancy branch
     size_per_axis: bool = False        # size head gives one extent per axis (boxes follow the nodule)
+    attributes: bool = False           # reader-characteristic heads on the malignancy branch (ATTRIBUTES)
+    fine_segmentation: bool = False    # full-resolution nodule mask decoder on the malignancy branch
     fpr: bool = False                  # second stage: candidate classifier on a patch around each peak
     fpr_patch: int = 32                # its input side (voxels at the model spacing)
     fpr_width: int = 16
@@ -63,6 +74,8 @@ class ResMTNetConfig:
     w_offset: float = 0.5
     w_malignancy: float = 1.0
     w_segmentation: float = 1.0
+    w_attributes: float = 0.5
+    w_fine_segmentation: float = 1.0
     focal_alpha: float = 2.0
     focal_beta: float = 4.0
     min_sigma: float = 0.75            # Gaussian sigma of the centre heatmap, in cells
@@ -135,8 +148,9 @@ class Backbone(nn.Module):
         self.fuse = nn.Sequential(Conv(hw, hw, 3, 1, 1, bias=False), _norm(nd, hw), nn.ReLU(inplace=True))
         self.mode = "trilinear" if nd == 3 else "bilinear"
 
-    def forward(self, x):
+    def forward(self, x, with_stem: bool = False):
         x = self.stem(x)
+        stem = x
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -145,7 +159,31 @@ class Backbone(nn.Module):
         for i in range(len(feats) - 2, -1, -1):
             lat = self.lateral[i](feats[i])
             y = lat + F.interpolate(y, size=lat.shape[2:], mode=self.mode, align_corners=False)
-        return self.fuse(y)
+        return (self.fuse(y), stem) if with_stem else self.fuse(y)
+
+
+class SegmentationDecoder(nn.Module):
+    """Full-resolution nodule mask from the malignancy branch (stride 4), the backbone's stem
+    (stride 2) and the input itself: two upsampling steps, each fused with the finer features
+    (a U-Net's last two levels). It runs on nodule-centred patches only (see
+    `ResMTNet.forward_maps`), never over a whole scan."""
+
+    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        Conv = _conv(nd)
+        self.mode = "trilinear" if nd == 3 else "bilinear"
+        self.up1 = nn.Sequential(Conv(hw + stem_width, width, 3, 1, 1, bias=False), _norm(nd, width),
+                                 nn.ReLU(inplace=True))
+        self.up2 = nn.Sequential(Conv(width + in_channels, width // 2, 3, 1, 1, bias=False), _norm(nd, width // 2),
+                                 nn.ReLU(inplace=True), Conv(width // 2, width // 2, 3, 1, 1, bias=False),
+                                 _norm(nd, width // 2), nn.ReLU(inplace=True))
+        self.out = Conv(width // 2, 1, 1)
+
+    def forward(self, m, stem, x):
+        y = F.interpolate(m, size=stem.shape[2:], mode=self.mode, align_corners=False)
+        y = self.up1(torch.cat([y, stem], 1))
+        y = F.interpolate(y, size=x.shape[2:], mode=self.mode, align_corners=False)
+        return self.out(self.up2(torch.cat([y, x], 1)))
 
 
 class ResMTNet(nn.Module):
@@ -183,6 +221,12 @@ class ResMTNet(nn.Module):
         self.malignancy_head = Conv(hw, 1, 1)
         if cfg.segmentation:
             self.segmentation_head = Conv(hw, 1, 1)
+        if cfg.attributes:
+            self.attribute_head = Conv(hw, ATTRIBUTE_CHANNELS, 1)
+        if cfg.fine_segmentation:
+            if backbone is not None:
+                raise ValueError("fine_segmentation needs the default backbone (its stem features)")
+            self.seg_decoder = SegmentationDecoder(nd, hw, cfg.widths[0], cfg.in_channels)
         nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
         nn.init.constant_(self.size.bias, 1.0)
         if cfg.fpr:
@@ -209,9 +253,15 @@ class ResMTNet(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
     # -- raw maps --------------------------------------------------------------------------
-    def forward_maps(self, x: torch.Tensor) -> dict:
-        """(N, C, *S) -> dict of stride-4 maps: heatmap, size, offset, malignancy (logits)."""
-        f = self.backbone(x)
+    def forward_maps(self, x: torch.Tensor, full_resolution: bool = False) -> dict:
+        """(N, C, *S) -> dict of stride-4 maps: heatmap, size, offset, malignancy (logits),
+        ``attributes`` when the model has them; with ``full_resolution`` (and a
+        ``fine_segmentation`` model) also ``mask``, the nodule-mask logit at the input's
+        resolution (for nodule-centred patches: it is not computed over whole scans)."""
+        fine = full_resolution and self.config.fine_segmentation
+        f = self.backbone(x, with_stem=True) if fine else self.backbone(x)
+        if fine:
+            f, stem = f
         d = self.det1(f)
         m = self.mal1(f)
         if self.config.cross_task:
@@ -226,6 +276,10 @@ class ResMTNet(nn.Module):
         }
         if self.config.segmentation:
             maps["segmentation"] = self.segmentation_head(m)
+        if self.config.attributes:
+            maps["attributes"] = self.attribute_head(m)
+        if fine:
+            maps["mask"] = self.seg_decoder(m, stem, x)
         return maps
 
     def forward(self, images: torch.Tensor, targets: list | None = None):
@@ -234,7 +288,7 @@ class ResMTNet(nn.Module):
         Inference: list (one per image) of dicts ``boxes`` (K, 2*nd corner boxes in input
         voxels), ``scores`` (K,), ``malignancy`` (K,).
         """
-        maps = self.forward_maps(images)
+        maps = self.forward_maps(images, full_resolution=targets is not None)
         if targets is not None:
             from .losses import compute_loss
 
