@@ -216,7 +216,7 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
 #: Network settings a fine-tune may add to its base: their new parameters start fresh (the
 #: per-axis size head from the base's one-channel head, repeated per axis).
 GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight", "attributes", "fine_segmentation",
-            "w_attributes", "w_fine_segmentation")
+            "w_attributes", "w_fine_segmentation", "texture_weights")
 
 
 def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str = "init") -> list[str]:

@@ -60,12 +60,13 @@ def attribute_targets(targets, grid_shape, cfg, device):
     return tex, flags
 
 
-def attribute_loss(logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor) -> torch.Tensor | None:
+def attribute_loss(logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor, texture_weights=None) -> torch.Tensor | None:
     terms = []
     lg = logits.float()
     known = tex >= 0
     if known.any():
-        terms.append(F.cross_entropy(lg[:, :3].movedim(1, -1)[known], tex[known]))
+        w = None if texture_weights is None else torch.as_tensor(texture_weights, dtype=torch.float32, device=lg.device)
+        terms.append(F.cross_entropy(lg[:, :3].movedim(1, -1)[known], tex[known], weight=w))
     for j in range(3):
         k = flags[:, j] >= 0
         if k.any():
@@ -210,7 +211,8 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
         if seg is not None:
             losses["segmentation"] = seg
     if getattr(cfg, "attributes", False):
-        att = attribute_loss(maps["attributes"], *attribute_targets(targets, grid_shape, cfg, hm.device))
+        att = attribute_loss(maps["attributes"], *attribute_targets(targets, grid_shape, cfg, hm.device),
+                             texture_weights=cfg.texture_weights)
         if att is not None:
             losses["attributes"] = att
     if getattr(cfg, "fine_segmentation", False) and "mask" in maps:

@@ -75,6 +75,7 @@ class ResMTNetConfig:
     w_malignancy: float = 1.0
     w_segmentation: float = 1.0
     w_attributes: float = 0.5
+    texture_weights: tuple = (1.0, 1.0, 1.0)  # class weights of the texture term (TEXTURE_CLASSES order)
     w_fine_segmentation: float = 1.0
     focal_alpha: float = 2.0
     focal_beta: float = 4.0
@@ -84,6 +85,7 @@ class ResMTNetConfig:
         d = asdict(self)
         d["widths"] = list(self.widths)
         d["blocks"] = list(self.blocks)
+        d["texture_weights"] = list(self.texture_weights)
         return d
 
     @classmethod
@@ -93,7 +95,7 @@ class ResMTNetConfig:
         if unknown:
             raise ValueError(f"unknown network config keys: {sorted(unknown)}")
         d = dict(d)
-        for k in ("widths", "blocks"):
+        for k in ("widths", "blocks", "texture_weights"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -168,7 +170,7 @@ class SegmentationDecoder(nn.Module):
     (a U-Net's last two levels). It runs on nodule-centred patches only (see
     `ResMTNet.forward_maps`), never over a whole scan."""
 
-    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 16):
+    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 32):
         super().__init__()
         Conv = _conv(nd)
         self.mode = "trilinear" if nd == 3 else "bilinear"
