@@ -113,6 +113,9 @@ def characterise(
                     f[name] = float(p)
             if masks is not None:
                 f.update(_measure(masks[k] > MASK_LEVEL, hu[k], sp))
+                if "mask_centre_offset_mm" in f:  # the patch is centred on the rounded centre
+                    shift = [int(round(float(v))) - float(v) for v in chunk[k]]
+                    f["mask_centre_offset_mm"] = [o + d * sp[0] for o, d in zip(f["mask_centre_offset_mm"], shift)]
             if "texture" in f and "mean_diameter_mm" in f:
                 f.update(_lungrads(f))
             out.append(f)

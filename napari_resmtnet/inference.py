@@ -594,6 +594,23 @@ class Predictor:
                 report(0.1 + 0.85 * done / max(1, len(todo)), "network")
         return maps, info
 
+    def _boxes_from_masks(self, bx, findings):
+        """Boxes (model voxels) sized and centred on each nodule's segmented mask where the
+        model gave one: the mask follows the nodule's own outline, which the size head only
+        estimates (`characterise`); a candidate without a mask keeps the size head's box."""
+        import torch
+
+        bx = bx.clone()
+        for k, f in enumerate(findings):
+            ext, off = f.get("mask_extent_mm"), f.get("mask_centre_offset_mm")
+            if ext is None or off is None:
+                continue
+            c = (bx[k, :3] + bx[k, 3:]) / 2 + torch.as_tensor(off, dtype=bx.dtype) / self.spacing_mm
+            h = torch.as_tensor(ext, dtype=bx.dtype) / self.spacing_mm / 2
+            bx[k] = torch.cat([c - h, c + h])
+            f["box_from"] = "mask"
+        return bx
+
     def _postprocess(self, maps, mask, scan, to_scan, vol=None) -> Detections:
         import torch
 
@@ -628,6 +645,7 @@ class Predictor:
             with _torch_threads(self.threads):
                 findings = characterise(self.model, vol, centres, self.spacing_mm, CT_WINDOW)
             findings += [{} for _ in range(len(bx) - n)]
+            bx = self._boxes_from_masks(bx, findings)
         bx = bx.double().numpy().reshape(-1, 2 * self.ndim)
         if len(bx):
             # model voxel k -> scan voxel a * k + b: the model grid shares the scan's origin

@@ -155,3 +155,32 @@ def test_predictor_reports_findings_for_each_detection():
     assert all("texture" in f for f in det.findings[:n])
     above = det.above(0.5)
     assert len(above.findings) == len(above)
+
+
+def test_boxes_follow_the_segmented_mask(monkeypatch):
+    """Where the mask decoder outlines a nodule, the box is the mask's box (centre and extent,
+    in the scan's millimetres); candidates without a mask keep the size head's box."""
+    from napari_resmtnet.inference import Predictor
+    from napari_resmtnet.scan import Scan
+
+    net = _net()
+    with torch.no_grad():
+        net.heatmap.bias.fill_(0.0)
+
+    def fake(model, volume, centres, spacing_mm, window=None):
+        return [{"mask_extent_mm": [6.0, 8.0, 10.0], "mask_centre_offset_mm": [1.0, 0.0, -2.0]}] + [
+            {} for _ in centres[1:]
+        ]
+
+    monkeypatch.setattr(C, "characterise", fake)
+    arr = np.full((40, 48, 48), -900, np.int16)
+    scan = Scan(arr, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", seriesuid="t")
+    p = Predictor("CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.4}, device="cpu", window=48, overlap=8)
+    det = p.predict(scan)
+    assert len(det) > 1
+    np.testing.assert_allclose(det.sizes_mm()[0], [6.0, 8.0, 10.0], atol=1e-6)
+    assert det.findings[0]["box_from"] == "mask" and "box_from" not in det.findings[1]
+    monkeypatch.setattr(C, "characterise", lambda m, v, c, s, w=None: [{} for _ in c])
+    plain = p.predict(scan)
+    shift = det.centers_world()[0] - plain.centers_world()[0]
+    np.testing.assert_allclose(shift, [1.0, 0.0, -2.0], atol=1e-6)
