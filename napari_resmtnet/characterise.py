@@ -37,8 +37,10 @@ from .measurements import measure_nodule
 MASK_LEVEL = 0.5
 #: Hounsfield units above which a voxel of a nodule counts as its solid component.
 SOLID_HU = -300.0
-#: At most this many candidates (the most probable first) are characterised per scan.
-MAX_CHARACTERISED = 30
+#: At most this many candidates per scan are characterised: those at or above the operating
+#: threshold, the most probable first (candidates below it, shown when a reader lowers the
+#: threshold, keep box and malignancy only).
+MAX_CHARACTERISED = 20
 
 
 def _centre_component(mask: np.ndarray) -> np.ndarray:

@@ -151,7 +151,8 @@ def test_predictor_reports_findings_for_each_detection():
         "CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.4}, device="cpu", window=48, overlap=8
     ).predict(scan)
     assert len(det) > 0 and len(det.findings) == len(det)
-    n = min(len(det), C.MAX_CHARACTERISED)
+    n = min(int((det.probability >= 0.4).sum()), C.MAX_CHARACTERISED)
+    assert n > 0 and not any(det.findings[n:])  # below the operating point: no patch pass
     assert all("texture" in f for f in det.findings[:n])
     above = det.above(0.5)
     assert len(above.findings) == len(above)
