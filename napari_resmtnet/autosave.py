@@ -2,7 +2,8 @@
 
 Every change of an image's nodules is written (by the widget, debounced about one second)
 to ``<cache>/autosave/<key>.json`` in the format of `napari_resmtnet.export` (the nodule
-JSON: every nodule with its box in voxels, label, review state, and the hidden candidates),
+JSON: every nodule with its box in voxels, label, review state, the model's findings and the
+reader's texture override, and the hidden candidates),
 atomically through `napari_resmtnet.export.atomic_write_texts` -- a crash or a kill during
 the write leaves the previous autosave whole.
 

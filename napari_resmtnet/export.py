@@ -3,12 +3,31 @@
 CSV (one row per nodule shown at the table's threshold; world millimetres, LPS, x/y/z order
 as in LUNA16's ``annotations.csv``; ``coordZ`` is empty for radiographs)::
 
-    seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label,id,source,reviewed
+    seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label,id,source,reviewed,
+    texture,texture_model,texture_override,p_solid,p_part_solid,p_ground_glass,p_calcified,
+    p_spiculated,p_ill_defined_margin,long_axis_mm,short_axis_mm,mean_diameter_mm,volume_mm3,
+    solid_mean_diameter_mm,lungrads,lungrads_size_from,lungrads_note,lungrads_reason
+
+The findings columns (after ``reviewed``) are empty where the model gave nothing: ``texture``
+is the effective nodule type (the reader's ``texture_override`` if set, else the model's
+``texture_model``); ``p_*`` are the model's probabilities; the sizes are the model's caliper
+measurements (mm, mm³); ``lungrads`` is the category recomputed from the effective type and
+size (empty: undetermined), ``lungrads_size_from`` says whether that size is the model's
+measurement or the box's diameter, and ``lungrads_note`` is always "decision support".
+Reading a CSV takes ``texture_model``, ``texture_override`` and the numbers back; the derived
+columns (``texture``, ``lungrads*``) are recomputed (a file with ``texture`` but neither
+``texture_model`` nor ``texture_override``, e.g. typed by hand, gives it as the reader's
+override). Files written before these columns existed, and plain LUNA16 files, still read.
 
 JSON (``format: "resmtnet-nodules"``): the image identity (path, seriesuid, modality, shape,
 spacing, origin, direction -- array order), the model (name, version, sha256), threshold,
 export time, and every nodule with its full box in voxels (array order, min then max
-corner), its world centre (x, y[, z]) and size in mm (x, y[, z]) and all its features.
+corner), its world centre (x, y[, z]) and size in mm (x, y[, z]) and all its features: the
+model's ``findings`` (`Detections.findings`, exactly), ``texture_model``, the reader's
+``texture_override`` (null: none), the effective ``texture`` and ``lungrads`` (category,
+reason, size graded and where it came from, the model's calcification probability, marked
+"decision support"). ``findings`` and ``texture_override`` are what import reads; the rest
+is derived and recomputed. Files without them (written before) import with no findings.
 Candidates hidden below the threshold are kept under ``"hidden"`` so that re-importing the
 JSON restores the table exactly.
 
@@ -41,14 +60,23 @@ from pathlib import Path
 import numpy as np
 
 from . import boxes as B
-from .layers import LABELS, REVIEW_STATES, SOURCES, NoduleTable
+from . import lungrads as LR
+from .layers import (
+    FLAT_FINDINGS, LABELS, REVIEW_STATES, SOURCES, NoduleTable, clean_findings, clean_override, findings_from_flat,
+    flat_findings,
+)
 from .paths import OutputPathError, check_output, escape_text, file_kind, shown
 from .scan import geometry_dict
 
 FORMAT = "resmtnet-nodules"
 FORMAT_VERSION = 1
-CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability",
-               "malignancy", "label", "id", "source", "reviewed"]
+#: the LUNA16-style columns every version wrote
+BASE_CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability",
+                    "malignancy", "label", "id", "source", "reviewed"]
+#: findings and the Lung-RADS grade (decision support), after the base columns
+FINDINGS_CSV_COLUMNS = ["texture", "texture_model", "texture_override", *FLAT_FINDINGS,
+                        "lungrads", "lungrads_size_from", "lungrads_note", "lungrads_reason"]
+CSV_COLUMNS = BASE_CSV_COLUMNS + FINDINGS_CSV_COLUMNS
 
 
 #: nodule files larger than this, or holding more nodules, are refused before parsing
@@ -185,8 +213,25 @@ def csv_text(table: NoduleTable) -> str:
         w.writerow([safe_cell(uid), _num(c[0]), _num(c[1]), _num(c[2]) if table.ndim == 3 else "",
                     _num(diam[i]), _num(table.probability[i]), _num(table.malignancy[i]),
                     safe_cell(table.label[i]), int(table.ids[i]), safe_cell(table.source[i]),
-                    "true" if table.reviewed[i] else "false"])
+                    "true" if table.reviewed[i] else "false", *_findings_cells(table, i)])
     return out.getvalue()
+
+
+def _findings_cells(table: NoduleTable, i: int) -> list:
+    f = table.findings[i]
+    g = table.grade(i)
+    flat = [("" if math.isnan(v) else _num(v)) for v in flat_findings(f).values()]
+    return [table.texture_of(i), f.get("texture", ""), table.texture_override[i], *flat, g.category, g.size_from,
+            LR.DECISION_SUPPORT, safe_cell(g.reason)]
+
+
+def grade_dict(table: NoduleTable, i: int) -> dict:
+    """The Lung-RADS grade of nodule ``i`` as the JSON stores it (derived; marked decision support)."""
+    g = table.grade(i)
+    return {"category": g.category or None, "reason": g.reason, "nodule_type": g.nodule_type or None,
+            "type_from": g.type_from or None, "mean_diameter_mm": g.mean_diameter_mm,
+            "size_from": g.size_from or None, "calcified_probability": g.calcified,
+            "note": LR.DECISION_SUPPORT, "version": LR.VERSION}
 
 
 def _nodule_dict(table: NoduleTable, i: int, centres, sizes, diam) -> dict:
@@ -206,6 +251,12 @@ def _nodule_dict(table: NoduleTable, i: int, centres, sizes, diam) -> dict:
     if table.ndim == 3:
         s = table.slices(i)
         d["slices"] = [s.start, s.stop - 1]
+    f = table.findings[i]
+    d["texture"] = table.texture_of(i) or None
+    d["texture_model"] = f.get("texture")
+    d["texture_override"] = table.texture_override[i] or None
+    d["findings"] = dict(f)
+    d["lungrads"] = grade_dict(table, i)
     return d
 
 
@@ -404,7 +455,8 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         raise NoduleFileError(f"{where}: {len(rows)} nodules, more than {MAX_NODULES}; refused")
     threshold = _number(d.get("threshold", 0.5), where, "threshold", lo=0.0, hi=1.0)
     model = _checked_model(d.get("model"), where)
-    cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review")}
+    cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review",
+                            "findings", "texture_override")}
     seen: set[int] = set()
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
@@ -435,14 +487,39 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
             raise NoduleFileError(f"{w}: reviewed={str(reviewed).lower()} contradicts review={review!r}")
         cols["reviewed"].append(reviewed or review == "accepted")
         cols["review"].append(review)
+        found, over = _json_findings(r, w)
+        cols["findings"].append(found)
+        cols["texture_override"].append(over)
     order = np.argsort(np.asarray(cols["ids"], np.int64), kind="stable")  # the table lists nodules by id
     pick = lambda v: [v[i] for i in order]  # noqa: E731
     try:
         return NoduleTable(np.asarray(pick(cols["boxes"]), float).reshape(-1, 2 * nd), pick(cols["ids"]),
                            pick(cols["probability"]), pick(cols["malignancy"]), pick(cols["label"]),
                            pick(cols["source"]), pick(cols["reviewed"]), image=image,
-                           threshold=threshold, model_info=model, review=pick(cols["review"]))
+                           threshold=threshold, model_info=model, review=pick(cols["review"]),
+                           findings=pick(cols["findings"]), texture_override=pick(cols["texture_override"]))
     except (ValueError, KeyError, TypeError) as exc:
+        raise NoduleFileError(f"{where}: {exc}") from None
+
+
+def _json_findings(r: dict, where: str) -> tuple[dict, str]:
+    """The model's findings and the reader's texture override of one JSON nodule (both
+    optional: files before findings have neither); the derived ``texture`` and ``lungrads``
+    are not read. A ``texture_model`` without ``findings.texture`` (a file edited by hand)
+    is taken as the model's texture."""
+    found = r.get("findings")
+    if found is None:
+        found = {}
+    if not isinstance(found, dict) or len(found) > 100:
+        raise NoduleFileError(f"{where}: findings must be an object, got {_brief(found)}")
+    if "texture" not in found and r.get("texture_model") is not None:
+        found = {**found, "texture": r["texture_model"]}
+    over = r.get("texture_override")
+    if over is not None and not isinstance(over, str):
+        raise NoduleFileError(f"{where}: texture_override must be text or null, got {_brief(over)}")
+    try:
+        return clean_findings(found), clean_override(over)
+    except ValueError as exc:
         raise NoduleFileError(f"{where}: {exc}") from None
 
 
@@ -496,7 +573,11 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
         raise NoduleFileError(f"{name} belongs to another image: it has seriesuid(s) {shown_uids}, "
                               f"this image is '{uid}'")
     cols = {k: [] for k in ("centre", "diameter", "lines", "ids", "probability", "malignancy", "label",
-                            "source", "reviewed")}
+                            "source", "reviewed", "findings", "texture_override")}
+    # the findings columns this file has (none in older files: nothing to read per row)
+    texture_is_override = "texture" in fields and not {"texture_model", "texture_override"} & set(fields)
+    finding_cols = ([c for c in FLAT_FINDINGS if c in fields] + [c for c in ("texture_model",) if c in fields]
+                    + [c for c in ("texture" if texture_is_override else "texture_override",) if c in fields])
     used: set[int] = set()
     top = 0
     for line, r in rows:
@@ -542,6 +623,9 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
         cols["label"].append(lab)
         cols["source"].append(src)
         cols["reviewed"].append(rev in _TRUE)
+        found, over = _csv_findings(r, w, texture_is_override) if any(r[c] for c in finding_cols) else ({}, "")
+        cols["findings"].append(found)
+        cols["texture_override"].append(over)
     # all rows at once: world mm -> voxel boxes; every centre must lie in this image
     n = len(cols["ids"])
     centres = np.asarray(cols["centre"], float).reshape(n, nd)
@@ -557,9 +641,22 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
                               "image; the file belongs to another image or another coordinate system")
     try:
         return NoduleTable(boxes, cols["ids"], cols["probability"], cols["malignancy"], cols["label"],
-                           cols["source"], cols["reviewed"], image=dict(image), threshold=threshold)
+                           cols["source"], cols["reviewed"], image=dict(image), threshold=threshold,
+                           findings=cols["findings"], texture_override=cols["texture_override"])
     except (ValueError, KeyError, TypeError) as exc:
         raise NoduleFileError(f"{name}: {exc}") from None
+
+
+def _csv_findings(r: dict, where: str, texture_is_override: bool) -> tuple[dict, str]:
+    """The model's findings and the reader's override of one CSV row; empty or missing
+    cells are no finding (files before these columns have none)."""
+    flat = {c: _csv_float(r, c, where, None) for c in FLAT_FINDINGS}
+    texture_model = read_cell(r.get("texture_model") or "")
+    over = read_cell(r.get("texture" if texture_is_override else "texture_override") or "")
+    try:
+        return clean_findings(findings_from_flat(flat, texture_model)), clean_override(over)
+    except ValueError as exc:
+        raise NoduleFileError(f"{where}: {exc}") from None
 
 
 def _csv_float(r: dict, key: str, where: str, default=math.nan):

@@ -17,17 +17,39 @@ nodule is a single rectangle.
 
 Layers live in the image's millimetres: they get the image's ``scale``, ``translate`` and
 ``affine`` (`Scan.napari_kwargs`), so layer data coordinates are voxel indices of the image.
+
+Findings beyond box and malignancy (`Detections.findings`: texture, calcification,
+spiculation, margin, caliper sizes, volume, the model's Lung-RADS) ride along per nodule in
+``NoduleTable.findings``, exactly as the model gave them; the reader's texture override is a
+separate column (``texture_override``), so both calls are kept. The Lung-RADS category shown
+and exported (`NoduleTable.grade`) is recomputed from the effective type (the override if
+set, else the model's) and the size, and is always decision support:
+
+* size: the model's measured mean diameter (or long and short axis) when there is one, else
+  the box's equivalent diameter; the grade says which (``size_from`` "measured" / "box");
+* a resize of the box (in plane or in z) drops the model's size measurements of that nodule
+  (and the model's own category): they were measured on the model's segmentation, which the
+  reader has just said was the wrong extent, and a category from them would disagree with the
+  box on screen; a move that keeps the size keeps them; texture and probabilities always stay;
+* a part-solid nodule of 6 mm or more whose solid component was not measured is
+  *undetermined* (category ""), never guessed;
+* calcification: the model's head says "calcified" of any pattern, while Lung-RADS 1 needs a
+  benign pattern (complete, central, popcorn, concentric) or fat. The model's flag therefore
+  never gives category 1: the grade reports it beside the category (``calcified``) and in the
+  reason, for the reader to judge;
+* radiographs are not graded (Lung-RADS is for screening CT).
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import boxes as B
+from . import lungrads as LR
 from .detections import Detections
 from .scan import geometry_dict
 
@@ -39,9 +61,31 @@ REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 REJECTED_RGB = (0.55, 0.55, 0.55)
 #: RGB colours of the two labels (also used by the widget's legend).
 LABEL_RGB = {"benign": (0.20, 0.85, 0.30), "malignant": (0.95, 0.20, 0.20)}
+#: findings that are a probability in [0, 1] (the model's heads)
+FINDING_PROBABILITIES = ("calcified", "spiculated", "ill_defined_margin")
+#: findings that are sizes the model measured on its segmentation (mm, mm³): dropped when the
+#: reader resizes the box
+FINDING_SIZES = ("long_axis_mm", "short_axis_mm", "mean_diameter_mm", "volume_mm3", "solid_mean_diameter_mm")
+#: the model's own Lung-RADS, computed from its sizes (dropped with them)
+FINDING_GRADE = ("lungrads", "lungrads_reason")
+#: flat columns (layer features, CSV) of the numeric findings: column -> findings key (and
+#: texture class for ``texture_probability``)
+FLAT_FINDINGS = {
+    "p_solid": ("texture_probability", "solid"),
+    "p_part_solid": ("texture_probability", "part-solid"),
+    "p_ground_glass": ("texture_probability", "ground-glass"),
+    "p_calcified": ("calcified", None),
+    "p_spiculated": ("spiculated", None),
+    "p_ill_defined_margin": ("ill_defined_margin", None),
+    **{k: (k, None) for k in FINDING_SIZES},
+}
+#: the model's calcification probability from which grades, tables and reports flag it beside
+#: the category (never making it 1: see the module docstring)
+CALCIFIED_FLAG = 0.5
 #: Per-shape feature columns of a nodule layer.
 FEATURE_COLUMNS = ("id", "probability", "malignancy", "label", "diameter_mm", "source",
-                   "reviewed", "review", "mark", "slice")
+                   "reviewed", "review", "mark", "slice",
+                   "texture", "texture_model", "texture_override", "lungrads", *FLAT_FINDINGS)
 #: Key in ``layer.metadata`` marking a layer made by this module; the value is the table.
 META_KEY = "nodules"
 DEFAULT_THRESHOLD = 0.5
@@ -64,6 +108,179 @@ def confidence_alpha(probability: float) -> float:
     """Edge opacity for a detection probability: faint for unsure candidates, solid at 1."""
     p = min(max(float(probability), 0.0), 1.0)
     return 0.35 + 0.65 * p
+
+
+# --- findings --------------------------------------------------------------------------------
+
+def _finite(value, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        value = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"finding {name} must be a number, got {value!r}"[:200]) from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"finding {name} must be a finite number in [{lo:g}, {hi:g}], got {value!r}"[:200])
+    return v
+
+
+def _plain_value(value, name: str, depth: int = 0):
+    """A JSON-able copy of an unknown finding (numpy scalars become Python numbers)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"finding {name} must be finite, got {value!r}")
+        return value
+    if depth < 3 and isinstance(value, (list, tuple)) and len(value) <= 100:
+        return [_plain_value(v, name, depth + 1) for v in value]
+    if depth < 3 and isinstance(value, dict) and len(value) <= 100 and all(isinstance(k, str) for k in value):
+        return {k: _plain_value(v, name, depth + 1) for k, v in value.items()}
+    raise ValueError(f"finding {name} must be text, a finite number or a short list/object of them, "
+                     f"got {type(value).__name__}")
+
+
+def clean_findings(findings) -> dict:
+    """One nodule's findings, checked and in plain Python types (what tables hold and files
+    store): ``texture`` normalised (`lungrads.normalise_type`), probabilities in [0, 1], sizes
+    finite and not negative, ``lungrads`` one of the categories; a key set to None is no
+    finding. Keys this version does not know are kept if they are plain JSON values, so a
+    newer model's findings survive a round trip. Raises ValueError naming the key."""
+    if findings is None:
+        return {}
+    if not isinstance(findings, dict):
+        raise ValueError(f"findings must be an object, got {type(findings).__name__}")
+    out: dict = {}
+    for k, v in findings.items():
+        if not isinstance(k, str):
+            raise ValueError(f"finding names must be text, got {k!r}"[:200])
+        if v is None:
+            continue
+        if k == "texture":
+            out[k] = LR.normalise_type(v)
+        elif k == "texture_probability":
+            if not isinstance(v, dict) or len(v) > len(LR.NODULE_TYPES):
+                raise ValueError(f"finding texture_probability must be an object {{type: p}}, got {v!r}"[:200])
+            out[k] = {LR.normalise_type(c): _finite(p, f"texture_probability[{c}]", 0.0, 1.0) for c, p in v.items()}
+        elif k in FINDING_PROBABILITIES:
+            out[k] = _finite(v, k, 0.0, 1.0)
+        elif k in FINDING_SIZES:
+            out[k] = _finite(v, k, 0.0, 1e7)
+        elif k == "lungrads":
+            cat = str(v).strip().upper()
+            if cat not in LR.CATEGORIES:
+                raise ValueError(f"finding lungrads must be one of {', '.join(LR.CATEGORIES)}, got {v!r}"[:200])
+            out[k] = cat
+        elif k == "lungrads_reason":
+            if not isinstance(v, str) or len(v) > 1000:
+                raise ValueError("finding lungrads_reason must be text of at most 1000 characters")
+            out[k] = v
+        else:
+            out[k] = _plain_value(v, k)
+    return out
+
+
+def clean_override(texture) -> str:
+    """A reader's texture override: "" (none: the model's call stands) or a canonical type."""
+    if texture is None or (isinstance(texture, float) and math.isnan(texture)):
+        return ""
+    if isinstance(texture, str) and not texture.strip():
+        return ""
+    return LR.normalise_type(texture)
+
+
+def flat_findings(findings: dict) -> dict:
+    """The numeric findings as flat columns (`FLAT_FINDINGS`), NaN where there is none."""
+    out = {}
+    for col, (key, sub) in FLAT_FINDINGS.items():
+        v = findings.get(key)
+        if sub is not None:
+            v = v.get(sub) if isinstance(v, dict) else None
+        out[col] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    return out
+
+
+def findings_from_flat(row: dict, texture_model=None) -> dict:
+    """The reverse of `flat_findings` (plus the model's texture): missing, empty and NaN
+    cells are no finding. The result is not yet checked (`clean_findings` does that)."""
+    out: dict = {}
+    if texture_model is not None and not (isinstance(texture_model, float) and math.isnan(texture_model)) \
+            and str(texture_model).strip():
+        out["texture"] = texture_model
+    for col, (key, sub) in FLAT_FINDINGS.items():
+        v = row.get(col)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, float) and math.isnan(v):
+            continue
+        if sub is None:
+            out[key] = v
+        else:
+            out.setdefault(key, {})[sub] = v
+    return out
+
+
+def _without_sizes(findings: dict) -> dict:
+    return {k: v for k, v in findings.items() if k not in FINDING_SIZES and k not in FINDING_GRADE}
+
+
+class Grade(NamedTuple):
+    """The Lung-RADS category of one nodule as the table shows and exports it (decision
+    support). ``category`` is "" when it cannot be determined (no type, a part-solid nodule
+    without its solid component, a radiograph); ``reason`` says why either way."""
+
+    category: str
+    reason: str
+    nodule_type: str  # the effective type ("" when none)
+    type_from: str  # "reader" (override), "model" or ""
+    mean_diameter_mm: float | None  # the size graded (rounded as Lung-RADS reports it)
+    size_from: str  # "measured" (the model's caliper measurement), "box" (the box's diameter) or ""
+    calcified: float | None  # the model's calcification probability (any pattern), shown beside
+
+    @property
+    def label(self) -> str:
+        """The category marked as decision support, for a cell or a report."""
+        return f"Lung-RADS {self.category or 'undetermined'} ({LR.DECISION_SUPPORT})"
+
+
+def texture_text(table: "NoduleTable", i: int) -> str:
+    """What a table or report shows as the nodule type: the effective type and who said it,
+    the model's call kept visible beside a reader's override ("" when there is none)."""
+    over, model = str(table.texture_override[i]), str(table.findings[i].get("texture", ""))
+    if over:
+        return f"{over} (reader" + (f"; model: {model})" if model else ")")
+    return f"{model} (model)" if model else ""
+
+
+def grade_text(table: "NoduleTable", i: int) -> str:
+    """What a table or report shows as the Lung-RADS category (decision support): the
+    category and the size it used with where that came from ("measured" / "box"),
+    "undetermined" when a type is there but the category cannot be had, "-" for a radiograph,
+    and the model's calcification flag beside it."""
+    if table.ndim != 3:
+        return "-"
+    g = table.grade(i)
+    if g.category:
+        text = g.category + (f" ({g.size_from} {g.mean_diameter_mm:.1f} mm)"
+                             if g.mean_diameter_mm is not None and g.size_from else "")
+    else:
+        text = "undetermined" if g.nodule_type else ""
+    if g.calcified is not None and g.calcified >= CALCIFIED_FLAG:
+        text += ("; " if text else "") + f"calcified? {g.calcified:.2f} (model)"
+    return text
+
+
+def axes_text(findings: dict) -> str:
+    """The model's long x short axis (mm), "" when not measured."""
+    if "long_axis_mm" in findings and "short_axis_mm" in findings:
+        return f"{findings['long_axis_mm']:.1f} \u00d7 {findings['short_axis_mm']:.1f}"
+    return ""
+
+
+def volume_text(findings: dict) -> str:
+    return f"{findings['volume_mm3']:.0f}" if "volume_mm3" in findings else ""
 
 
 # --- image identity --------------------------------------------------------------------------
@@ -98,6 +315,10 @@ class NoduleTable:
     image : `image_identity` of the image (its geometry is the boxes' geometry).
     threshold : detection probability below which a nodule is hidden (kept, not deleted).
     model_info : dict(name, version, sha256) of the model that produced the candidates.
+    findings : (N,) dicts, the model's findings per nodule (`Detections.findings`, checked by
+        `clean_findings`; {} for a drawn nodule or a model that measured nothing).
+    texture_override : (N,) the reader's nodule type ("solid", "part-solid", "ground-glass")
+        or "" (none: the model's ``findings["texture"]`` stands). See `texture_of`, `grade`.
     """
 
     boxes: np.ndarray
@@ -112,6 +333,8 @@ class NoduleTable:
     model_info: dict | None = None
     meta: dict = field(default_factory=dict)
     review: Any = None
+    findings: Any = None
+    texture_override: Any = None
 
     def __post_init__(self):
         nd = len(self.image["shape"])
@@ -133,8 +356,14 @@ class NoduleTable:
             raise ValueError(f"review must be one of {REVIEW_STATES}, got {bad[0]!r}")
         if len(self.review) == n:
             self.reviewed = self.review == "accepted"
+        found = list(self.findings) if self.findings is not None else []
+        if not found:  # none measured (as `Detections` says it)
+            found = [{}] * n
+        self.findings = _object_array([clean_findings(f) for f in found])
+        over = list(self.texture_override) if self.texture_override is not None else [""] * n
+        self.texture_override = np.asarray([clean_override(o) for o in over], dtype=object).reshape(-1)
         self.threshold = float(self.threshold)
-        for name in ("ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
+        for name in ROW_FIELDS[1:]:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values, expected {n} (one per box)")
         if len(set(self.ids.tolist())) != n:
@@ -170,19 +399,25 @@ class NoduleTable:
             image=copy.deepcopy(image),
             threshold=float(thr),
             model_info=dict(info) if info else None,
+            findings=list(detections.findings) or None,
         )
 
     def to_detections(self, visible_only: bool = False) -> Detections:
+        """The nodules as `Detections`; ``findings`` are the model's, the reader's texture
+        overrides are in ``meta["texture_override"]`` ("" for none)."""
         k = self.visible_mask() if visible_only else np.ones(len(self), bool)
         return Detections(self.boxes[k], self.probability[k], self.malignancy[k], self.geometry,
                           {"ids": self.ids[k].tolist(), "labels": self.label[k].tolist(),
-                           "model_info": self.model_info, "threshold": self.threshold})
+                           "texture_override": self.texture_override[k].tolist(),
+                           "model_info": self.model_info, "threshold": self.threshold},
+                          copy.deepcopy(list(self.findings[k])))
 
     def copy(self) -> "NoduleTable":
         return NoduleTable(self.boxes.copy(), self.ids.copy(), self.probability.copy(),
                            self.malignancy.copy(), self.label.copy(), self.source.copy(),
                            self.reviewed.copy(), copy.deepcopy(self.image), self.threshold,
-                           copy.deepcopy(self.model_info), copy.deepcopy(self.meta), self.review.copy())
+                           copy.deepcopy(self.model_info), copy.deepcopy(self.meta), self.review.copy(),
+                           list(self.findings), self.texture_override.copy())  # findings are copied when checked
 
     def equals(self, other: "NoduleTable") -> bool:
         """Same nodules (exactly), same image, threshold and model."""
@@ -196,6 +431,8 @@ class NoduleTable:
             and list(self.source) == list(other.source)
             and np.array_equal(self.reviewed, other.reviewed)
             and list(self.review) == list(other.review)
+            and list(self.findings) == list(other.findings)
+            and list(self.texture_override) == list(other.texture_override)
             and self.image == other.image
             and self.threshold == other.threshold
             and (self.model_info or None) == (other.model_info or None)
@@ -284,7 +521,83 @@ class NoduleTable:
             "source": str(self.source[i]),
             "reviewed": bool(self.reviewed[i]),
             "review": str(self.review[i]),
+            "texture": self.texture_of(i),
+            "texture_model": str(self.findings[i].get("texture", "")),
+            "texture_override": str(self.texture_override[i]),
+            "lungrads": self.grade(i).category,
         }
+
+    # findings --------------------------------------------------------------------------
+    def texture_of(self, i: int) -> str:
+        """The effective nodule type of nodule ``i``: the reader's override if set, else the
+        model's call, else ""."""
+        return str(self.texture_override[i] or self.findings[i].get("texture", ""))
+
+    def grade(self, i: int) -> Grade:
+        """The Lung-RADS v2022 baseline category of nodule ``i`` from its effective type and
+        size (decision support; the rules are in this module's docstring)."""
+        f = self.findings[i]
+        calc = f.get("calcified")
+        kind = self.texture_of(i)
+        type_from = "reader" if self.texture_override[i] else ("model" if kind else "")
+        if self.ndim != 3:
+            return Grade("", "not graded: Lung-RADS is for screening CT, not radiographs", kind, type_from,
+                         None, "", calc)
+        if not kind:
+            if "lungrads" in f:  # the model's category without its type: shown, said to be the model's
+                m = f.get("mean_diameter_mm")
+                return Grade(f["lungrads"], f"the model's category, without a nodule type: "
+                             f"{f.get('lungrads_reason', '')} [{LR.DECISION_SUPPORT}]", "", "",
+                             LR.round_mm(m) if m else None, "measured" if m else "", calc)
+            return Grade("", "undetermined: no nodule type (set it in the table)", "", "", None, "", calc)
+        mean, size_from = None, ""
+        m, lo, sh = f.get("mean_diameter_mm"), f.get("long_axis_mm"), f.get("short_axis_mm")
+        if m is not None and m > 0:
+            mean, size_from = float(m), "measured"
+        elif lo and sh:
+            mean, size_from = LR.mean_diameter(max(lo, sh), min(lo, sh)), "measured"
+        else:
+            b = self.boxes[i]  # the box's equivalent diameter, as `diameter_mm` (of this box only)
+            mean, size_from = float(np.mean((b[self.ndim:] - b[:self.ndim]) * self.spacing)), "box"
+        mean_r = LR.round_mm(mean) if mean > 0 else None
+        where = ("the model's measurement" if size_from == "measured"
+                 else "the box's diameter (no measurement)")
+        solid = f.get("solid_mean_diameter_mm") if kind == "part-solid" else None
+        solid = solid if solid else None
+        try:
+            category, reason = LR.lung_rads(kind, mean, solid)
+        except ValueError as exc:
+            if kind == "part-solid" and solid is None and mean_r is not None:
+                category, reason = "", (f"undetermined: part-solid nodule of {mean_r:.1f} mm whose solid "
+                                        "component was not measured (the reader measures it)")
+            else:
+                category, reason = "", f"undetermined: {exc}"
+        reason += f"; type from the {'reader' if type_from == 'reader' else 'model'}, size from {where}"
+        if calc is not None and calc >= CALCIFIED_FLAG:
+            reason += (f"; the model finds calcification (p {calc:.2f}, any pattern): category 1 only for a "
+                       "benign pattern or fat, which the reader must confirm")
+        return Grade(category, reason, kind, type_from, mean_r, size_from, calc)
+
+    def grades(self) -> list[Grade]:
+        return [self.grade(i) for i in range(len(self))]
+
+    def with_texture(self, ids, texture: str | None) -> "NoduleTable":
+        """The reader's nodule type for nodules ``ids`` ("solid", "part-solid", "ground-glass"
+        or a spelling `lungrads.normalise_type` knows); None or "" removes the override, so
+        the model's call stands again. The model's call is kept either way."""
+        value = clean_override(texture)
+        t = self.copy()
+        t.texture_override[t._sel(ids)] = value
+        return t
+
+    def _resized(self, t: "NoduleTable", i: int) -> "NoduleTable":
+        """``t`` with the model's size measurements of nodule ``i`` dropped when its box size
+        changed from this table's (a move keeps them)."""
+        j = self.index_of(int(t.ids[i]))
+        if not np.allclose(np.diff(t.boxes[i].reshape(2, -1), axis=0),
+                           np.diff(self.boxes[j].reshape(2, -1), axis=0), rtol=0, atol=1e-3):
+            t.findings[i] = _without_sizes(t.findings[i])
+        return t
 
     # edits (each returns a new table; the original is left untouched for undo) ---------
     def _sel(self, ids) -> np.ndarray:
@@ -297,7 +610,7 @@ class NoduleTable:
     def removed(self, ids) -> "NoduleTable":
         t = self.copy()
         keep = ~np.isin(t.ids, [int(i) for i in np.atleast_1d(ids)])
-        for name in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
+        for name in ROW_FIELDS:
             setattr(t, name, getattr(t, name)[keep])
         return t
 
@@ -305,7 +618,7 @@ class NoduleTable:
         """The nodules at positions ``index`` (any order; ids kept)."""
         t = self.copy()
         index = np.asarray(index, dtype=int).reshape(-1)
-        for name in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review"):
+        for name in ROW_FIELDS:
             setattr(t, name, getattr(t, name)[index])
         return t
 
@@ -353,12 +666,15 @@ class NoduleTable:
         hi = cur[-1] if last is None else int(last)
         lo, hi = sorted((min(max(lo, 0), self.shape[0] - 1), min(max(hi, 0), self.shape[0] - 1)))
         t.boxes[i, 0], t.boxes[i, 3] = lo - 0.5, hi + 0.5
-        return t
+        return self._resized(t, i)
 
     def with_box(self, nodule_id: int, box) -> "NoduleTable":
+        """A new box for a nodule; a new size drops the model's size measurements (see the
+        module docstring), a move keeps them."""
         t = self.copy()
-        t.boxes[t.index_of(nodule_id)] = np.asarray(box, float).reshape(2 * self.ndim)
-        return t
+        i = t.index_of(nodule_id)
+        t.boxes[i] = np.asarray(box, float).reshape(2 * self.ndim)
+        return self._resized(t, i)
 
     def with_inplane(self, nodule_id: int, yx_box) -> "NoduleTable":
         """Replace the in-plane extents (y0, x0, y1, x1) of a nodule's box, keeping z."""
@@ -370,12 +686,14 @@ class NoduleTable:
             b[1], b[2], b[4], b[5] = y0, x0, y1, x1
         else:
             b[:] = (y0, x0, y1, x1)
-        return t
+        return self._resized(t, i)
 
     def added(self, box, label: str = "benign", probability: float = 1.0,
               malignancy: float | None = None, source: str = "user", reviewed: bool = False,
-              nodule_id: int | None = None, review: str | None = None) -> tuple["NoduleTable", int]:
-        """A new nodule; a user's has probability 1 and malignancy 1/0 from its label."""
+              nodule_id: int | None = None, review: str | None = None, findings: dict | None = None,
+              texture_override: str | None = None) -> tuple["NoduleTable", int]:
+        """A new nodule; a user's has probability 1 and malignancy 1/0 from its label, and no
+        findings unless given (a drawn box has no model measurements)."""
         if label not in LABELS:
             raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         if source not in SOURCES:
@@ -397,6 +715,8 @@ class NoduleTable:
             raise ValueError(f"review must be one of {REVIEW_STATES}, got {state!r}")
         t.review = np.append(t.review, np.asarray([state], dtype=object))
         t.reviewed = t.review == "accepted"
+        t.findings = _object_array([*t.findings, clean_findings(findings)])
+        t.texture_override = np.append(t.texture_override, np.asarray([clean_override(texture_override)], dtype=object))
         return t, nid
 
     def box_from_slice_rect(self, yx_box, slice_index: int | None) -> np.ndarray:
@@ -410,6 +730,19 @@ class NoduleTable:
         half = max(d_mm / sp[0] / 2, 0.5)
         k = float(slice_index if slice_index is not None else 0)
         return np.array([k - half, y0, x0, k + half, y1, x1])
+
+
+#: the per-nodule fields of a `NoduleTable` (all indexed alike by `removed` and `taken`)
+ROW_FIELDS = ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review", "findings",
+              "texture_override")
+
+
+def _object_array(items: list) -> np.ndarray:
+    """A 1-D object array of ``items`` (dicts stay dicts; np.asarray could nest them)."""
+    out = np.empty(len(items), dtype=object)
+    for k, v in enumerate(items):
+        out[k] = v
+    return out
 
 
 def box_slices(box, nz: int) -> range:
@@ -462,6 +795,12 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None, slice_in
     vis = table.visible_mask(threshold)
     diam = table.diameter_mm()
     data, rows = [], {c: [] for c in FEATURE_COLUMNS}
+    per_nodule = {}  # findings columns of each shown nodule, computed once (a CT nodule has many shapes)
+    for i in np.flatnonzero(vis):
+        f = table.findings[i]
+        per_nodule[i] = {"texture": table.texture_of(i), "texture_model": str(f.get("texture", "")),
+                         "texture_override": str(table.texture_override[i]),
+                         "lungrads": table.grade(i).category, **flat_findings(f)}
     edge, text = [], []
     for i in np.flatnonzero(vis):
         ip = inplane(table.boxes[i])
@@ -484,6 +823,8 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None, slice_in
             rows["review"].append(str(table.review[i]))
             rows["mark"].append(REVIEW_MARKS[str(table.review[i])])
             rows["slice"].append(-1 if k is None else int(k))
+            for c, v in per_nodule[i].items():
+                rows[c].append(v)
             e, t = nodule_colors(table, i)
             edge.append(e)
             text.append(t)
@@ -506,7 +847,8 @@ def slice_geometry_kwargs(image: dict, slice_index: int) -> dict:
 
 _FEATURE_DTYPES = {"id": "int64", "probability": "float64", "malignancy": "float64", "label": object,
                    "diameter_mm": "float64", "source": object, "reviewed": "bool", "review": object,
-                   "mark": object, "slice": "int64"}
+                   "mark": object, "slice": "int64", "texture": object, "texture_model": object,
+                   "texture_override": object, "lungrads": object, **{c: "float64" for c in FLAT_FINDINGS}}
 
 
 def features_frame(rows: dict):
@@ -521,7 +863,8 @@ def feature_defaults(new_label: str = "benign", slice_index: int = -1) -> dict:
     """Features a shape drawn by hand starts with; ``id`` -1 marks it as not yet a nodule."""
     return {"id": -1, "probability": 1.0, "malignancy": 1.0 if new_label == "malignant" else 0.0,
             "label": new_label, "diameter_mm": 0.0, "source": "user", "reviewed": False,
-            "review": "unreviewed", "mark": "", "slice": int(slice_index)}
+            "review": "unreviewed", "mark": "", "slice": int(slice_index), "texture": "", "texture_model": "",
+            "texture_override": "", "lungrads": "", **{c: math.nan for c in FLAT_FINDINGS}}
 
 
 def edge_width_for(table: NoduleTable) -> float:
@@ -663,8 +1006,10 @@ def layer_to_nodules(layer) -> NoduleTable:
     A layer made by this module carries its table in ``metadata["nodules"]``; a copy is
     returned. Any other Shapes layer is read shape by shape: shapes sharing a feature ``id``
     make one nodule (a CT nodule's slices), the rest one nodule each; probability,
-    malignancy, label, source and reviewed come from features when present. A Points layer
-    gives one nodule per point, its box the point's size.
+    malignancy, label, source, reviewed, the model's texture (``texture_model``), the reader's
+    override (``texture_override``) and the numeric findings (`FLAT_FINDINGS`) come from
+    features when present (invalid findings are left out, not fatal). A Points layer gives
+    one nodule per point, its box the point's size.
     """
     data, meta, kind = _parts(layer)
     md = meta.get("metadata") or {}
@@ -710,8 +1055,9 @@ def layer_to_nodules(layer) -> NoduleTable:
     image = _image_from_state(meta, ndim, extent)
     n_rows = sum(len(g) for g in groups) if not kind.startswith("points") else len(groups)
     col = {c: _column(feats, c, n_rows, None) for c in ("id", "probability", "malignancy", "label",
-                                                         "source", "reviewed", "review")}
-    ids, prob, mal, lab, src, rev, state = [], [], [], [], [], [], []
+                                                         "source", "reviewed", "review", "texture_model",
+                                                         "texture_override", *FLAT_FINDINGS)}
+    ids, prob, mal, lab, src, rev, state, found, over = [], [], [], [], [], [], [], [], []
     used = set()
     for g in groups:
         i = g[0]
@@ -733,6 +1079,15 @@ def layer_to_nodules(layer) -> NoduleTable:
         rev.append(bool(col["reviewed"][i]) if col["reviewed"][i] is not None else False)
         r = col["review"][i]
         state.append(r if r in REVIEW_STATES else ("accepted" if rev[-1] else "unreviewed"))
+        try:
+            found.append(clean_findings(findings_from_flat({c: col[c][i] for c in FLAT_FINDINGS},
+                                                           col["texture_model"][i])))
+        except ValueError:
+            found.append({})
+        try:
+            over.append(clean_override(col["texture_override"][i]))
+        except ValueError:
+            over.append("")
     nxt = max(used, default=0) + 1
     for j, v in enumerate(ids):
         if v is None:
@@ -741,7 +1096,7 @@ def layer_to_nodules(layer) -> NoduleTable:
     thr = md.get("threshold", DEFAULT_THRESHOLD)
     return NoduleTable(vboxes, ids, prob, mal, lab, src, rev, image,
                        threshold=float(thr) if thr is not None else DEFAULT_THRESHOLD,
-                       model_info=md.get("model_info"), review=state)
+                       model_info=md.get("model_info"), review=state, findings=found, texture_override=over)
 
 
 # --- reconcile a user-edited layer with the table ---------------------------------------------

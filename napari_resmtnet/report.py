@@ -5,6 +5,11 @@ the nodules the reader accepted; rejected and unreviewed candidates are left out
 asked for. Each key image is the nodule's centre slice (CT, lung window) or the radiograph,
 cropped around the nodule, with its box drawn in the label's colour.
 
+Where the nodules have findings (`NoduleTable.findings`) or a reader's type, the table adds
+the nodule type (the reader's or the model's, said which), long x short axis, volume, and the
+Lung-RADS category, headed and footnoted as decision support, with where its size came from
+and the model's calcification flag (any pattern: never category 1 by itself).
+
 Research use only: the report says so, and which model and threshold produced the
 candidates.
 """
@@ -20,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .layers import NoduleTable, nodule_colors
+from .layers import NoduleTable, axes_text, grade_text, nodule_colors, texture_text, volume_text
+from .lungrads import DECISION_SUPPORT, VERSION
 
 #: lung window (HU) of the CT key images
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -100,6 +106,19 @@ def report_rows(table: NoduleTable, states=("accepted",)) -> list[int]:
     return sorted(keep, key=lambda i: (-table.probability[i], int(table.ids[i])))
 
 
+def findings_cells(table: NoduleTable, i: int) -> list[str]:
+    """Type, long x short axis (mm), volume (mm³) and Lung-RADS of nodule ``i`` as report
+    cells (plain text, not yet escaped); empty where the nodule has none."""
+    f = table.findings[i]
+    return [texture_text(table, i), axes_text(f), volume_text(f), grade_text(table, i)]
+
+
+def _caption_findings(table: NoduleTable, i: int) -> str:
+    kind, _, _, grade = findings_cells(table, i)
+    parts = [p for p in (kind, f"Lung-RADS {grade} ({DECISION_SUPPORT})" if grade and grade != "-" else "") if p]
+    return ("<br>" + html.escape(", ".join(parts))) if parts else ""
+
+
 def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("accepted",),
                       title: str = "Lung nodule reading report") -> Path:
     """Write the report for ``table`` on the image ``array`` to ``path`` (atomically);
@@ -133,8 +152,11 @@ def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("acce
     if not rows:
         parts.append("<p>No nodules to report.</p>")
     else:
+        with_findings = any(table.findings[i] or table.texture_override[i] for i in rows)
         head = ["#", "id", "label", "malignancy", "detection", "diameter (mm)", "size (mm)",
                 "centre x, y, z (mm, LPS)", "slice", "review", "source"]
+        if with_findings:
+            head += ["type", "long × short (mm)", "volume (mm³)", f"Lung-RADS* ({DECISION_SUPPORT})"]
         parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
         for n, i in enumerate(rows, 1):
             cells = [n, int(table.ids[i]), esc(str(table.label[i])), f"{table.malignancy[i]:.2f}",
@@ -143,14 +165,26 @@ def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("acce
                      ", ".join(f"{v:.1f}" for v in centres[i]),
                      table.center_slice(i) if table.ndim == 3 else "-", esc(str(table.review[i])),
                      esc(str(table.source[i]))]
+            if with_findings:
+                cells += [esc(c) for c in findings_cells(table, i)]
             parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        parts.append("</table><h2>Key images</h2>")
+        parts.append("</table>")
+        if with_findings:
+            parts.append(
+                f"<p class='note'>* Lung-RADS: {esc(VERSION)} category from the nodule type and mean diameter, "
+                f"<b>{esc(DECISION_SUPPORT)}</b> only: the reader confirms type and size. \"measured\": the model's "
+                "caliper measurement; \"box\": the box's diameter (no measurement). A calcification found by the "
+                "model (any pattern) is shown beside the category and never makes it 1: only a benign pattern "
+                "(complete, central, popcorn, concentric) or fat does, which the reader judges. Growth, prior "
+                "scans and the S modifier are left to the reader.</p>")
+        parts.append("<h2>Key images</h2>")
         for n, i in enumerate(rows, 1):
             uri = _png_data_uri(key_image(array, table, i))
             where = f"slice {table.center_slice(i)}, " if table.ndim == 3 else ""
             parts.append(f"<div class='nodule'><img src='{uri}' width='256' height='256' "
                          f"alt='nodule {int(table.ids[i])}'><br>#{n} (id {int(table.ids[i])}): "
-                         f"{esc(str(table.label[i]))}, {diam[i]:.1f} mm, {where}malignancy {table.malignancy[i]:.2f}</div>")
+                         f"{esc(str(table.label[i]))}, {diam[i]:.1f} mm, {where}malignancy {table.malignancy[i]:.2f}"
+                         + _caption_findings(table, i) + "</div>")
     parts.append("</body></html>")
     text = "\n".join(parts)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ def reader_work(table: NoduleTable | None) -> int:
 def merge_detections(old: NoduleTable | None, new: NoduleTable, iou: float = MERGE_IOU):
     """A new detection run merged into the reader's work.
 
-    Kept as they are: every nodule of ``old`` the reader accepted, rejected or drew. Dropped:
+    Kept as they are (findings and the reader's texture override included): every nodule of
+    ``old`` the reader accepted, rejected or drew. Dropped:
     ``old``'s unreviewed model candidates (the new run replaces them). Added: the new run's
     candidates, except those overlapping (IoU > ``iou``, or one's centre inside the other)
     a kept nodule -- the reader already decided on those. New candidates get fresh ids
@@ -167,6 +168,8 @@ def merge_detections(old: NoduleTable | None, new: NoduleTable, iou: float = MER
         list(kept.label) + list(fresh.label), list(kept.source) + list(fresh.source),
         np.concatenate([kept.reviewed, fresh.reviewed]), dict(new.image),
         threshold=new.threshold, model_info=new.model_info,
-        review=list(kept.review) + list(fresh.review))
+        review=list(kept.review) + list(fresh.review),
+        findings=list(kept.findings) + list(fresh.findings),
+        texture_override=list(kept.texture_override) + list(fresh.texture_override))
     return out, MergeSummary(kept=len(kept), replaced=int(np.sum(~keep)), added=len(fresh),
                              duplicates=int(dup.sum()))
