@@ -38,5 +38,6 @@ def write_nodules(path: str, layer_data: list) -> list[str]:
             table, _ = table.added(other.boxes[i], label=str(other.label[i]),
                                    probability=float(other.probability[i]),
                                    malignancy=float(other.malignancy[i]), source=str(other.source[i]),
-                                   reviewed=bool(other.reviewed[i]))
+                                   reviewed=bool(other.reviewed[i]), review=str(other.review[i]),
+                                   findings=other.findings[i], texture_override=other.texture_override[i])
     return export_nodules(path, table)

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, errors
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -67,10 +67,7 @@ def error(command: str | None, message: str) -> None:
     print(f"{prog}: {message}", file=sys.stderr)
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line, else its class name."""
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+one_line = errors.one_line
 
 
 def run_command(command: str, func: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .paths import escape_text
 
 __all__ = ["DicomExportError", "report_objects", "source_headers", "nodule_ellipsoids", "MANUFACTURER"]
@@ -33,7 +34,7 @@ MANUFACTURER = "napari-resmtnet"
 _SCHEME = "99RESMTNET"
 
 
-class DicomExportError(ValueError):
+class DicomExportError(InputError):
     """SR/SEG cannot be made for this table and series; ``str()`` is one line."""
 
     def __init__(self, message: str):

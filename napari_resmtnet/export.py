@@ -65,6 +65,7 @@ from .layers import (
     FLAT_FINDINGS, LABELS, REVIEW_STATES, SOURCES, NoduleTable, clean_findings, clean_override, findings_from_flat,
     flat_findings,
 )
+from .errors import InputError
 from .paths import OutputPathError, check_output, escape_text, file_kind, shown
 from .scan import geometry_dict
 
@@ -86,7 +87,7 @@ MAX_NODULES = 100_000
 FORMULA_CHARS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
-class NoduleFileError(ValueError):
+class NoduleFileError(InputError):
     """A nodule file that cannot be written, read, or does not belong to the image."""
 
     def __init__(self, message: str):

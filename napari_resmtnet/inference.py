@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .detections import Detections
+from .errors import Cancelled, InputError
 from .scan import Scan
 
 __all__ = ["Predictor", "predict", "Cancelled", "PredictionError", "DeviceError", "resolve_device",
@@ -82,11 +83,7 @@ _MIN_SIDE = 16  # smallest model input side (the backbone reaches stride 16)
 SMALL_WINDOW = 1 << 20
 
 
-class Cancelled(Exception):
-    """Raised by `Predictor.predict` when ``cancel`` was set."""
-
-
-class PredictionError(ValueError):
+class PredictionError(InputError):
     """The scan cannot be run through the model (one-line message saying what and why)."""
 
 

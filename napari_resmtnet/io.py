@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ResMTNetError
 from .paths import escape_text, file_kind, inside_folder, read_head, shown
 from .scan import Scan
 
@@ -115,7 +116,7 @@ _MET_SIZES = {
 }
 
 
-class ScanReadError(Exception):
+class ScanReadError(ResMTNetError):
     """A file or folder that looks like a scan but cannot be read; ``str()`` is one line."""
 
     def __init__(self, path, problem: str):

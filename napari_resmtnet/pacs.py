@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .errors import Cancelled, ResMTNetError
 from .paths import escape_text
 
 __all__ = [
@@ -82,15 +83,11 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _ADDRESS = re.compile(r"^(?P<base>https?://.+?)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/?$")
 
 
-class PacsError(Exception):
+class PacsError(ResMTNetError):
     """A PACS request that failed; ``str()`` is one line."""
 
     def __init__(self, message: str):
         super().__init__(escape_text(" ".join(str(message).split())))
-
-
-class Cancelled(Exception):
-    """Raised when the ``cancel`` callback of a download returned True."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import stat
 import unicodedata
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = ["shown", "escape_text", "file_kind", "is_regular", "read_head", "inside_folder",
            "check_output", "OutputPathError"]
 
@@ -114,7 +116,7 @@ def inside_folder(folder, name: str) -> tuple[bool, str]:
     return inside, target
 
 
-class OutputPathError(ValueError):
+class OutputPathError(InputError):
     """An output path that is not a regular file or a new file in a writable folder."""
 
 

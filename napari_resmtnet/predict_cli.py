@@ -26,6 +26,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import one_line
 from .paths import OutputPathError, check_output, escape_text, shown
 
 PROG = "resmtnet predict"
@@ -62,8 +63,7 @@ def _fail(msg: str) -> int:
 
 def _one_line(exc: BaseException, where) -> str:
     """One line for a failed input, naming it first; control characters escaped."""
-    text = str(exc).strip()
-    text = escape_text(text.splitlines()[0].strip() if text else type(exc).__name__)
+    text = escape_text(one_line(exc))
     name = shown(where)
     if name not in text:
         text = f"{name}: {text}"
@@ -149,8 +149,7 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
                 predictors[modality] = Predictor(modality, weights=args.weights, sha256=args.sha256, device=device,
                                                  **kw)
             except (WeightsError, ValueError, OSError, RuntimeError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                predictors[modality] = f"cannot load the {modality} model: {first}"
+                predictors[modality] = f"cannot load the {modality} model: {one_line(e)}"
         return predictors[modality]
 
     csv_parts: list[str] = []

@@ -15,13 +15,14 @@ import math
 from importlib import resources
 from pathlib import Path
 
+from .errors import ResMTNetError, one_line
 from .paths import file_kind, read_head, shown
 
 WEIGHTS_FORMAT = "resmtnet-weights/1"
 MODALITIES = ("CT", "CXR")
 
 
-class WeightsError(Exception):
+class WeightsError(ResMTNetError):
     """The weights file is missing, altered, unsafe or of an unknown format (one line)."""
 
 
@@ -95,7 +96,7 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise WeightsError(f"{path}: not a safe weights file ({first})") from None
     if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -214,7 +215,7 @@ def build_model(ckpt: dict):
         model = ResMTNet(cfg)
         model.load_state_dict(ckpt["state_dict"])
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise WeightsError(f"{where}: does not match this version's network ({first})") from None
     return model.eval()
 

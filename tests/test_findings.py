@@ -398,3 +398,18 @@ def test_report_shows_findings_as_decision_support(tmp_path):
     _, plain = ct_table([{}, {}, {}])
     text = write_html_report(tmp_path / "p.html", plain.with_review([1], "accepted"), arr).read_text(encoding="utf-8")
     assert "Lung-RADS" not in text
+
+
+def test_writing_several_layers_keeps_each_ones_findings_and_override(tmp_path):
+    from napari_resmtnet._writer import write_nodules
+    from napari_resmtnet.layers import table_to_layer_data
+
+    scan, t = ct_table()
+    first = table_to_layer_data(t.taken([0]))
+    second_table = t.taken([1]).with_texture([int(t.taken([1]).ids[0])], "ground-glass")
+    second = table_to_layer_data(second_table)
+    out = write_nodules(str(tmp_path / "both.json"), [first, second])
+    nodules = json.loads(open(out[1], encoding="utf-8").read())["nodules"]
+    assert len(nodules) == 2
+    assert nodules[1]["findings"] == second_table.findings[0]
+    assert nodules[1]["texture_override"] == "ground-glass" and not nodules[0]["texture_override"]

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from qtpy.QtCore import QObject, Signal
 
+from ..errors import Cancelled, one_line
+
 
 @dataclass
 class Outcome:
@@ -34,11 +36,7 @@ class ProgressRelay(QObject):
 
 
 def _is_cancelled_error(exc: BaseException) -> bool:
-    try:
-        from ..inference import Cancelled
-    except ImportError:
-        return type(exc).__name__ == "Cancelled"
-    return isinstance(exc, Cancelled) or type(exc).__name__ == "Cancelled"
+    return isinstance(exc, Cancelled)
 
 
 def run_detection(get_predictor: Callable, scan, modality: str, device: str,
@@ -60,7 +58,7 @@ def run_detection(get_predictor: Callable, scan, modality: str, device: str,
     except Exception as exc:  # the thread boundary: report every failure, never crash the viewer
         if cancel.is_set() or _is_cancelled_error(exc):
             return Outcome("cancelled", context=context)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = one_line(exc)
         if isinstance(exc, ImportError):
             msg = f"the Res-MTNet model is not available ({msg})"
         return Outcome("error", message=msg, context=context)
