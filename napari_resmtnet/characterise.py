@@ -109,7 +109,7 @@ def characterise(
             f: dict = {}
             if probs is not None:
                 tex = {name: float(p) for name, p in zip(TEXTURE_CLASSES, probs[k, : len(TEXTURE_CLASSES)])}
-                f["texture"] = max(tex, key=tex.get)
+                f["texture"] = max(tex, key=lambda name: tex[name])
                 f["texture_probability"] = tex
                 for name, p in zip(BINARY_ATTRIBUTES, probs[k, len(TEXTURE_CLASSES) :]):
                     f[name] = float(p)
@@ -129,7 +129,7 @@ def _measure(mask: np.ndarray, hu: np.ndarray, spacing) -> dict:
     if not mask.any():
         return {}
     size = measure_nodule(mask, spacing)
-    f = {
+    f: dict = {
         "long_axis_mm": size.long_axis_mm,
         "short_axis_mm": size.short_axis_mm,
         "mean_diameter_mm": size.mean_diameter_mm,
