@@ -12,7 +12,15 @@ The nodules are shown in a Shapes layer (`napari_resmtnet.layers`): for CT a 2D 
 the boxes of the slice on screen, refilled when the slice changes (so that napari can pick
 them: see `NoduleWidget._add_slice_layer`); colour by label (benign green, malignant red,
 rejected grey), text "malignant 0.87 ✓" = label, detection probability, review mark;
-opacity by confidence. In 3D the nodules are spheres inside a lung surface.
+opacity by confidence. In 3D the nodules are wire boxes (one label each) inside a lung surface.
+
+Views: **Three planes** opens coronal and sagittal views beside the axial canvas
+(`napari_resmtnet._qt.planes`): the same CT with the nodule boxes of their plane (z extent
+visible) and a linked cursor -- a click in any view moves the others' slices there, and
+jumping to a nodule (table, ``.`` / ``,``) centres all three on it. Window presets on keys
+(bound on the viewer, so they work whatever layer is active) and buttons: ``F2`` lung
+(W1500/L-600), ``F3`` mediastinum (W350/L40), ``F4`` bone (W2000/L500). The line under them
+gives the three planes' slices and their positions in mm.
 
 Reading: the threshold slider (starting at the model's operating point) hides/shows
 candidates without re-running the model; the table lists shown nodules in reading order
@@ -63,6 +71,7 @@ from .layers import (
     table_to_layer_data, table_to_shapes, text_kwargs,
 )
 from .review import History, counts, merge_detections, next_nodule, reader_work
+from .views import WINDOW_PRESETS, positions_text, window_limits
 
 MODEL_CHOICES = ("auto", "CT", "CXR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -73,6 +82,9 @@ SAME_VOXELS = 1e-3
 AUTOSAVE_DELAY_MS = 1000
 #: ... but at the latest this long after the first unsaved change (s), during long edits
 AUTOSAVE_MAX_DELAY_S = 10.0
+#: window presets on keys, bound on the viewer (any layer active): F-keys, because napari's
+#: layers use the digits and most letters (the nodule keys take a x u m r n . , [ ])
+WINDOW_KEYS = {"lung": "F2", "mediastinum": "F3", "bone": "F4"}
 
 
 def default_predictor_factory(modality: str, device: str):
@@ -191,6 +203,9 @@ class NoduleWidget(QWidget):
         self._merge_asked: set = set()
         self._hidden_for_3d = None
         self._lung_worker = None
+        #: the coronal/sagittal dock (`napari_resmtnet._qt.planes.ThreePlanes`) when open
+        self.planes = None
+        self._planes_dock = None
         self._updating = False
         self._pending_removed: set[int] = set()
         self._sync_scheduled = False
@@ -233,6 +248,10 @@ class NoduleWidget(QWidget):
         for layer in self._image_layers():
             QTimer.singleShot(0, partial(self._offer_restore, layer))
         QTimer.singleShot(0, self._probe_devices)
+        for name, key in WINDOW_KEYS.items():
+            self.viewer.bind_key(key, partial(self._key_window, name), overwrite=True)
+        self.nodules_changed.connect(self._refresh_planes)
+        self._update_position()
 
     # --- UI -------------------------------------------------------------------------------
     def _build_ui(self) -> None:
@@ -267,6 +286,28 @@ class NoduleWidget(QWidget):
         wrow.addWidget(self.bundled_button)
         form.addRow("weights", wrow)
         root.addLayout(form)
+
+        view_row = QHBoxLayout()
+        self.planes_button = QPushButton("Three planes")
+        self.planes_button.setCheckable(True)
+        self.planes_button.setToolTip("Coronal and sagittal views beside the axial one, with the nodules "
+                                      "and a linked cursor (click in any view to move the others)")
+        self.planes_button.toggled.connect(self.show_planes)
+        view_row.addWidget(self.planes_button)
+        self.window_buttons = {}
+        for name, key in WINDOW_KEYS.items():
+            wl = WINDOW_PRESETS[name]
+            b = QPushButton(f"{name.capitalize()} ({key})")
+            b.setToolTip(f"{name} window: W{wl[0]:.0f} / L{wl[1]:.0f} HU")
+            b.clicked.connect(partial(self.set_window, name))
+            view_row.addWidget(b)
+            self.window_buttons[name] = b
+        root.addLayout(view_row)
+        self.position_label = QLabel("")
+        self.position_label.setWordWrap(True)
+        self.position_label.setToolTip("The axial, coronal and sagittal slices shown (1-based) and where they "
+                                       "lie in the image's millimetres")
+        root.addWidget(self.position_label)
 
         row = QHBoxLayout()
         self.detect_button = QPushButton("Detect nodules")
@@ -796,6 +837,7 @@ class NoduleWidget(QWidget):
 
     def _on_dims_point(self, event=None) -> None:
         """The viewer moved: show the nodules of the new slice."""
+        self._update_position()
         t = self.nodules
         if t is None or t.ndim != 3 or self._updating:
             return
@@ -873,15 +915,105 @@ class NoduleWidget(QWidget):
         self.nodules_changed.emit(self.nodules)
         self.schedule_autosave(self.nodules)
 
+    # --- windows, planes, position --------------------------------------------------------
+    def _ct_layer(self):
+        """The CT the views are about: the nodules' image, else the chosen image (3D only)."""
+        layer = self._image_of_nodules() or self.image_layer()
+        if layer is None or getattr(layer, "rgb", False) or layer.data.ndim != 3:
+            return None
+        return layer
+
+    def set_window(self, name: str, *_) -> bool:
+        """Show the CT in a window preset (`napari_resmtnet.views.WINDOW_PRESETS`): lung
+        W1500/L-600, mediastinum W350/L40, bone W2000/L500."""
+        layer = self._ct_layer()
+        if layer is None:
+            show_info("Window presets are for a CT (Hounsfield units): open one first.")
+            return False
+        lo, hi = window_limits(name)
+        rlo, rhi = layer.contrast_limits_range
+        if lo < rlo or hi > rhi:  # a window wider than the data (lung below -1024 HU)
+            layer.contrast_limits_range = (min(lo, rlo), max(hi, rhi))
+        layer.contrast_limits = (lo, hi)
+        w, lv = WINDOW_PRESETS[name]
+        self.viewer.status = f"{layer.name}: {name} window (W{w:.0f} / L{lv:.0f})"
+        return True
+
+    def _key_window(self, name, viewer=None):
+        self.set_window(name)
+
+    def _update_position(self) -> None:
+        """The slice position line: the three planes' slices and their place in mm."""
+        layer = self._ct_layer()
+        if layer is None or len(self.viewer.dims.point) < 3:
+            self.position_label.setText("")
+            return
+        try:
+            geo = scan_for_layer(layer, "CT")
+        except ValueError:
+            self.position_label.setText("")
+            return
+        self.position_label.setText(positions_text(self.viewer.dims.point, geo, layer.data.shape))
+
+    def show_planes(self, show: bool = True) -> None:
+        """Open (or close) the coronal and sagittal views of the CT beside the axial view."""
+        if bool(show) == (self.planes is not None):
+            self._sync_planes_button()
+            return
+        if not show:
+            self._close_planes()
+            return
+        layer = self._ct_layer()
+        if layer is None:
+            show_info("Three planes need a CT: open one first.")
+            self._sync_planes_button()
+            return
+        from ._qt.planes import ThreePlanes
+
+        self._updating = True  # the planes' cursor layer is no nodule layer to adopt
+        try:
+            self.planes = ThreePlanes(self.viewer, layer, table=lambda: self.nodules)
+        finally:
+            self._updating = False
+        self._planes_dock = self.viewer.window.add_dock_widget(self.planes, name="Three planes", area="bottom")
+        self._sync_planes_button()
+        sel = self._selected[0] if len(self._selected) == 1 else None
+        if sel is not None and self.nodules is not None and sel in self.nodules:
+            self.focus_nodule(sel)
+
+    def _close_planes(self) -> None:
+        planes, dock = self.planes, self._planes_dock
+        self.planes, self._planes_dock = None, None
+        if planes is not None:
+            planes.close_planes()
+        if dock is not None:
+            try:
+                self.viewer.window.remove_dock_widget(dock)
+            except (KeyError, ValueError, RuntimeError, LookupError):
+                pass
+        self._sync_planes_button()
+
+    def _sync_planes_button(self) -> None:
+        self.planes_button.blockSignals(True)
+        self.planes_button.setChecked(self.planes is not None)
+        self.planes_button.blockSignals(False)
+
+    def _refresh_planes(self, *_) -> None:
+        if self.planes is not None:
+            self.planes.refresh()
+
     # --- 3D view --------------------------------------------------------------------------
     def _on_ndisplay(self, event=None) -> None:
-        """Entering 3D: the nodules as spheres and the lungs as a surface instead of the CT
+        """Entering 3D: the nodules as wire boxes and the lungs as a surface instead of the CT
         block and flat boxes; back in 2D: as before."""
         three = self.viewer.dims.ndisplay == 3
         t = self.nodules
         if t is None or t.ndim != 3 or self.nodule_layer is None:
             return
         self.nodule_layer.visible = not three  # a 2D layer would lie flat in the 3D scene
+        for ly in self.viewer.layers:
+            if (ly.metadata or {}).get("resmtnet_cursor"):
+                ly.visible = not three  # the planes' cursor is a 2D aid
         image = self._image_of_nodules()
         if three:
             if image is not None and image.visible:
@@ -905,28 +1037,41 @@ class NoduleWidget(QWidget):
         return [ly for ly in self.viewer.layers if (ly.metadata or {}).get("resmtnet_3d")]
 
     def _update_3d(self) -> None:
-        """Put the current nodules into the 3D spheres layer (made when missing)."""
-        from .views import nodule_spheres
+        """Put the current nodules into the 3D layers (made when missing): each nodule a wire
+        box (a Vectors layer: its 12 edges, in world mm, z extent = the slices it spans) and
+        one label at its top corner (a Points layer with text; the points themselves are
+        invisible)."""
+        from .views import nodule_boxes_3d
 
         t = self.nodules
         if t is None or t.ndim != 3 or self.viewer.dims.ndisplay != 3:
             return
-        centres, diam, colors, ids = nodule_spheres(t)
-        name = f"{self.nodule_layer.name} 3D"
-        layer = next((ly for ly in self._layers_3d() if ly.metadata["resmtnet_3d"] == "spheres"), None)
+        vectors, colors, anchors, texts, ids = nodule_boxes_3d(t)
+        name = self.nodule_layer.name
+        boxes = next((ly for ly in self._layers_3d() if ly.metadata["resmtnet_3d"] == "boxes"), None)
+        labels = next((ly for ly in self._layers_3d() if ly.metadata["resmtnet_3d"] == "labels"), None)
+        feats = {"id": ids, "text": list(texts)}
+        text = {"string": "{text}", "color": "white", "size": 10, "anchor": "upper_left"}
         self._updating = True
         try:
-            if layer is None:
-                layer = self.viewer.add_points(
-                    centres, size=diam, face_color=colors if len(diam) else "white", border_width=0,
-                    shading="spherical", name=name, features={"id": ids}, metadata={"resmtnet_3d": "spheres"})
+            if boxes is None:
+                self.viewer.add_vectors(vectors, edge_width=1.5, edge_color=colors if len(vectors) else "white",
+                                        vector_style="line", name=f"{name} 3D boxes",
+                                        metadata={"resmtnet_3d": "boxes"})
             else:
-                layer.data = centres
-                layer.size = diam
-                layer.features = {"id": ids}
-                if len(diam):
-                    layer.face_color = colors
-                layer.visible = True
+                boxes.data = vectors
+                if len(vectors):
+                    boxes.edge_color = colors
+                boxes.visible = True
+            if labels is None:
+                self.viewer.add_points(anchors, size=0.1, face_color="transparent", border_width=0,
+                                       features=feats, text=text, name=f"{name} 3D labels",
+                                       metadata={"resmtnet_3d": "labels"})
+            else:
+                labels.data = anchors
+                labels.features = feats
+                labels.text = text
+                labels.visible = True
         finally:
             self._updating = False
 
@@ -1260,9 +1405,15 @@ class NoduleWidget(QWidget):
         self._selected = (int(nodule_id),)
         axis0 = self.viewer.dims.ndim - t.ndim
         if t.ndim == 3:
-            self.viewer.dims.set_point(axis0, float(world[0]))
+            # the whole position: the axial slice, and the coronal and sagittal planes through
+            # the nodule's centre (what the three-plane view shows)
+            point = list(self.viewer.dims.point)
+            point[axis0:] = [float(v) for v in world]
+            self.viewer.dims.point = point
             if self._viewer_slice(t) != self._slice:
                 self._render()
+            if self.planes is not None:
+                self.planes.center_on(point)
         scene = getattr(self.viewer, "scene", None)  # napari >= 0.9; viewer.camera before
         camera = scene.camera if scene is not None and hasattr(scene, "camera") else self.viewer.camera
         camera.center = tuple(float(v) for v in world[-2:])
@@ -1581,6 +1732,8 @@ class NoduleWidget(QWidget):
         self._refresh_images()
         # the same image opened again in this session is offered its autosave again
         self._autosave_offered.discard(self._offered_keys.pop(id(layer), None))
+        if self.planes is not None and layer is self.planes.image_layer:
+            self._close_planes()
         if layer is self.nodule_layer:
             self.flush_autosave()
             self._release()
@@ -1601,4 +1754,5 @@ class NoduleWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self._cancel.set()
         self.flush_autosave()
+        self._close_planes()
         super().closeEvent(event)

@@ -731,7 +731,9 @@ def test_restore_offered_again_and_restore_button(make_napari_viewer, qtbot, not
     qtbot.waitUntil(lambda: w.nodules is not None, timeout=3000)
 
 
-def test_3d_view_shows_spheres_and_lungs_not_slabs(make_napari_viewer, qtbot, notes):
+def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, notes):
+    from napari_resmtnet.views import nodule_boxes_3d
+
     f = Factory()
     viewer = make_napari_viewer()
     ct = np.full(CT_SHAPE, -1000, np.int16)   # air around the patient
@@ -743,11 +745,19 @@ def test_3d_view_shows_spheres_and_lungs_not_slabs(make_napari_viewer, qtbot, no
     viewer.window.add_dock_widget(w)
     layer = detect(qtbot, w)
     viewer.dims.ndisplay = 3
-    spheres = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "spheres"]
-    assert len(spheres) == 1 and not layer.visible and not image.visible
+    boxes = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "boxes"]
+    labels = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "labels"]
+    assert len(boxes) == 1 and len(labels) == 1 and not layer.visible and not image.visible
     t = w.nodules
-    np.testing.assert_allclose(spheres[0].data, t.centers_world()[[0, 2]])  # the two shown
-    np.testing.assert_allclose(spheres[0].size, t.diameter_mm()[[0, 2]])
+    # one wire box (12 edges) and one label for each of the two shown nodules, in world mm
+    assert boxes[0].data.shape == (24, 2, 3) and len(labels[0].data) == 2
+    assert labels[0].features["text"].tolist() == ["malignant 0.90", "malignant 0.70"]
+    ends = boxes[0].data[:12, 0]
+    lo = np.asarray(CT_ORIGIN) + np.asarray(CT_SPACING) * [4.5, 10, 12]   # nodule 1: slices 5..8
+    hi = np.asarray(CT_ORIGIN) + np.asarray(CT_SPACING) * [8.5, 20, 24]
+    np.testing.assert_allclose(ends.min(0), lo)
+    np.testing.assert_allclose((boxes[0].data[:12, 0] + boxes[0].data[:12, 1]).max(0), hi)
+    np.testing.assert_allclose(boxes[0].data, nodule_boxes_3d(t)[0])
     qtbot.waitUntil(lambda: any(ly.metadata.get("resmtnet_3d") == "lungs" for ly in viewer.layers), timeout=10000)
     lungs = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "lungs"][0]
     assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.image_combo.currentText()
@@ -755,9 +765,9 @@ def test_3d_view_shows_spheres_and_lungs_not_slabs(make_napari_viewer, qtbot, no
     assert "3 candidates, 2 shown" in w.status_label.text()  # the status is still the nodules
     w.focus_nodule(3)
     w.reject_selected()  # a rejected nodule leaves the 3D view
-    assert len(spheres[0].data) == 1
+    assert boxes[0].data.shape == (12, 2, 3) and len(labels[0].data) == 1
     viewer.dims.ndisplay = 2
-    assert layer.visible and image.visible and not spheres[0].visible and not lungs.visible
+    assert layer.visible and image.visible and not boxes[0].visible and not lungs.visible
     assert notes["error"] == []
 
 
