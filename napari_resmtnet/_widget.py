@@ -358,6 +358,7 @@ class NoduleWidget(QWidget):
 
         self.table = NoduleTableView(self)
         self.table.nodule_clicked.connect(self.focus_nodule)
+        self.table.texture_overridden.connect(self.override_texture)
         self.table.key_pressed.connect(self._table_key)
         self.table.itemSelectionChanged.connect(self._on_table_selection)
         root.addWidget(self.table, 1)
@@ -1508,6 +1509,21 @@ class NoduleWidget(QWidget):
             return t
 
         return self._edit(fn, "set the " + ("first" if first else "last") + " slice of")
+
+    def override_texture(self, nodule_id: int, texture: str) -> bool:
+        """The reader's nodule type for one nodule ("" gives the model's call back); the
+        Lung-RADS category follows. Undoable like every edit."""
+        t = self.nodules
+        if t is None or int(nodule_id) not in t:
+            return False
+        try:
+            new = t.with_texture([int(nodule_id)], texture or None)
+        except ValueError as exc:
+            show_error(f"Cannot set the nodule type: {exc}")
+            return False
+        self._selected = (int(nodule_id),)
+        self._set_table(new)
+        return True
 
     def set_label(self, ids, label: str) -> None:
         self._set_table(self.nodules.with_label(ids, label))

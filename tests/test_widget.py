@@ -784,3 +784,32 @@ def test_report_button_writes_accepted_nodules(make_napari_viewer, qtbot, notes,
     (tmp_path / "file").write_text("x")  # a file where a folder should be
     assert w.write_report(tmp_path / "file" / "r.html") is None
     assert "Could not write the report" in notes["error"][-1]
+
+
+def test_reader_overrides_the_type_in_the_table_and_the_category_follows(make_napari_viewer, qtbot, notes):
+    """A reader picks "ground-glass" in the table's type cell: the nodule's type becomes the
+    reader's, its Lung-RADS category is recomputed, and Ctrl+Z gives the model's call back."""
+    from qtpy.QtWidgets import QComboBox
+
+    from napari_resmtnet._qt.table import TYPE_COLUMN
+
+    f = Factory()
+    viewer, w = make(make_napari_viewer, f)
+    detect(qtbot, w)
+    nid = 1
+    i = w.nodules.index_of(nid)
+    before = w.nodules.grade(i)
+    assert w.nodules.texture_of(i) == ""  # this model gives no type
+    row = w.table.row_of(nid)
+    w.table.setCurrentCell(row, TYPE_COLUMN)
+    w.table.editItem(w.table.item(row, TYPE_COLUMN))
+    combo = w.table.findChild(QComboBox)
+    assert combo is not None
+    combo.setCurrentIndex(combo.findText("ground-glass"))
+    combo.activated.emit(combo.currentIndex())  # what a click on the item does
+    qtbot.waitUntil(lambda: w.nodules.texture_override[w.nodules.index_of(nid)] == "ground-glass", timeout=3000)
+    g = w.nodules.grade(w.nodules.index_of(nid))
+    assert g.nodule_type == "ground-glass" and g.type_from == "reader" and g.category == "2"
+    assert "ground-glass" in w.table.item(w.table.row_of(nid), TYPE_COLUMN).text()
+    w.undo()
+    assert w.nodules.texture_override[w.nodules.index_of(nid)] == "" and w.nodules.grade(i) == before
