@@ -108,9 +108,9 @@ def test_lung1_nodule_found_with_at_most_two_others(lung1_detections):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known limit (model card, 'Sizes'): the lung1 nodule, on 5 mm slices against the "
-                          "mediastinum, gets a box of about 30 x 30 x 20 mm for its 14 x 15 x 15 mm extent", strict=False)
 def test_lung1_box_follows_the_label(lung1_detections):
+    """The box comes from the nodule's segmented mask (5 mm slices): within 5 mm of the
+    label's extent on each axis (the size head alone gave about 30 x 30 x 20 mm)."""
     above, m, lesion = lung1_detections
     best = int(np.argmax(np.where(m == 0, above.probability, -1)))
     size_xyz = above.sizes_mm()[best][::-1]
@@ -119,9 +119,11 @@ def test_lung1_box_follows_the_label(lung1_detections):
 
 @pytest.mark.data
 def test_bundled_boxes_follow_the_nodule_size(bundled):
-    """On the same validation cubes (5 to 31 mm): the box's mean extent is within 20 % of the
-    annotated diameter in the median and within 35 % on every cube, so small nodules get
-    small boxes and large ones large boxes."""
+    """On the same validation cubes (5 to 31 mm): the box's mean extent (from the nodule's
+    segmented mask) is within 20 % of the annotated diameter in the median (measured 10 %)
+    and within 40 % on every cube, so small nodules get small boxes and large ones large
+    boxes. The worst is the 31 mm nodule, whose mask falls 37 % short (model card, 'Sizes';
+    the size head alone: within 35 %, but 30 mm boxes for lung1's 14 mm nodule)."""
     import csv
 
     from napari_resmtnet.inference import Predictor
@@ -137,4 +139,4 @@ def test_bundled_boxes_follow_the_nodule_size(bundled):
         centre = scan.index_to_world([[25, 25, 25]])[0]
         k = int(np.argmin(np.linalg.norm(det.centers_world() - centre, axis=1)))
         rel.append(abs(det.sizes_mm()[k].mean() - diam[cube]) / diam[cube])
-    assert np.median(rel) <= 0.20 and max(rel) <= 0.35, rel
+    assert np.median(rel) <= 0.20 and max(rel) <= 0.40, rel
