@@ -7,7 +7,10 @@
   measurement group (TID 1411) with the same ellipsoid as a 3D volume surface in the CT's
   frame of reference (world mm), finding "Nodule" in "Lung", diameter (mm), volume (mm3), the
   detection probability and the probability of malignancy, the label, the algorithm and a
-  tracking identifier shared with the nodule's SEG segment.
+  tracking identifier shared with the nodule's SEG segment; where the model measured the
+  nodule (`Detections.findings`), also its long and short axis (mm), the volume of its mask,
+  its type (the reader's override or the model's call) and the Lung-RADS v2022 category
+  (decision support).
 
 Both reference the source CT series (its study, series, instances and frame of reference) and
 go into the source study as new series. Only nodules the reader **accepted** are included
@@ -191,8 +194,15 @@ def report_objects(table, headers, include_unreviewed: bool = False, series_numb
         ell = nodule_ellipsoids(table, i).reshape(6, 3)
         surface = hd.sr.VolumeSurface(graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID, graphic_data=ell,
                                       frame_of_reference_uid=frame_uid, source_series=source_series)
-        volume = float(np.pi / 6 * np.prod(sizes[i]))
-        measurements = [
+        f = table.findings[i] if i < len(table.findings) else {}
+        measured = "volume_mm3" in f
+        volume = float(f["volume_mm3"]) if measured else float(np.pi / 6 * np.prod(sizes[i]))
+        measurements = []
+        for key, code in (("long_axis_mm", codes.SCT.LongAxis), ("short_axis_mm", codes.SCT.ShortAxis)):
+            if key in f:
+                measurements.append(hd.sr.Measurement(name=code, value=float(f[key]), unit=codes.UCUM.Millimeter,
+                                                      algorithm_id=sr_algo))
+        measurements += [
             hd.sr.Measurement(name=codes.SCT.Diameter, value=float(diam[i]),
                               unit=codes.UCUM.Millimeter, algorithm_id=sr_algo),
             hd.sr.Measurement(name=codes.SCT.Volume, value=volume, unit=codes.UCUM.CubicMillimeter,
@@ -206,6 +216,15 @@ def report_objects(table, headers, include_unreviewed: bool = False, series_numb
         evaluations = [hd.sr.QualitativeEvaluation(
             name=CodedConcept("label", _SCHEME, "Nodule assessment"),
             value=CodedConcept(label, _SCHEME, label.capitalize()))]
+        g = table.grade(i)
+        if g.nodule_type:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=CodedConcept("type", _SCHEME, f"Nodule type ({g.type_from})"),
+                value=CodedConcept(g.nodule_type, _SCHEME, g.nodule_type.capitalize())))
+        if g.category:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                name=CodedConcept("lungrads", _SCHEME, "Lung-RADS v2022 category (decision support)"),
+                value=CodedConcept(f"lungrads-{g.category}", _SCHEME, f"Lung-RADS {g.category}")))
         review = "accepted by reader" if table.reviewed[i] else "unreviewed model finding"
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=CodedConcept("review", _SCHEME, "Review state"),

@@ -65,6 +65,24 @@ def test_sr_seg_round_trip_on_files(tmp_path):
     assert report_objects(table.with_reviewed([1, 2], False), headers) is None
 
 
+def test_sr_carries_the_findings_and_the_readers_type(tmp_path):
+    """Axes, the mask's volume, the effective type and the Lung-RADS category go into the SR."""
+    info = write_ct_series(tmp_path / "ct", seed=5)
+    scan = load_scan(info["folder"])
+    f = {"texture": "solid", "long_axis_mm": 9.0, "short_axis_mm": 7.0, "mean_diameter_mm": 8.0,
+         "volume_mm3": 250.0}
+    det = Detections([[5, 10, 12, 10, 20, 22]], [0.9], [0.3], geometry_dict(scan), findings=[f])
+    t = NoduleTable.from_detections(det, image_identity(scan), threshold=0.5).with_reviewed([1], True)
+    t = t.with_texture([1], "ground-glass")
+    _, sr = report_objects(t, source_headers(info["folder"], scan.seriesuid))
+    g = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()[0]
+    m = {x.name.meaning: x.value for x in g.get_measurements()}
+    assert m["Long axis"] == 9.0 and m["Short axis"] == 7.0 and m["Volume"] == 250.0
+    q = {e.name.meaning: e.value.meaning for e in g.get_qualitative_evaluations()}
+    assert q["Nodule type (reader)"] == "Ground-glass"
+    assert q["Lung-RADS v2022 category (decision support)"] == "Lung-RADS 2"  # ground-glass < 30 mm
+
+
 def test_refuses_another_series(tmp_path):
     a = write_ct_series(tmp_path / "a", seed=1)
     b = write_ct_series(tmp_path / "b", seed=1, origin=(0.0, 0.0, 50.0))
