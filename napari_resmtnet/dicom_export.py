@@ -30,7 +30,8 @@ import numpy as np
 from .errors import InputError
 from .paths import escape_text
 
-__all__ = ["DicomExportError", "report_objects", "source_headers", "nodule_ellipsoids", "MANUFACTURER"]
+__all__ = ["DicomExportError", "report_objects", "source_headers", "nodule_ellipsoids", "write_dicom_report",
+           "MANUFACTURER"]
 
 MANUFACTURER = "napari-resmtnet"
 #: Local codes (a "99" coding scheme is the DICOM way to name concepts no standard one has).
@@ -252,3 +253,33 @@ def report_objects(table, headers, include_unreviewed: bool = False, series_numb
         raise DicomExportError(f"cannot make the DICOM SR: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
     return [seg, sr]
+
+
+def write_dicom_report(table, source, out_base, include_unreviewed: bool = False) -> list[Path]:
+    """Write the SEG and the SR of ``table``'s accepted nodules (see `report_objects`) beside
+    ``out_base`` as ``<out_base>_seg.dcm`` and ``<out_base>_sr.dcm``, for the DICOM series in
+    ``source`` (a folder or one of its files) that the table belongs to. Each file is written
+    to a temporary name and renamed, so a failure leaves no half-written object. Returns the
+    two paths; `DicomExportError` (one line) when there is nothing to report or no series."""
+    import os
+
+    import pydicom
+
+    headers = source_headers(source, (table.image or {}).get("seriesuid") or None)
+    objs = report_objects(table, headers, include_unreviewed=include_unreviewed)
+    if objs is None:
+        raise DicomExportError("no accepted nodule to put in a DICOM SR/SEG (accept some first)")
+    base = Path(out_base)
+    base = base.with_name(base.stem) if base.suffix.lower() in (".html", ".dcm") else base
+    out = []
+    for ds, kind in zip(objs, ("seg", "sr")):
+        target = base.with_name(f"{base.name}_{kind}.dcm")
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DicomExportError(f"cannot write {target}: {e.strerror or e}") from None
+        out.append(target)
+    return out

@@ -83,6 +83,24 @@ def test_sr_carries_the_findings_and_the_readers_type(tmp_path):
     assert q["Lung-RADS v2022 category (decision support)"] == "Lung-RADS 2"  # ground-glass < 30 mm
 
 
+def test_dicom_report_files_read_back(tmp_path):
+    from napari_resmtnet.dicom_export import write_dicom_report
+
+    info = write_ct_series(tmp_path / "ct", seed=6)
+    scan = load_scan(info["folder"])
+    table = _table(scan, [[5, 10, 12, 10, 20, 22], [3, 30, 30, 6, 36, 38]], [True, False])
+    seg_path, sr_path = write_dicom_report(table, info["folder"], tmp_path / "report.html")
+    assert (seg_path.name, sr_path.name) == ("report_seg.dcm", "report_sr.dcm")
+    import pydicom
+
+    headers = source_headers(info["folder"], scan.seriesuid)
+    check_objects(pydicom.dcmread(seg_path), pydicom.dcmread(sr_path), table, info["series_uid"],
+                  [h.SOPInstanceUID for h in headers])
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(DicomExportError, match="no accepted nodule"):
+        write_dicom_report(table.with_reviewed([1], False), info["folder"], tmp_path / "none")
+
+
 def test_refuses_another_series(tmp_path):
     a = write_ct_series(tmp_path / "a", seed=1)
     b = write_ct_series(tmp_path / "b", seed=1, origin=(0.0, 0.0, 50.0))
