@@ -1108,7 +1108,12 @@ class NoduleWidget(QWidget):
         geo = napari_geometry_kwargs(np.asarray(scan.spacing) * step, scan.origin, scan.direction)
         self._updating = True
         try:
-            self.viewer.add_image(mask, name=f"{image_name} lungs", rendering="iso", iso_threshold=0.5,
+            # float32, not the mask's uint8: vispy samples a uint8 volume as a normalised
+            # texture (a mask's 1 reads as 1/255 in the shader) while napari 0.9 scales the iso
+            # threshold by the contrast limits (0, 1) only, so the shader compared 1/255 with
+            # 0.5 and the surface drew nothing. A float texture is not normalised: 0 and 1 on
+            # either side of 0.5.
+            self.viewer.add_image(mask.astype(np.float32), name=f"{image_name} lungs", rendering="iso", iso_threshold=0.5,
                                   contrast_limits=(0, 1), colormap="bop blue", opacity=0.4,
                                   blending="translucent",
                                   metadata={"resmtnet_3d": "lungs", "image_layer": image_name}, **geo)

@@ -731,6 +731,18 @@ def test_restore_offered_again_and_restore_button(make_napari_viewer, qtbot, not
     qtbot.waitUntil(lambda: w.nodules is not None, timeout=3000)
 
 
+def iso_crosses_mask(viewer, layer) -> bool:
+    """Whether the iso threshold the GPU shader uses lies between the mask's 0 and 1 as the
+    shader samples them. A uint8 mask is a normalised texture (1 reads as 1/255) while
+    napari scales the threshold by the contrast limits only: 0.5 is then never reached and
+    the surface draws nothing (what the README's 3D screenshot showed)."""
+    node = viewer.window._qt_viewer.canvas.layer_to_visual[layer].node
+    tex = node._texture
+    lo, hi = (tex.normalize_value(v, layer.data.dtype) if np.issubdtype(layer.data.dtype, np.integer) else v
+              for v in (0, 1))
+    return lo < node.threshold < hi
+
+
 def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, notes):
     from napari_resmtnet.views import nodule_boxes_3d
 
@@ -762,6 +774,7 @@ def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, note
     lungs = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "lungs"][0]
     assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.image_combo.currentText()
     assert tuple(lungs.contrast_limits) == (0, 1)  # the mask's 1 is bright, not 1/255
+    assert iso_crosses_mask(viewer, lungs)  # the surface draws something
     assert "3 candidates, 2 shown" in w.status_label.text()  # the status is still the nodules
     w.focus_nodule(3)
     w.reject_selected()  # a rejected nodule leaves the 3D view
