@@ -60,7 +60,7 @@ def centroid_predictor(monkeypatch):
 
 
 def read_csv(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -135,7 +135,7 @@ def test_threshold_option_filters_rows(tmp_path, centroid_predictor):
     out = tmp_path / "d.csv"
     assert main([str(f), "--out", str(out), "--threshold", "1.0", "--quiet", "--device", "cpu"]) == 0
     assert read_csv(out) == []
-    assert out.read_text().startswith("seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label")
+    assert out.read_text(encoding="utf-8").startswith("seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -422,8 +422,9 @@ def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
     assert rc == 1
     assert len(err) == 1 and "Traceback" not in cap.err and "\x1b" not in cap.err, cap.err
     assert err[0].startswith("resmtnet predict: skipped ")
-    assert out.read_text().splitlines() == [
-        "seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label,id,source,reviewed"]
+    from napari_resmtnet.export import CSV_COLUMNS
+
+    assert out.read_text(encoding="utf-8").splitlines() == [",".join(CSV_COLUMNS)]
 
 
 def test_pattern_and_percent_s_do_not_crash_a_fresh_process(tmp_path):

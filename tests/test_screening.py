@@ -35,7 +35,7 @@ def fake_model(monkeypatch):
 
 
 def _summary(out):
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def test_files_failures_and_resume(tmp_path, fake_model, capsys):
@@ -51,9 +51,9 @@ def test_files_failures_and_resume(tmp_path, fake_model, capsys):
     failed = [r for r in s["results"] if r["status"] == "failed"][0]
     assert "broken.mhd" in failed["error"] and "\n" not in failed["error"]
     for r in s["results"][:2]:
-        d = json.loads((out / f"{r['key']}.json").read_text())
+        d = json.loads((out / f"{r['key']}.json").read_text(encoding="utf-8"))
         assert d["format"] == "resmtnet-nodules" and len(d["nodules"]) == 1
-    rows = (out / "nodules.csv").read_text().splitlines()
+    rows = (out / "nodules.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and rows[0].startswith("seriesuid,")
     # resume: the finished studies are skipped, the broken one is tried again
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("s[0-9]*.json")}
@@ -61,7 +61,7 @@ def test_files_failures_and_resume(tmp_path, fake_model, capsys):
     s = _summary(out)
     assert (s["done"], s["failed"], s["skipped"]) == (0, 1, 2)
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("s[0-9]*.json")}
-    assert len((out / "nodules.csv").read_text().splitlines()) == 3
+    assert len((out / "nodules.csv").read_text(encoding="utf-8").splitlines()) == 3
 
 
 def test_half_written_study_is_run_again(tmp_path, fake_model):
@@ -106,7 +106,7 @@ def test_query_from_orthanc(tmp_path, monkeypatch, fake_model):
     assert screening.main(["--pacs", url, "--patient-id", pid, "--out", str(out), "--workers", "0", "--quiet"]) == 0
     s = _summary(out)
     assert s["done"] == 2 and sorted(r["key"] for r in s["results"]) == sorted(uids)
-    d = json.loads((out / f"{uids[0]}.json").read_text())
+    d = json.loads((out / f"{uids[0]}.json").read_text(encoding="utf-8"))
     assert d["dicomweb"]["study_uid"] == uids[0] and d["image"]["path"].startswith(url)
 
 
@@ -202,9 +202,9 @@ def test_dask_two_workers_one_killed_equals_sequential(tmp_path, monkeypatch):
     assert all(r["status"] == "done" for r in s["results"])
     assert len({r["worker"] for r in s["results"]}) >= 2  # the replacement worker took over
     for k in keys:
-        a = json.loads((out / f"{k}.json").read_text())
-        b = json.loads((seq / f"{k}.json").read_text())
+        a = json.loads((out / f"{k}.json").read_text(encoding="utf-8"))
+        b = json.loads((seq / f"{k}.json").read_text(encoding="utf-8"))
         for part in ("image", "model", "threshold", "nodules", "hidden"):
             assert a[part] == b[part], (k, part)
-        assert (out / f"{k}.csv").read_text() == (seq / f"{k}.csv").read_text()
-    assert (out / "nodules.csv").read_text() == (seq / "nodules.csv").read_text()
+        assert (out / f"{k}.csv").read_text(encoding="utf-8") == (seq / f"{k}.csv").read_text(encoding="utf-8")
+    assert (out / "nodules.csv").read_text(encoding="utf-8") == (seq / "nodules.csv").read_text(encoding="utf-8")
