@@ -1708,7 +1708,33 @@ class NoduleWidget(QWidget):
             return None
         n = sum(int(np.sum(t.visible_mask() & (t.review == s))) for s in states)
         show_info(f"Wrote the report of {n} {'/'.join(states)} nodule(s) to {out}")
+        self._write_dicom_report(t, image, out, states)
         return out
+
+    def _write_dicom_report(self, t, image, out, states) -> list:
+        """When the CT was read from a DICOM series, also its DICOM SEG and SR (TID 1500) of
+        the accepted nodules beside the HTML report (``<name>_seg.dcm``, ``<name>_sr.dcm``),
+        referencing the source series; a failure is one notification, the HTML stays."""
+        from pathlib import Path
+
+        src = str((image.metadata or {}).get("path") or "")
+        if t.ndim != 3 or "accepted" not in states or not src:
+            return []
+        p = Path(src)
+        if not (p.is_dir() or p.suffix.lower() == ".dcm"):
+            return []
+        from .dicom_export import DicomExportError, write_dicom_report
+
+        try:
+            files = write_dicom_report(t, p, out)
+        except DicomExportError as exc:
+            show_error(f"Wrote the HTML report, but no DICOM SR/SEG: {exc}")
+            return []
+        except ImportError as exc:  # highdicom/pydicom not installed
+            show_error(f"Wrote the HTML report; DICOM SR/SEG need highdicom ({exc})")
+            return []
+        show_info(f"Wrote the DICOM SEG and SR of the accepted nodules: {files[0].name}, {files[1].name}")
+        return files
 
     def _report_dialog(self, *_) -> None:
         if self.nodules is None:

@@ -26,8 +26,7 @@ CT_PROB = [0.9, 0.3, 0.7]
 CT_MAL = [0.87, 0.2, 0.6]
 
 
-class Cancelled(Exception):
-    """Stands in for napari_resmtnet.inference.Cancelled."""
+from napari_resmtnet.errors import Cancelled  # noqa: E402  (what every long task raises on Cancel)
 
 
 class FakePredictor:
@@ -826,3 +825,28 @@ def test_reader_overrides_the_type_in_the_table_and_the_category_follows(make_na
     assert "ground-glass" in w.table.item(w.table.row_of(nid), TYPE_COLUMN).text()
     w.undo()
     assert w.nodules.texture_override[w.nodules.index_of(nid)] == "" and w.nodules.grade(i) == before
+
+
+def test_report_of_a_dicom_series_also_writes_sr_and_seg(make_napari_viewer, qtbot, notes, tmp_path):
+    """A CT opened from a DICOM folder: Report... also writes the DICOM SEG and SR of the
+    accepted nodule, referencing the source series (read back with highdicom)."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+    from pacs_fixtures import write_ct_series
+
+    info = write_ct_series(tmp_path / "ct", seed=3)
+    viewer = make_napari_viewer()
+    viewer.open(str(info["folder"]), plugin="napari-resmtnet")
+    w = W.NoduleWidget(viewer, predictor_factory=Factory())
+    viewer.window.add_dock_widget(w)
+    detect(qtbot, w)  # the fake model's boxes lie inside this 16 x 48 x 48 series
+    w.focus_nodule(1)
+    w.accept_selected()
+    out = w.write_report(tmp_path / "out" / "report.html")
+    assert out is not None
+    seg_path, sr_path = tmp_path / "out" / "report_seg.dcm", tmp_path / "out" / "report_sr.dcm"
+    assert seg_path.exists() and sr_path.exists(), notes
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(seg_path))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info["series_uid"]
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 1
