@@ -302,7 +302,9 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
         f = characterise(model, vol, [c], 1.0, tta=tta)[0]
         if cfg.attributes and r.attributes is not None:
             truth_att.append(r.attributes[r.main])
-            pred_att.append([TEXTURE_CLASSES.index(f["texture"])] + [f[k] for k in BINARY_ATTRIBUTES])
+            head = f.get("texture_head", f["texture"])
+            pred_att.append([TEXTURE_CLASSES.index(f["texture"])] + [f[k] for k in BINARY_ATTRIBUTES]
+                            + [TEXTURE_CLASSES.index(head)])
         if cfg.fine_segmentation and r.mask is not None:
             from .characterise import MASK_LEVEL, _centre_component, _patch_outputs
             from .model.network import centre_patches
@@ -327,6 +329,10 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
         t, pr = np.asarray(truth_att, float), np.asarray(pred_att, float)
         heads = {}
         k = t[:, 0] >= 0
+        heads["texture_head"] = {"n": int(k.sum()), "accuracy": float((pr[k, 4] == t[k, 0]).mean()),
+                                 "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax())),
+                                 "note": "the texture head's own call; 'texture' is the plugin's (from the mask's solid fraction "
+                                         "where the model segments)"}
         heads["texture"] = {"n": int(k.sum()), "accuracy": float((pr[k, 0] == t[k, 0]).mean()),
                             "confusion": [[int(((t[k, 0] == i) & (pr[k, 0] == j)).sum()) for j in range(3)]
                                           for i in range(3)], "classes": list(TEXTURE_CLASSES),

@@ -185,3 +185,24 @@ def test_boxes_follow_the_segmented_mask(monkeypatch):
     plain = p.predict(scan)
     shift = det.centers_world()[0] - plain.centers_world()[0]
     np.testing.assert_allclose(shift, [1.0, 0.0, -2.0], atol=1e-6)
+
+
+def test_type_from_the_masks_solid_fraction():
+    lo, hi = C.TEXTURE_SOLID_FRACTION
+    assert C.texture_from_fraction(0.0) == "ground-glass"
+    assert C.texture_from_fraction((lo + hi) / 2) == "part-solid"
+    assert C.texture_from_fraction(0.9) == "solid"
+    shape = (PATCH,) * 3
+    mask = _ellipsoid(shape, (24, 24, 24), (4, 6, 6))
+    hu = np.full(shape, -850.0)
+    hu[mask] = -650.0  # a pure ground-glass nodule
+    f = C._measure(mask, hu, (1.0, 1.0, 1.0))
+    assert f["solid_fraction"] == 0.0 and C.texture_from_fraction(f["solid_fraction"]) == "ground-glass"
+
+
+def test_characterise_keeps_the_heads_call_beside_the_masks():
+    net = _net().eval()
+    f = C.characterise(net, torch.full((40, 40, 40), -1.0), [(20.0, 20.0, 20.0)], 1.0)[0]
+    if "solid_fraction" in f:  # the random decoder segmented something
+        assert f["texture"] == C.texture_from_fraction(f["solid_fraction"])
+        assert f["texture_head"] in ("solid", "part-solid", "ground-glass")
