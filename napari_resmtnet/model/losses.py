@@ -27,13 +27,41 @@ import torch.nn.functional as F
 from .network import STRIDE
 
 
+def _grid(grid_shape, device) -> torch.Tensor:
+    """(*G, nd) cell coordinates of a stride-4 grid."""
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def _nodules_on_grid(t: dict, grid: torch.Tensor, cfg):
+    """Each nodule of target ``t`` whose centre cell lies on ``grid``: its index ``k``, centre
+    and diameter (cells), centre cell, and the Gaussian of the centre heatmap around it."""
+    nd = grid.shape[-1]
+    device = grid.device
+    centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
+    diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
+    shape = torch.tensor(grid.shape[:-1], device=device)
+    for k, (c, d) in enumerate(zip(centres, diams)):
+        cell = torch.round(c).long()
+        if (cell < 0).any() or (cell >= shape).any():
+            continue
+        sigma = max(cfg.min_sigma, float(d) / 4)
+        yield k, c, d, cell, torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2))
+
+
+def _core(g: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """A nodule's core cells (its heatmap Gaussian >= 0.5, the centre cell included): where
+    the per-nodule labels (malignancy, characteristics) are taught."""
+    core = g >= 0.5
+    core[tuple(cell.tolist())] = True
+    return core
+
+
 def attribute_targets(targets, grid_shape, cfg, device):
     """Dense stride-4 attribute targets: texture class (B, *G) long and binary flags
     (B, 3, *G) float, -1 where unknown, on each labelled nodule's core cells (as malignancy)."""
-    nd = len(grid_shape)
     B = len(targets)
-    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    grid = _grid(grid_shape, device)
     tex = torch.full((B, *grid_shape), -1, dtype=torch.long, device=device)
     flags = torch.full((B, 3, *grid_shape), -1.0, device=device)
     for b, t in enumerate(targets):
@@ -41,17 +69,11 @@ def attribute_targets(targets, grid_shape, cfg, device):
         if att is None:
             continue
         att = torch.as_tensor(att, dtype=torch.float32, device=device).reshape(-1, 4)
-        centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
-        diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
-        for c, d, a in zip(centres, diams, att):
+        for k, _, _, cell, g in _nodules_on_grid(t, grid, cfg):
+            a = att[k]
             if (a < 0).all():
                 continue
-            cell = torch.round(c).long()
-            if (cell < 0).any() or (cell >= torch.tensor(grid_shape, device=device)).any():
-                continue
-            sigma = max(cfg.min_sigma, float(d) / 4)
-            core = torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2)) >= 0.5
-            core[tuple(cell.tolist())] = True
+            core = _core(g, cell)
             if a[0] >= 0:
                 tex[b][core] = int(a[0])
             for j in range(3):
@@ -74,15 +96,25 @@ def attribute_loss(logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor,
     return sum(terms) / len(terms) if terms else None
 
 
-def fine_segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
-    """BCE + soft Dice of the full-resolution mask logit against each image's warped mask."""
+def _mask_targets(targets: list, device):
+    """The images with a nodule mask: their indices, (n, 1, *S) masks and the (n, 1, *S)
+    regions to leave out (``ignore``, zeros where absent); None when no image has a mask."""
     have = [i for i, t in enumerate(targets) if t.get("mask") is not None]
     if not have:
         return None
     mask = torch.stack([torch.as_tensor(targets[i]["mask"], dtype=torch.float32) for i in have])[:, None]
     ign = torch.stack([torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32)
                        for i in have])[:, None]
-    mask, ign = mask.to(logits.device).clamp(0, 1), ign.to(logits.device)
+    return have, mask.to(device), ign.to(device)
+
+
+def fine_segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
+    """BCE + soft Dice of the full-resolution mask logit against each image's warped mask."""
+    got = _mask_targets(targets, logits.device)
+    if got is None:
+        return None
+    have, mask, ign = got
+    mask = mask.clamp(0, 1)
     lg = logits[have].float()
     if lg.shape != mask.shape:
         raise ValueError(f"mask target {tuple(mask.shape)} does not match the mask map {tuple(lg.shape)}")
@@ -99,8 +131,7 @@ def build_targets(targets, grid_shape, cfg, device):
     """Dense stride-4 targets for a batch: heatmap, positive mask, size, offset, malignancy."""
     nd = len(grid_shape)
     B = len(targets)
-    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in grid_shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*G, nd)
+    grid = _grid(grid_shape, device)
     heat = torch.zeros((B, *grid_shape), device=device)
     pos = torch.zeros((B, *grid_shape), dtype=torch.bool, device=device)
     per_axis = getattr(cfg, "size_per_axis", False)
@@ -108,31 +139,23 @@ def build_targets(targets, grid_shape, cfg, device):
     offset = torch.zeros((B, nd, *grid_shape), device=device)
     mal = torch.full((B, *grid_shape), -1.0, device=device)
     for b, t in enumerate(targets):
-        centres = torch.as_tensor(t["centers"], dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
-        diams = torch.as_tensor(t["diameters"], dtype=torch.float32, device=device).reshape(-1) / STRIDE
-        malig = torch.as_tensor(t.get("malignant", [-1] * len(diams)), dtype=torch.float32, device=device).reshape(-1)
+        n = len(torch.as_tensor(t["diameters"]).reshape(-1))
+        malig = torch.as_tensor(t.get("malignant", [-1] * n), dtype=torch.float32, device=device).reshape(-1)
         ext = t.get("extents")
-        ext = (torch.as_tensor(ext, dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE if ext is not None
-               else diams[:, None].expand(-1, nd))
-        for c, d, m, e in zip(centres, diams, malig, ext):
-            cell = torch.round(c).long()
-            if (cell < 0).any() or (cell >= torch.tensor(grid_shape, device=device)).any():
-                continue
-            sigma = max(cfg.min_sigma, float(d) / 4)
-            g = torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2))
+        ext = torch.as_tensor(ext, dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE if ext is not None else None
+        for k, c, d, cell, g in _nodules_on_grid(t, grid, cfg):
             heat[b] = torch.maximum(heat[b], g)
             sel = (b,) + tuple(cell.tolist())
             heat[sel] = 1.0
             pos[sel] = True
             if per_axis:
+                e = ext[k] if ext is not None else d.expand(nd)
                 size[(b, slice(None)) + tuple(cell.tolist())] = torch.log(e.clamp(min=0.25))
             else:
                 size[sel] = torch.log(d.clamp(min=0.25))
             offset[(b, slice(None)) + tuple(cell.tolist())] = c - cell.float()
-            if m >= 0:
-                core = g >= 0.5
-                core[tuple(cell.tolist())] = True
-                mal[b][core] = m
+            if malig[k] >= 0:
+                mal[b][_core(g, cell)] = malig[k]
     return heat, pos, size, offset, mal
 
 
@@ -160,13 +183,10 @@ def occupancy(mask: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, targets: list) -> torch.Tensor | None:
-    have = [i for i, t in enumerate(targets) if t.get("mask") is not None]
-    if not have:
+    got = _mask_targets(targets, logits.device)
+    if got is None:
         return None
-    mask = torch.stack([torch.as_tensor(targets[i]["mask"], dtype=torch.float32) for i in have])[:, None]
-    ign = torch.stack([torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32)
-                       for i in have])[:, None]
-    mask, ign = mask.to(logits.device), ign.to(logits.device)
+    have, mask, ign = got
     occ = occupancy(mask.clamp(0, 1))
     keep = 1.0 - (_per_cell(ign, "max") > 0.01).float()
     lg = logits[have].float()
