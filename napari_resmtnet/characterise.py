@@ -110,45 +110,60 @@ def characterise(
 ) -> list[dict]:
     """One findings dict (see `Detections.findings`) per centre (model voxels, array order)
     of a normalised model-grid ``volume``; empty dicts when the model has neither head."""
-    from .model.network import BINARY_ATTRIBUTES, TEXTURE_CLASSES, centre_patches
+    from .model.network import centre_patches
 
     cfg = getattr(model, "config", None)
     if cfg is None or cfg.spatial_dims != 3 or not (cfg.attributes or cfg.fine_segmentation):
         return [{} for _ in centres_vox]
     out: list[dict] = []
     dev = next(model.parameters()).device
-    lo, hi = hu_window
-    sp = (float(spacing_mm),) * 3
     for i in range(0, len(centres_vox), batch):
         chunk = centres_vox[i : i + batch]
-        patches = centre_patches(volume, chunk).to(dev)
-        probs, masks = _patch_outputs(model, patches, tta)
-        hu = (patches[:, 0].float().cpu().numpy() + 1.0) / 2.0 * (hi - lo) + lo
-        for k in range(len(chunk)):
-            f: dict = {}
-            if probs is not None:
-                tex = {name: float(p) for name, p in zip(TEXTURE_CLASSES, probs[k, : len(TEXTURE_CLASSES)])}
-                f["texture"] = max(tex, key=lambda name: tex[name])
-                f["texture_probability"] = tex
-                for name, p in zip(BINARY_ATTRIBUTES, probs[k, len(TEXTURE_CLASSES) :]):
-                    f[name] = float(p)
-            if masks is not None:
-                f.update(_measure(masks[k] > MASK_LEVEL, hu[k], sp))
-                if "mask_centre_offset_mm" in f:  # the patch is centred on the rounded centre
-                    shift = [int(round(float(v))) - float(v) for v in chunk[k]]
-                    f["mask_centre_offset_mm"] = [o + d * sp[0] for o, d in zip(f["mask_centre_offset_mm"], shift)]
-            if "solid_fraction" in f:  # the type from the mask's composition, the head's call kept
-                if "texture" in f:
-                    f["texture_head"] = f["texture"]
-                f["texture"] = texture_from_fraction(f["solid_fraction"])
-            if "texture" in f and "mean_diameter_mm" in f:
-                f.update(_lungrads(f))
-            out.append(f)
+        out += characterise_patches(model, centre_patches(volume, chunk).to(dev), chunk, spacing_mm, hu_window, tta)[0]
     return out
 
 
+def characterise_patches(model, patches, centres_vox, spacing_mm: float, hu_window=(-1000.0, 400.0), tta=False):
+    """Findings of the nodules at the centres of ``patches`` (`model.network.centre_patches`
+    around ``centres_vox``) and their masks: (list of findings dicts, (N, P, P, P) bool
+    arrays of each nodule's connected mask, or None for a model without the mask decoder)."""
+    from .model.network import BINARY_ATTRIBUTES, TEXTURE_CLASSES
+
+    lo, hi = hu_window
+    sp = (float(spacing_mm),) * 3
+    probs, masks = _patch_outputs(model, patches, tta)
+    hu = (patches[:, 0].float().cpu().numpy() + 1.0) / 2.0 * (hi - lo) + lo
+    nodules = None if masks is None else np.stack([_centre_component(m > MASK_LEVEL) for m in masks])
+    out = []
+    for k in range(len(patches)):
+        f: dict = {}
+        if probs is not None:
+            tex = {name: float(p) for name, p in zip(TEXTURE_CLASSES, probs[k, : len(TEXTURE_CLASSES)])}
+            f["texture"] = max(tex, key=lambda name: tex[name])
+            f["texture_probability"] = tex
+            for name, p in zip(BINARY_ATTRIBUTES, probs[k, len(TEXTURE_CLASSES) :]):
+                f[name] = float(p)
+        if nodules is not None:
+            f.update(_measure_component(nodules[k], hu[k], sp))
+            if "mask_centre_offset_mm" in f:  # the patch is centred on the rounded centre
+                shift = [int(round(float(v))) - float(v) for v in centres_vox[k]]
+                f["mask_centre_offset_mm"] = [o + d * sp[0] for o, d in zip(f["mask_centre_offset_mm"], shift)]
+        if "solid_fraction" in f:  # the type from the mask's composition, the head's call kept
+            if "texture" in f:
+                f["texture_head"] = f["texture"]
+            f["texture"] = texture_from_fraction(f["solid_fraction"])
+        if "texture" in f and "mean_diameter_mm" in f:
+            f.update(_lungrads(f))
+        out.append(f)
+    return out, nodules
+
+
 def _measure(mask: np.ndarray, hu: np.ndarray, spacing) -> dict:
-    mask = _centre_component(mask)
+    """Measurements of the connected part of ``mask`` at (or nearest to) the patch centre."""
+    return _measure_component(_centre_component(mask), hu, spacing)
+
+
+def _measure_component(mask: np.ndarray, hu: np.ndarray, spacing) -> dict:
     if not mask.any():
         return {}
     size = measure_nodule(mask, spacing)

@@ -282,9 +282,9 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
       error of the mask's mean extent against the annotated diameter (what a box sized from
       the mask would show).
     Returns None for a model without the heads."""
-    from .characterise import characterise
+    from .characterise import characterise_patches
     from .measurements import dice
-    from .model.network import BINARY_ATTRIBUTES, PATCH, TEXTURE_CLASSES
+    from .model.network import BINARY_ATTRIBUTES, TEXTURE_CLASSES, centre_patches
     from .transforms import normalize_ct
 
     cfg = model.config
@@ -299,25 +299,17 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
             continue
         c = np.asarray(r.centers[r.main], float)
         vol = torch.from_numpy(normalize_ct(r.array))
-        f = characterise(model, vol, [c], 1.0, tta=tta)[0]
+        findings, nodules = characterise_patches(model, centre_patches(vol, [c]), [c], 1.0, tta=tta)
+        f = findings[0]
         if cfg.attributes and r.attributes is not None:
             truth_att.append(r.attributes[r.main])
             head = f.get("texture_head", f["texture"])
             pred_att.append([TEXTURE_CLASSES.index(f["texture"])] + [f[k] for k in BINARY_ATTRIBUTES]
                             + [TEXTURE_CLASSES.index(head)])
-        if cfg.fine_segmentation and r.mask is not None:
-            from .characterise import MASK_LEVEL, _centre_component, _patch_outputs
-            from .model.network import centre_patches
-
-            _, m = _patch_outputs(model, centre_patches(vol, [c]), tta)
-            pm = _centre_component(m[0] > MASK_LEVEL)
-            h = PATCH // 2
-            ci = np.round(c).astype(int)
-            truth = np.zeros_like(pm)
-            lo = ci - h
-            src = tuple(slice(max(0, lo[a]), min(r.mask.shape[a], lo[a] + PATCH)) for a in range(3))
-            dst = tuple(slice(sl.start - lo[a], sl.stop - lo[a]) for a, sl in enumerate(src))
-            truth[dst] = r.mask[src] > 0
+        if nodules is not None and r.mask is not None:
+            pm = nodules[0]
+            # the cube's mask on the same patch grid (outside the cube: not nodule)
+            truth = centre_patches(torch.from_numpy((r.mask > 0).astype(np.float32)), [c], pad_value=0.0)[0, 0].numpy() > 0
             if not truth.any():
                 continue
             dices.append(dice(pm, truth))
