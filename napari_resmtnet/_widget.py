@@ -1455,12 +1455,14 @@ class NoduleWidget(QWidget):
         return nid
 
     # --- edits ----------------------------------------------------------------------------
-    def _edit(self, fn, what: str) -> bool:
+    def _edit(self, fn, what: str, ids=None) -> bool:
+        """Apply ``fn(table, ids)`` to the nodules ``ids`` (default: the selected ones), as one
+        undoable edit; a refused edit is one error notification."""
         t = self.nodules
         if t is None:
             show_info("No nodules yet: detect, import, or draw one first.")
             return False
-        ids = self.selected_ids()
+        ids = self.selected_ids() if ids is None else list(ids)
         if not ids:
             show_info(f"Select one or more nodules (in the layer or the table) to {what}.")
             return False
@@ -1521,14 +1523,8 @@ class NoduleWidget(QWidget):
         t = self.nodules
         if t is None or int(nodule_id) not in t:
             return False
-        try:
-            new = t.with_texture([int(nodule_id)], texture or None)
-        except ValueError as exc:
-            show_error(f"Cannot set the nodule type: {exc}")
-            return False
-        self._selected = (int(nodule_id),)
-        self._set_table(new)
-        return True
+        return self._edit(lambda t, ids: t.with_texture(ids, texture or None), "set the nodule type",
+                          ids=[int(nodule_id)])
 
     def set_label(self, ids, label: str) -> None:
         self._set_table(self.nodules.with_label(ids, label))
