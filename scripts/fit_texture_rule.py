@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/fit_texture_rule.py runs/ct_findings/model.pt
 
-For each training cube with a readers' majority texture, the model's mask at the nodule's
-centre and the fraction of it above `characterise.SOLID_HU`; the two cut points (a grid of
+For each training cube with a readers' majority texture, the solid fraction of the model's
+mask at the nodule's centre (`characterise.characterise_patches`, as the plugin reads it); the two cut points (a grid of
 0.025 steps) that maximise the agreement with the readers' majority on the training split.
 Prints them and the accuracy on the validation split for the record.
 """
@@ -17,23 +17,21 @@ import numpy as np
 import torch
 
 from napari_resmtnet import evaluation as E
-from napari_resmtnet.characterise import MASK_LEVEL, SOLID_HU, _centre_component, _patch_outputs
+from napari_resmtnet.characterise import characterise_patches
 from napari_resmtnet.model.network import centre_patches
 from napari_resmtnet.transforms import CT_WINDOW, normalize_ct
 from napari_resmtnet.weights import build_model, load_checkpoint, sha256_of
 
 
 def fractions(model, records):
-    lo, hi = CT_WINDOW
+    """(readers' majority texture class, solid fraction of the model's mask) per cube."""
     out = []
     for r in records:
         if r.attributes is None or r.attributes[r.main][0] < 0:
             continue
-        patch = centre_patches(torch.from_numpy(normalize_ct(r.array)), [r.centers[r.main]])
-        _, m = _patch_outputs(model, patch, False)
-        mask = _centre_component(m[0] > MASK_LEVEL)
-        hu = (patch[0, 0].numpy() + 1) / 2 * (hi - lo) + lo
-        out.append((int(r.attributes[r.main][0]), float((hu[mask] > SOLID_HU).mean()) if mask.any() else 0.0))
+        c = [r.centers[r.main]]
+        f = characterise_patches(model, centre_patches(torch.from_numpy(normalize_ct(r.array)), c), c, 1.0, CT_WINDOW)
+        out.append((int(r.attributes[r.main][0]), f[0][0].get("solid_fraction", 0.0)))
     return np.array(out)
 
 
