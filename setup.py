@@ -22,7 +22,18 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=["napari_resmtnet", "napari_resmtnet.model", "napari_resmtnet.resources"],
+    packages=[
+        "napari_resmtnet",
+        "napari_resmtnet._qt",
+        "napari_resmtnet.annotations",
+        "napari_resmtnet.cli",
+        "napari_resmtnet.evaluation",
+        "napari_resmtnet.inference",
+        "napari_resmtnet.io",
+        "napari_resmtnet.model",
+        "napari_resmtnet.resources",
+        "napari_resmtnet.training",
+    ],
     # resources/ lives at the top of the repository and is installed as a sub-package,
     # so importlib.resources finds it in editable installs and in wheels alike.
     package_dir={"napari_resmtnet.resources": "resources"},
@@ -56,9 +67,9 @@ setup(
     entry_points={
         "napari.manifest": ["napari-resmtnet = napari_resmtnet:napari.yaml"],
         "console_scripts": [
-            "resmtnet = napari_resmtnet.cli:main",
-            "resmtnet-train = napari_resmtnet.cli:train_main",
-            "resmtnet-evaluate = napari_resmtnet.cli:evaluate_main",
+            "resmtnet = napari_resmtnet.cli.main:main",
+            "resmtnet-train = napari_resmtnet.cli.main:train_main",
+            "resmtnet-evaluate = napari_resmtnet.cli.main:evaluate_main",
         ],
     },
     classifiers=[

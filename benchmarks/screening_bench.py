@@ -31,13 +31,14 @@ def main(argv=None) -> int:
 
     from pacs_demo import ORTHANC_DIR, scan_datasets
 
-    from napari_resmtnet import load_scan, sample_path, screening
+    from napari_resmtnet import load_scan, sample_path
+    from napari_resmtnet.cli import screening
 
     scan = load_scan(sample_path("lung1"))
     tmp = Path(tempfile.mkdtemp(prefix="resmtnet-bench-"))
     inputs = []
     if a.pacs:
-        from napari_resmtnet.pacs import Pacs, series_address
+        from napari_resmtnet.io.pacs import Pacs, series_address
 
         os.environ["RESMTNET_PACS_TOKEN_FILE"] = str(ORTHANC_DIR / "credentials")
         url = (ORTHANC_DIR / "url").read_text().strip()

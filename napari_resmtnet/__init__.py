@@ -12,23 +12,23 @@ __all__ = ["Detections", "Predictor", "Scan", "__version__", "load_scan", "predi
 
 def __getattr__(name):
     if name == "load_scan":
-        from .io import load_scan
+        from .io.formats import load_scan  # lazy: the package import stays light (PEP 562 re-export)
 
         return load_scan
     if name == "Scan":
-        from .scan import Scan
+        from .scan import Scan  # lazy: the package import stays light (PEP 562 re-export)
 
         return Scan
     if name == "Detections":
-        from .detections import Detections
+        from .detections import Detections  # lazy: the package import stays light (PEP 562 re-export)
 
         return Detections
     if name in ("predict", "Predictor"):
-        from . import inference
+        from .inference import predictor  # lazy: the package import stays light (PEP 562 re-export)
 
-        return getattr(inference, name)
+        return getattr(predictor, name)
     if name == "sample_path":
-        from ._sample_data import sample_path
+        from ._sample_data import sample_path  # lazy: the package import stays light (PEP 562 re-export)
 
         return sample_path
     raise AttributeError(f"module 'napari_resmtnet' has no attribute {name!r}")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from .io.formats import ScanReadError, can_read, load_scan, strip_image_suffix
+from .scan import geometry_dict as geometry
+from .paths import escape_text, shown
 
 #: Lung window (W 1500 / L -600 HU) for CT.
 CT_CONTRAST_LIMITS = (-1350.0, 150.0)
@@ -38,8 +41,6 @@ def _single_path(path):
 
 
 def _claims(path: str) -> bool:
-    from .io import can_read
-
     if path.lower().endswith(_MEDICAL_SUFFIXES) and os.path.isfile(path):
         return True
     return can_read(path)
@@ -55,7 +56,6 @@ def napari_get_reader(path):
 
 def display_name(path) -> str:
     """Layer name: the file name without its image extension(s), or the folder's name."""
-    from .io import strip_image_suffix
 
     p = Path(path)
     return strip_image_suffix(p.name) if p.name else str(p)
@@ -85,7 +85,6 @@ def contrast_limits(scan) -> tuple[float, float]:
 def geometry_dict(scan) -> dict:
     """JSON-able geometry of a scan (array order) for layer metadata: `scan.geometry_dict`
     plus the array shape and the modality."""
-    from .scan import geometry_dict as geometry
 
     return {**geometry(scan), "shape": [int(s) for s in scan.shape], "modality": scan.modality}
 
@@ -143,8 +142,6 @@ def _notify(kind: str, message: str):
 
 def read_scan(path, **_ignored):
     """napari reader function: load one scan; errors become one notification, not a traceback."""
-    from .io import ScanReadError, load_scan
-    from .paths import escape_text, shown
 
     p = _single_path(path)
     try:

@@ -2,11 +2,16 @@
 
 The files live in ``resources/samples/`` (installed as ``napari_resmtnet.resources``);
 see the README there for sources and licences. Every sample goes through the same code
-path as the reader (`napari_resmtnet.io.load_scan` + `napari_resmtnet._reader.scan_layer_data`).
+path as the reader (`napari_resmtnet.io.formats.load_scan` + `napari_resmtnet._reader.scan_layer_data`).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from ._reader import scan_layer_data
+from .io.formats import load_scan
+from .inference.predictor import Predictor
+from .layers import detections_to_layer_data
 
 #: sample key -> file name in resources/samples/
 SAMPLE_FILES = {
@@ -30,9 +35,6 @@ def sample_path(key: str) -> Path:
 
 
 def _sample(key: str, name: str):
-    from ._reader import scan_layer_data
-    from .io import load_scan
-
     return scan_layer_data(load_scan(sample_path(key)), name=name)
 
 
@@ -53,20 +55,14 @@ def sample_cxr():
 
 def sample_ct_detect():
     """The sample chest CT plus the nodules Res-MTNet finds in it (one layer each kind)."""
-    from .io import load_scan
-
+    scan = load_scan(sample_path("lung1"))
     try:
-        from .inference import Predictor
-        from .layers import detections_to_layer_data
+        predictor = Predictor(modality="CT")
     except ImportError as e:
         raise RuntimeError(
             f"nodule detection is not available in this installation ({e}); "
             "load the 'lung1' sample without detection instead"
         ) from e
-    from ._reader import scan_layer_data
-
-    scan = load_scan(sample_path("lung1"))
-    predictor = Predictor(modality="CT")
     detections = predictor.predict(scan)
     return scan_layer_data(scan, name="lung1 chest CT") + list(
         detections_to_layer_data(detections, scan, predictor.threshold)

@@ -6,7 +6,7 @@ with a progress bar (stage and percent) in the widget and in napari's activity d
 Cancel button; the layers change only when it returns, on the GUI thread
 (``RESMTNET_SYNC=1`` runs it synchronously for debugging). Detecting again keeps what the
 reader accepted, rejected or drew (asked once) and replaces only unreviewed candidates
-(`napari_resmtnet.review.merge_detections`).
+(`napari_resmtnet.annotations.review.merge_detections`).
 
 The nodules are shown in a Shapes layer (`napari_resmtnet.layers`): for CT a 2D layer with
 the boxes of the slice on screen, refilled when the slice changes (so that napari can pick
@@ -32,13 +32,13 @@ next / previous unreviewed nodule, ``m`` flip benign/malignant, ``r`` toggle acc
 ``n`` draw a new box, Delete, Ctrl+Z undo, Ctrl+Shift+Z or Ctrl+Y redo. The selection
 stays across edits. Export writes LUNA16-style CSV + full JSON; Import restores a JSON (or
 CSV) made for the same image; Report writes an HTML report of the accepted nodules with a
-key image of each (`napari_resmtnet.report`).
+key image of each (`napari_resmtnet.annotations.report`).
 
 Weights: "Weights…" picks a user weights file for its modality (checked at once: sha256
 from ``<file>.sha256``, ``weights_only`` loading, format, network config); a file that fails
 is refused with a notification and the bundled weights stay in use.
 
-No lost work: every change of the nodules is autosaved (`napari_resmtnet.autosave`, about
+No lost work: every change of the nodules is autosaved (`napari_resmtnet.annotations.autosave`, about
 one second after the last edit, atomically); whenever an image whose autosave holds
 nodules is opened (again), the widget asks whether to restore them, and "Restore autosave"
 brings them back on demand (``RESMTNET_AUTOSAVE_RESTORE=always`` or ``never`` answers for
@@ -64,14 +64,25 @@ from qtpy.QtWidgets import (
 
 from napari.utils.notifications import show_error, show_info
 
-from .boxes import slice_index_of
+from .boxes import slice_index_of, voxel_to_world_points
+from .annotations.table import LABEL_RGB, LABELS, META_KEY, REJECTED_RGB, NoduleTable, image_identity
 from .layers import (
-    LABEL_RGB, LABELS, META_KEY, REJECTED_RGB, NoduleTable, edge_width_for, feature_defaults,
-    features_frame, image_identity, reconcile, scan_for_layer, slice_geometry_kwargs,
-    table_to_layer_data, table_to_shapes, text_kwargs,
+    edge_width_for, feature_defaults, features_frame, reconcile, scan_for_layer, slice_geometry_kwargs, table_to_layer_data,
+    table_to_shapes, text_kwargs,
 )
-from .review import History, counts, merge_detections, next_nodule, reader_work
-from .views import WINDOW_PRESETS, positions_text, window_limits
+from .annotations.review import History, counts, merge_detections, next_nodule, reader_work
+from .views import WINDOW_PRESETS, positions_text, window_limits, nodule_boxes_3d, lung_mask
+from .inference.predictor import Predictor
+from .inference.weights import WeightsError, bundled_entry, load_checkpoint, load_model
+from ._qt.runner import ProgressRelay, run_detection
+from ._qt.table import NoduleTableView
+from ._qt.planes import ThreePlanes
+from .scan import napari_geometry_kwargs
+from .annotations.autosave import image_key
+from .annotations import autosave
+from .annotations.export import NoduleFileError, export_nodules, import_nodules
+from .annotations.report import write_html_report
+from .annotations.dicom_export import DicomExportError, write_dicom_report
 
 MODEL_CHOICES = ("auto", "CT", "CXR")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -89,14 +100,12 @@ WINDOW_KEYS = {"lung": "F2", "mediastinum": "F3", "bone": "F4"}
 
 def default_predictor_factory(modality: str, device: str):
     """The bundled Res-MTNet for ``modality`` on ``device`` (loads weights; slow)."""
-    from .inference import Predictor
 
     return Predictor(modality=modality, device=device)
 
 
 def user_weights_predictor_factory(modality: str, device: str, weights: str):
     """Res-MTNet from a user weights file (the same checks as the bundled weights)."""
-    from .inference import Predictor
 
     return Predictor(modality=modality, weights=weights, device=device)
 
@@ -104,8 +113,7 @@ def user_weights_predictor_factory(modality: str, device: str, weights: str):
 def check_user_weights(path) -> dict:
     """Verify a user weights file now (sha256 from ``<file>.sha256``, weights_only loading,
     format, config, and that this version's network accepts it); returns its info dict.
-    Raises `napari_resmtnet.weights.WeightsError` with a one-line message."""
-    from .weights import WeightsError, load_checkpoint, load_model
+    Raises `napari_resmtnet.inference.weights.WeightsError` with a one-line message."""
 
     ckpt = load_checkpoint(path)
     _, info = load_model(ckpt["modality"], weights=path, sha256=ckpt["sha256"], device="cpu")
@@ -142,8 +150,6 @@ def operating_point(modality: str) -> float | None:
     """The bundled model's operating threshold for ``modality`` (from the weights registry;
     no torch), or None when it cannot be read."""
     try:
-        from .weights import bundled_entry
-
         return float(bundled_entry(modality).get("threshold", 0.5))
     except Exception:  # a missing or broken registry: the slider just shows no model point
         return None
@@ -177,7 +183,7 @@ class NoduleWidget(QWidget):
 
     ``predictor_factory(modality, device)`` returns an object with
     ``predict(scan, progress, cancel) -> Detections``, ``threshold`` and ``model_info``
-    (default: `napari_resmtnet.inference.Predictor`); predictors are cached per
+    (default: `napari_resmtnet.inference.predictor.Predictor`); predictors are cached per
     (modality, device).
     """
 
@@ -228,7 +234,6 @@ class NoduleWidget(QWidget):
         if app is not None:
             app.aboutToQuit.connect(self.flush_autosave)
         self._relay = None
-        from ._qt.runner import ProgressRelay
 
         self._relay = ProgressRelay(self)
         self._relay.progressed.connect(self._on_progress)
@@ -255,8 +260,6 @@ class NoduleWidget(QWidget):
 
     # --- UI -------------------------------------------------------------------------------
     def _build_ui(self) -> None:
-        from ._qt.table import NoduleTableView
-
         root = QVBoxLayout(self)
         form = QFormLayout()
         self.image_combo = QComboBox()
@@ -530,7 +533,6 @@ class NoduleWidget(QWidget):
     def set_weights(self, path) -> bool:
         """Use the weights file ``path`` for its modality, after checking it; a file that
         fails the checks is refused with a notification (the current weights stay)."""
-        from .weights import WeightsError
 
         path = os.fspath(path)
         try:
@@ -600,8 +602,6 @@ class NoduleWidget(QWidget):
         if self._running or layer not in self.viewer.layers:
             return
         from napari.utils import progress
-
-        from ._qt.runner import run_detection
 
         self._cancel = threading.Event()
         self.progress_bar.setValue(0)
@@ -969,7 +969,6 @@ class NoduleWidget(QWidget):
             show_info("Three planes need a CT: open one first.")
             self._sync_planes_button()
             return
-        from ._qt.planes import ThreePlanes
 
         self._updating = True  # the planes' cursor layer is no nodule layer to adopt
         try:
@@ -1042,7 +1041,6 @@ class NoduleWidget(QWidget):
         box (a Vectors layer: its 12 edges, in world mm, z extent = the slices it spans) and
         one label at its top corner (a Points layer with text; the points themselves are
         invisible)."""
-        from .views import nodule_boxes_3d
 
         t = self.nodules
         if t is None or t.ndim != 3 or self.viewer.dims.ndisplay != 3:
@@ -1087,8 +1085,6 @@ class NoduleWidget(QWidget):
             return
         from napari.qt.threading import create_worker
 
-        from .views import lung_mask
-
         try:
             scan = scan_for_layer(image, "CT")
         except ValueError:
@@ -1100,8 +1096,6 @@ class NoduleWidget(QWidget):
         worker.start()
 
     def _show_lung_surface(self, image_name: str, scan, result) -> None:
-        from .scan import napari_geometry_kwargs
-
         mask, step = result
         if self.viewer.dims.ndisplay != 3 or not mask.any():
             return
@@ -1127,7 +1121,6 @@ class NoduleWidget(QWidget):
         AUTOSAVE_MAX_DELAY_S after the first unsaved change."""
         if table is None:
             return
-        from .autosave import image_key
 
         self._autosave_pending[image_key(table.image)] = table
         now = time.monotonic()
@@ -1146,8 +1139,6 @@ class NoduleWidget(QWidget):
         self._autosave_since = None
         if not pending:
             return []
-        from . import autosave
-        from .export import NoduleFileError
 
         written = []
         for table in pending.values():
@@ -1166,9 +1157,6 @@ class NoduleWidget(QWidget):
         """When ``layer`` (an image) has autosaved nodules and no nodule layer yet, offer
         them back (ask, or as ``RESMTNET_AUTOSAVE_RESTORE`` says)."""
         from napari.layers import Image
-
-        from . import autosave
-        from .export import NoduleFileError
 
         if not isinstance(layer, Image) or layer not in self.viewer.layers:
             return
@@ -1219,8 +1207,6 @@ class NoduleWidget(QWidget):
     def restore_autosave(self, image_layer_name: str):
         """Show the autosaved nodules of the image layer ``image_layer_name``; returns the
         nodule layer (None when there is nothing to restore)."""
-        from . import autosave
-        from .export import NoduleFileError
 
         layer = next((ly for ly in self._image_layers() if ly.name == image_layer_name), None)
         if layer is None:
@@ -1405,7 +1391,6 @@ class NoduleWidget(QWidget):
         k = t.center_slice(i)
         if t.ndim == 3:
             c[0] = k
-        from .boxes import voxel_to_world_points
 
         world = voxel_to_world_points(c, t.geometry)[0]
         self._selected = (int(nodule_id),)
@@ -1621,7 +1606,6 @@ class NoduleWidget(QWidget):
     # --- export / import ------------------------------------------------------------------
     def export_nodules(self, path) -> list[str]:
         """Write ``<stem>.csv`` and ``<stem>.json``; errors become notifications."""
-        from .export import NoduleFileError, export_nodules
 
         if self.nodules is None:
             show_error("There are no nodules to export yet.")
@@ -1650,7 +1634,6 @@ class NoduleWidget(QWidget):
 
     def import_nodules(self, path):
         """Load a nodule JSON/CSV made for the chosen image; refuses another image's."""
-        from .export import NoduleFileError, import_nodules
 
         image, image_layer = self._current_image_identity()
         if image is None:
@@ -1686,7 +1669,6 @@ class NoduleWidget(QWidget):
     def write_report(self, path, states=("accepted",)):
         """Write the HTML reading report of the nodules in ``states`` (default: accepted)
         with a key image of each; returns its path (None after an error notification)."""
-        from .report import write_html_report
 
         t = self.nodules
         if t is None:
@@ -1719,7 +1701,6 @@ class NoduleWidget(QWidget):
         p = Path(src)
         if not (p.is_dir() or p.suffix.lower() == ".dcm"):
             return []
-        from .dicom_export import DicomExportError, write_dicom_report
 
         try:
             files = write_dicom_report(t, p, out)

@@ -3,6 +3,8 @@
 Imports are late: napari imports this module at startup.
 """
 from __future__ import annotations
+from .annotations.export import NoduleFileError, check_same_image, export_nodules
+from .layers import layer_to_nodules
 
 
 def write_nodules(path: str, layer_data: list) -> list[str]:
@@ -12,10 +14,8 @@ def write_nodules(path: str, layer_data: list) -> list[str]:
     this plugin carry their full nodule table; other Shapes/Points layers are read shape by
     shape (`napari_resmtnet.layers.layer_to_nodules`). Several layers are merged when they
     belong to the same image. Returns the paths written; raises
-    `napari_resmtnet.export.NoduleFileError` with a one-line message on failure.
+    `napari_resmtnet.annotations.export.NoduleFileError` with a one-line message on failure.
     """
-    from .export import NoduleFileError, check_same_image, export_nodules
-    from .layers import layer_to_nodules
 
     if isinstance(layer_data, tuple) and len(layer_data) in (2, 3) and not isinstance(layer_data[0], tuple):
         layer_data = [layer_data]

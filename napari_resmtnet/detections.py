@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import boxes as B
+from .scan import geometry_dict
 
 
 @dataclass
@@ -83,6 +84,4 @@ class Detections:
 
     @staticmethod
     def geometry_of(scan) -> dict:
-        from .scan import geometry_dict
-
         return geometry_dict(scan)

@@ -5,7 +5,6 @@ radiograph -- which is numpy's and napari's order. ITK/SimpleITK and LUNA16 use 
 order; `Scan.index_to_world_xyz` gives LPS world millimetres in that order for CSV output.
 
 For an array index ``i`` (array order), the physical position in array order is::
-
     world = origin + direction @ (spacing * i)
 
 with ``direction`` the (ndim, ndim) direction-cosine matrix re-ordered to array order
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from .boxes import voxel_to_world_points, world_to_voxel_points
 
 Modality = Literal["CT", "CXR"]
 
@@ -91,13 +91,11 @@ class Scan:
 
     def index_to_world(self, index) -> np.ndarray:
         """(N, ndim) array-order voxel indices (float ok) -> (N, ndim) world mm, array order."""
-        from .boxes import voxel_to_world_points
 
         return voxel_to_world_points(index, self)
 
     def world_to_index(self, world) -> np.ndarray:
         """(N, ndim) world mm (array order) -> (N, ndim) fractional voxel indices."""
-        from .boxes import world_to_voxel_points
 
         return world_to_voxel_points(world, self)
 

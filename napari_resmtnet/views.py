@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from .boxes import voxel_to_world_points, world_to_voxel_points
-from .layers import REVIEW_MARKS, REVIEW_STATES, NoduleTable, nodule_colors  # noqa: F401 (REVIEW_STATES: docs)
+from .annotations.table import REVIEW_MARKS, REVIEW_STATES, NoduleTable, nodule_colors  # noqa: F401 (REVIEW_STATES: docs)
 
 #: voxels below this (HU) are air-like: lung parenchyma and airways, and the air outside
 LUNG_HU = -400.0
@@ -108,7 +108,7 @@ def window_of(limits, tol: float = 0.5) -> str | None:
 def box_span(box, axis: int, n: int) -> range:
     """Indices ``k`` along array ``axis`` a 3D box spans: ``lo <= k < hi`` of its extent,
     clipped to ``[0, n)``; a box thinner than a voxel gets the one nearest its centre. The
-    same rule as the slices of `napari_resmtnet.layers.NoduleTable.slices`, along any axis."""
+    same rule as the slices of `napari_resmtnet.annotations.table.NoduleTable.slices`, along any axis."""
     lo_f, hi_f = float(box[axis]), float(box[axis + 3])
     lo, hi = max(math.ceil(lo_f), 0), min(math.ceil(hi_f), n)
     if hi <= lo:

@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import torch
 
-from napari_resmtnet import evaluation as E
-from napari_resmtnet.characterise import characterise_patches
+from napari_resmtnet.evaluation import evaluate as E
+from napari_resmtnet.inference.characterise import characterise_patches
 from napari_resmtnet.model.network import centre_patches
-from napari_resmtnet.transforms import CT_WINDOW, normalize_ct
-from napari_resmtnet.weights import build_model, load_checkpoint, sha256_of
+from napari_resmtnet.io.preprocess import CT_WINDOW, normalize_ct
+from napari_resmtnet.inference.weights import build_model, load_checkpoint, sha256_of
 
 
 def fractions(model, records):

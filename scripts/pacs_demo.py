@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     url = url_file.read_text().strip()
     os.environ["RESMTNET_PACS_TOKEN_FILE"] = str(cred)
     from napari_resmtnet import load_scan, sample_path
-    from napari_resmtnet.io import ScanReadError
-    from napari_resmtnet.pacs import Pacs, PacsError
+    from napari_resmtnet.io.formats import ScanReadError
+    from napari_resmtnet.io.pacs import Pacs, PacsError
 
     try:
         scan = load_scan(sample_path("lung1"))

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     from napari_resmtnet._sample_data import sample_path
     from napari_resmtnet._widget import NoduleWidget
-    from napari_resmtnet.review import reading_order
+    from napari_resmtnet.annotations.review import reading_order
 
     viewer = napari.Viewer(title="napari-resmtnet: reading lung1")
     qt_window = viewer.window._qt_window

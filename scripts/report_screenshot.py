@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from napari_resmtnet import load_scan, sample_path
-from napari_resmtnet.inference import Predictor
-from napari_resmtnet.layers import NoduleTable, image_identity
-from napari_resmtnet.report import write_html_report
+from napari_resmtnet.inference.predictor import Predictor
+from napari_resmtnet.annotations.table import NoduleTable, image_identity
+from napari_resmtnet.annotations.report import write_html_report
 
 
 def main(out="docs/screenshots/report.png") -> int:

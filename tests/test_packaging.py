@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import napari_resmtnet
-from napari_resmtnet import cli
+from napari_resmtnet.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -161,7 +161,7 @@ def test_import_loads_neither_torch_nor_qt():
 
 def test_cli_help_and_version_load_neither_torch_nor_qt():
     code = (
-        "import sys, contextlib, io; from napari_resmtnet.cli import main\n"
+        "import sys, contextlib, io; from napari_resmtnet.cli.main import main\n"
         "with contextlib.redirect_stdout(io.StringIO()): assert main(['--help']) == 0 and main(['--version']) == 0\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )

@@ -24,8 +24,8 @@ from conftest import hang_alarm
 
 sitk = pytest.importorskip("SimpleITK")
 
-from napari_resmtnet import io as sio  # noqa: E402
-from napari_resmtnet.io import ScanReadError, can_read, load_scan  # noqa: E402
+from napari_resmtnet.io import formats as sio  # noqa: E402
+from napari_resmtnet.io.formats import ScanReadError, can_read, load_scan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CASE_TIMEOUT_S = 60
@@ -412,7 +412,7 @@ def test_napari_reader_check_and_read(case, tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", [c for c in CASES if c.expect == "refused"],
                          ids=[c.name for c in CASES if c.expect == "refused"])
 def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
-    from napari_resmtnet.cli import main
+    from napari_resmtnet.cli.main import main
 
     path = case.make(tmp_path / "corpus" / case.name)
     out = tmp_path / "out.csv"
@@ -422,7 +422,7 @@ def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
     assert rc == 1
     assert len(err) == 1 and "Traceback" not in cap.err and "\x1b" not in cap.err, cap.err
     assert err[0].startswith("resmtnet predict: skipped ")
-    from napari_resmtnet.export import CSV_COLUMNS
+    from napari_resmtnet.annotations.export import CSV_COLUMNS
 
     assert out.read_text(encoding="utf-8").splitlines() == [",".join(CSV_COLUMNS)]
 
@@ -430,7 +430,7 @@ def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
 def test_pattern_and_percent_s_do_not_crash_a_fresh_process(tmp_path):
     """The ``%s`` pattern crashed ITK (exit 139); now: one line, exit 1, in every entry point."""
     p = _pattern_percent_s(tmp_path / "c")
-    code = ("import sys; from napari_resmtnet.io import load_scan, ScanReadError\n"
+    code = ("import sys; from napari_resmtnet.io.formats import load_scan, ScanReadError\n"
             "from napari_resmtnet._reader import napari_get_reader\n"
             f"p = {str(p)!r}\n"
             "r = napari_get_reader(p)\n"

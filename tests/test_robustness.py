@@ -35,7 +35,7 @@ from conftest import hang_alarm
 
 sitk = pytest.importorskip("SimpleITK")
 
-from napari_resmtnet.io import ScanReadError, load_scan  # noqa: E402
+from napari_resmtnet.io.formats import ScanReadError, load_scan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CASE_TIMEOUT_S = 60
@@ -733,7 +733,7 @@ TINY_INFO = {"name": "tiny-random", "version": "0", "sha256": "0" * 64, "thresho
 
 
 def tiny_predictor(tiny_nets, modality: str):
-    from napari_resmtnet.inference import Predictor
+    from napari_resmtnet.inference.predictor import Predictor
 
     spacing = 1.0 if modality == "CT" else 1.6
     return Predictor(modality, model=tiny_nets[modality], device="cpu", info=dict(TINY_INFO, spacing_mm=spacing))
@@ -743,7 +743,7 @@ def tiny_predictor(tiny_nets, modality: str):
 def tiny_cli_predictor(monkeypatch, tiny_nets):
     """`resmtnet predict` builds its Predictor through inference.Predictor: give it the tiny
     networks (a user ``--weights`` file still goes through the real loading and checks)."""
-    import napari_resmtnet.inference as inference
+    import napari_resmtnet.inference.predictor as inference
 
     real = inference.Predictor
 
@@ -754,10 +754,11 @@ def tiny_cli_predictor(monkeypatch, tiny_nets):
         return real(modality, model=tiny_nets[modality], device="cpu", info=dict(TINY_INFO, spacing_mm=spacing), **kw)
 
     monkeypatch.setattr(inference, "Predictor", make)
+    monkeypatch.setattr("napari_resmtnet.cli.predict.Predictor", make)
 
 
 def run_predict(argv, capsys):
-    from napari_resmtnet.cli import main
+    from napari_resmtnet.cli.main import main
 
     rc = main(["predict", *map(str, argv)])
     cap = capsys.readouterr()
@@ -847,7 +848,7 @@ def weights_file(path: Path, modality="CT", nd=None, sidecar=True, **override) -
     import torch
 
     from napari_resmtnet.model import ResMTNet, ResMTNetConfig
-    from napari_resmtnet.weights import WEIGHTS_FORMAT, sha256_of
+    from napari_resmtnet.inference.weights import WEIGHTS_FORMAT, sha256_of
 
     nd = nd or (3 if modality == "CT" else 2)
     torch.manual_seed(0)
@@ -873,7 +874,7 @@ def _bad_weights(kind: str, d: Path) -> Path:
     hash would otherwise be the reason."""
     import torch
 
-    from napari_resmtnet.weights import sha256_of
+    from napari_resmtnet.inference.weights import sha256_of
 
     d.mkdir(parents=True, exist_ok=True)
     if kind == "altered":
@@ -1029,7 +1030,7 @@ def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, q
 
 def _table(n=3, seriesuid="1.2.840.113619.2.55.3", origin=(-100.0, 10.0, -50.0), seed=0):
     from napari_resmtnet.detections import Detections
-    from napari_resmtnet.layers import NoduleTable, image_identity
+    from napari_resmtnet.annotations.table import NoduleTable, image_identity
     from napari_resmtnet.scan import Scan
 
     rng = np.random.default_rng(seed)
@@ -1043,8 +1044,8 @@ def _table(n=3, seriesuid="1.2.840.113619.2.55.3", origin=(-100.0, 10.0, -50.0),
 
 @pytest.mark.robustness
 def test_autosave_round_trip_key_and_policy(tmp_path, monkeypatch):
-    from napari_resmtnet import autosave as A
-    from napari_resmtnet.export import NoduleFileError
+    from napari_resmtnet.annotations import autosave as A
+    from napari_resmtnet.files import NoduleFileError
 
     monkeypatch.setenv(A.ENV_DIR, str(tmp_path / "as"))
     t = _table(5).flipped([2]).with_reviewed([1, 3])
@@ -1075,7 +1076,7 @@ def test_autosave_round_trip_key_and_policy(tmp_path, monkeypatch):
 
 @pytest.mark.robustness
 def test_autosave_tidies_stale_temp_files(tmp_path, monkeypatch):
-    from napari_resmtnet import autosave as A
+    from napari_resmtnet.annotations import autosave as A
 
     monkeypatch.setenv(A.ENV_DIR, str(tmp_path))
     stale = tmp_path / ".abc.json.x1.tmp"
@@ -1093,7 +1094,7 @@ def test_autosave_tidies_stale_temp_files(tmp_path, monkeypatch):
 def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_viewer, qtbot, notes, gui_env,
                                                                   tmp_path, monkeypatch):
     from napari_resmtnet import _widget as W
-    from napari_resmtnet import autosave as A
+    from napari_resmtnet.annotations import autosave as A
 
     scan_path = write_mhd(tmp_path / "data", name="1.3.6.1.4.1.14519.5.2.1.6279.6001.77", shape=(12, 40, 40))
     viewer, w = open_with_widget(make_napari_viewer, scan_path)
@@ -1141,14 +1142,14 @@ def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_vi
 @pytest.mark.parametrize("policy", ["never", "always", "declined"])
 def test_restore_policies(policy, make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch):
     from napari_resmtnet import _widget as W
-    from napari_resmtnet import autosave as A
-    from napari_resmtnet.io import load_scan
-    from napari_resmtnet.layers import image_identity
+    from napari_resmtnet.annotations import autosave as A
+    from napari_resmtnet.io.formats import load_scan
+    from napari_resmtnet.annotations.table import image_identity
 
     scan_path = write_image(tmp_path / "d" / "case7.nrrd", ct_array((10, 32, 32)), spacing=(0.8, 0.8, 2.0))
     scan = load_scan(scan_path)
     saved = FixedPredictor()
-    from napari_resmtnet.layers import NoduleTable
+    from napari_resmtnet.annotations.table import NoduleTable
 
     t = NoduleTable.from_detections(saved.predict(scan), image_identity(scan), threshold=0.5)
     A.save(t)
@@ -1173,7 +1174,7 @@ def test_restore_policies(policy, make_napari_viewer, qtbot, notes, gui_env, tmp
 @pytest.mark.gui
 @pytest.mark.robustness
 def test_failed_autosave_is_one_notification(make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch):
-    from napari_resmtnet import autosave as A
+    from napari_resmtnet.annotations import autosave as A
 
     blocker = tmp_path / "not a folder"
     blocker.write_text("x")
@@ -1204,7 +1205,7 @@ def _make_read_only(folder: Path):
 @pytest.mark.robustness
 def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, qtbot, notes, gui_env, tmp_path,
                                                           monkeypatch):
-    from napari_resmtnet import export as E
+    from napari_resmtnet import files
 
     viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
     w.detect()
@@ -1220,7 +1221,7 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
         raise OSError(28, "No space left on device")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(E.os, "fsync", full)
+        mp.setattr(files.os, "fsync", full)
         assert w.export_nodules(out / "nodules.csv") == []
     assert "No space left on device" in notes["error"][-1] and "nodules" in notes["error"][-1]
     assert {p: Path(p).read_text() for p in paths} == before
@@ -1247,7 +1248,7 @@ def _umask() -> int:
 
 KILL_CHILD = r"""
 import os, sys
-from napari_resmtnet import export as E
+from napari_resmtnet.annotations import export as E
 ref, target = sys.argv[1], sys.argv[2]
 tables = [E.read_nodules_json(os.path.join(ref, n)) for n in ("A.json", "B.json")]
 i = 0
@@ -1264,7 +1265,7 @@ def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
     """A process exports a large nodule set (two versions, alternately) to one path in a
     loop and is killed with SIGKILL at random moments: each file is always one version,
     whole, never a mix or a prefix."""
-    from napari_resmtnet import export as E
+    from napari_resmtnet.annotations import export as E
 
     a = _table(4000, seed=1)
     b = a.flipped(list(range(1, 4000, 7))).removed([5, 6, 7])
@@ -1303,7 +1304,7 @@ def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
 
 MAXRSS_CHILD = r"""
 import resource, sys, time
-from napari_resmtnet.io import ScanReadError, load_scan
+from napari_resmtnet.io.formats import ScanReadError, load_scan
 import SimpleITK  # imported before the baseline, as in any session that read a scan
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

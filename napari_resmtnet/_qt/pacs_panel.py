@@ -9,7 +9,7 @@
 * **Open** (WADO-RS, double-click or the button): the series becomes an image layer in world
   mm, exactly as the reader would open its files, with progress and Cancel.
 * **Send accepted findings** (STOW-RS): the nodules accepted in the nodule layer of an opened
-  series go to its study as DICOM SEG + SR (`napari_resmtnet.dicom_export`), then a query
+  series go to its study as DICOM SEG + SR (`napari_resmtnet.annotations.dicom_export`), then a query
   confirms the PACS has them. Unreviewed candidates are sent only when the box is ticked.
 
 Network work runs in napari ``thread_worker`` threads; every failure is one line in the
@@ -36,6 +36,11 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from ..io.pacs import Cancelled, Pacs, PacsError
+from .runner import ProgressRelay
+from .._reader import scan_layer_data
+from ..annotations.table import META_KEY, NoduleTable
+from ..annotations.dicom_export import DicomExportError, report_objects
 
 URL_ENV = "RESMTNET_PACS_URL"
 
@@ -147,7 +152,6 @@ class PacsPanel(QWidget):
         token = self.token_edit.text().strip() or None
         if self._factory is not None:
             return self._factory(url, token)
-        from ..pacs import Pacs
 
         return Pacs(url, token_file=token)
 
@@ -171,8 +175,6 @@ class PacsPanel(QWidget):
         called from the worker (a queued Qt signal carries it to the progress bar)."""
         from napari.qt.threading import thread_worker
 
-        from .runner import ProgressRelay
-
         self._cancel = cancel = threading.Event()
         self._relay = relay = ProgressRelay()
         relay.progressed.connect(self._on_progress)
@@ -193,8 +195,6 @@ class PacsPanel(QWidget):
 
     @staticmethod
     def _guard(job, cancel, report):
-        from ..pacs import Cancelled, PacsError
-
         try:
             return ("ok", job(cancel, report))
         except Cancelled:
@@ -306,8 +306,6 @@ class PacsPanel(QWidget):
         self._run(job, self._add_scan, f"Opening series {s.number or ''} ({s.modality})…", progress=True)
 
     def _add_scan(self, scan) -> None:
-        from .._reader import scan_layer_data
-
         s = self.selected_series()
         name = " ".join(filter(None, [s.modality if s else scan.modality, s.description if s else ""])) or scan.name
         data, kwargs, _ = scan_layer_data(scan, name=name)[0]
@@ -321,7 +319,6 @@ class PacsPanel(QWidget):
     # -- send -------------------------------------------------------------------------------
     def nodule_table_for(self, image_layer_name: str):
         """The nodule table (from the detect widget's layer) of an opened series, or None."""
-        from ..layers import META_KEY, NoduleTable
 
         ref = self._opened.get(image_layer_name) or {}
         for ly in self.viewer.layers:
@@ -356,8 +353,6 @@ class PacsPanel(QWidget):
         include = self.unreviewed_check.isChecked()
 
         def job(cancel, report):
-            from ..dicom_export import DicomExportError, report_objects
-
             pacs = self._pacs()
             headers = pacs.series_headers(ref["study_uid"], ref["series_uid"])
             try:

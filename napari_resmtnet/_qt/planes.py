@@ -30,6 +30,8 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QSplitter, QVBoxLayout, QWidget
 
 from ..views import PLANE_AXES, cursor_lines, plane_marks, point_to_voxel, positions_text, voxel_to_point
+from ..scan import napari_geometry_kwargs
+from ..layers import scan_for_layer
 
 #: the array axes each side view shows, as napari ``dims.order`` (last two displayed):
 #: coronal shows (z, x), sagittal (z, y); z points up (head at the top) in both
@@ -118,8 +120,6 @@ class PlaneView(QWidget):
     def __init__(self, plane: str, image, geometry, parent=None):
         from napari.components import ViewerModel
         from napari.qt import QtViewer
-
-        from ..scan import napari_geometry_kwargs
 
         super().__init__(parent)
         self.plane = plane
@@ -211,8 +211,6 @@ class ThreePlanes(QWidget):
     def _geometry(self):
         """The image's geometry (spacing, origin, direction in array order), read once."""
         if self._geo is None:
-            from ..layers import scan_for_layer
-
             scan = scan_for_layer(self.image_layer, "CT")
             self._geo = {"spacing": scan.spacing, "origin": scan.origin, "direction": scan.direction}
         return self._geo

@@ -17,9 +17,9 @@ from qtpy.QtWidgets import (
     QAbstractItemView, QComboBox, QHeaderView, QMenu, QStyledItemDelegate, QTableWidget, QTableWidgetItem,
 )
 
-from ..layers import LABEL_RGB, REJECTED_RGB, NoduleTable, axes_text, grade_text, texture_text, volume_text
+from ..annotations.table import LABEL_RGB, REJECTED_RGB, NoduleTable, axes_text, grade_text, texture_text, volume_text
 from ..lungrads import DECISION_SUPPORT, NODULE_TYPES
-from ..review import reading_order
+from ..annotations.review import reading_order
 
 COLUMNS = ("id", "label", "malignancy", "probability", "diameter (mm)", "slice", "source", "review",
            "type", "long \u00d7 short (mm)", "volume (mm\u00b3)", f"Lung-RADS ({DECISION_SUPPORT})")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .network import STRIDE
+from .config import STRIDE
 
 
 def _grid(grid_shape, device) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Res-MTNet: a residual multi-task network for nodule detection and malignancy grading.
 
 One network for CT volumes (``spatial_dims=3``) and radiographs (``spatial_dims=2``)::
-
     image ─ stem(s2) ─ stage1(s4) ─ stage2(s8) ─ stage3(s16)      shared ResNet backbone
                           └────────── top-down fusion to stride 4 ──▶ F
     F ─ det block ─┬─(+ 1x1 of mal)─ det block ─ heatmap, size, offset     detection branch
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STRIDE = 4
+from .config import STRIDE
+from .losses import compute_loss
 
 #: Channels of the attribute head (``attributes=True``), read at a nodule's centre like the
 #: malignancy logit: three texture logits (softmax over TEXTURE_CLASSES, the LIDC readers'
@@ -292,8 +292,6 @@ class ResMTNet(nn.Module):
         """
         maps = self.forward_maps(images, full_resolution=targets is not None)
         if targets is not None:
-            from .losses import compute_loss
-
             return compute_loss(maps, targets, self.config, images.shape[2:])
         return decode(maps)
 
