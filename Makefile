@@ -25,7 +25,8 @@ DEBS := python3-venv xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libx
 # it has been formatted (the rest of the tree follows, one module at a time).
 FORMATTED := setup.py napari_resmtnet/__init__.py napari_resmtnet/__main__.py napari_resmtnet/cli/main.py \
              napari_resmtnet/cli/demo.py napari_resmtnet/errors.py napari_resmtnet/inference/characterise.py \
-             tests/test_packaging.py tests/inference/test_characterise.py tests/core/test_errors.py
+             tests/test_packaging.py tests/inference/test_characterise.py tests/core/test_errors.py \
+             tests/core/test_import_graph.py
 
 XVFB_RUN := xvfb-run -a -s '-screen 0 1280x1024x24'
 PYTEST_FAST := -m "not gui and not data and not slow"
