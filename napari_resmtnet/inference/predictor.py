@@ -72,6 +72,20 @@ LUNG_VOLUME_ML = (200.0, 15000.0)
 LUNG_CLOSING_MM = 12.0
 #: Margin around the closed lung mask (mm): a candidate touching the pleura keeps its centre in.
 LUNG_MARGIN_MM = 4.0
+#: Large airways: the trachea's (and a main bronchus') cross-section on an axial slice (mm^2),
+#: and the trachea's largest distance from the body's left-right middle (mm).
+TRACHEA_AREA_MM2 = (48.0, 900.0)
+TRACHEA_MIDLINE_MM = 30.0
+#: ... where the lumen's air joins the lung's on a slice, the lumen is followed through cells
+#: darker than this (lung parenchyma averages about -850 HU over a 4 mm cell), and the whole
+#: tree stays below this volume (mL).
+AIRWAY_LUMEN_HU = -900.0
+AIRWAY_MAX_ML = 80.0
+#: ... followed so for at most this length (mm): the main bronchi, not the lobes' own bronchi.
+AIRWAY_JOINED_MM = 48.0
+#: Candidates are not searched within this distance of the large airways' lumen (mm): the
+#: trachea's and main bronchi's walls, the paratracheal and hilar nodes and vessels beside them.
+AIRWAY_MARGIN_MM = 8.0
 
 #: Per modality: largest window side (model voxels), overlap between neighbouring windows
 #: (voxels), windows per batch on CPU / GPU. Large windows: on a CPU the network runs about
@@ -161,7 +175,8 @@ def _core_bounds(starts: list[int], w: int, lo_cell: int, hi_cell: int) -> list[
 
 # --- lung mask -----------------------------------------------------------------------------
 
-def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: int = 0) -> tuple[np.ndarray | None, dict]:
+def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: int = 0, head_last: bool | None = None,
+                    lr_axis: int | None = None) -> tuple[np.ndarray | None, dict]:
     """Lung mask on a coarse 3D grid of HU values, or None where the scan does not show a
     whole thorax; returns (mask or None, info dict with ``used``, ``reason``, ``volume_ml``).
     ``axial_axis``: the array axis closest to the patient's head-feet axis; air touching the
@@ -172,7 +187,11 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     disc of ``LUNG_CLOSING_MM`` (a juxta-pleural nodule is a dent in the lung's outline that
     the closing fills), then grown by ``LUNG_MARGIN_MM`` so that a nodule touching the pleura
     keeps its centre inside. The mediastinum, heart, great vessels, chest wall and the air
-    outside the body stay outside. All steps are 2D per slice or 3D labelling on the coarse
+    outside the body stay outside; so do the large airways and ``AIRWAY_MARGIN_MM`` around
+    them (`large_airways`), where the closing would otherwise join the trachea's wall and the
+    paratracheal tissue to the lung. ``head_last``: whether the head end is the axial axis's
+    last index (None: unknown, both ends tried); ``lr_axis``: the left-right array axis (None:
+    the last in-plane axis). All steps are 2D per slice or 3D labelling on the coarse
     grid, which keeps the mask robust on thick slices and cheap (~0.1 s on a whole chest)."""
     from scipy import ndimage
     from skimage import measure
@@ -207,9 +226,9 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
         info["reason"] = (f"lung volume {vol:.0f} mL outside {LUNG_VOLUME_ML[0]:.0f}..{LUNG_VOLUME_ML[1]:.0f} mL: "
                           "whole image searched")
         return None, info
-    lung = np.isin(lab, keep)
+    lung_air = np.isin(lab, keep)
     del lab
-    lung = ndimage.binary_fill_holes(lung)
+    lung = ndimage.binary_fill_holes(lung_air)
     # per axial slice: fill holes, close with a disc (juxta-pleural dents), grow by the margin
     lung = np.moveaxis(lung, axial_axis, 0)
     plane_mm = [cell_mm[a] for a in range(3) if a != axial_axis]
@@ -228,19 +247,111 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     if LUNG_MARGIN_MM > 0:
         dist = ndimage.distance_transform_edt(~lung, sampling=cell_mm)
         lung = dist <= LUNG_MARGIN_MM
+    airways, airway_note = large_airways(hu_cells, lung_air, cell_mm, axial_axis, head_last, lr_axis)
+    if airways is not None:
+        lung &= ndimage.distance_transform_edt(~airways, sampling=cell_mm) > AIRWAY_MARGIN_MM
+        info["airways_ml"] = round(float(airways.sum()) * cell_ml, 1)
     info["used"] = True
     info["reason"] = (f"lung mask ({vol:.0f} mL), closed {LUNG_CLOSING_MM:.0f} mm in-plane, "
-                      f"margin {LUNG_MARGIN_MM:.0f} mm")
+                      f"margin {LUNG_MARGIN_MM:.0f} mm; {airway_note}")
     info["mask_ml"] = round(float(lung.sum()) * cell_ml, 1)
     return lung, info
 
 
+def large_airways(hu_cells: np.ndarray, lung_air: np.ndarray, cell_mm, axial_axis: int = 0,
+                  head_last: bool | None = None, lr_axis: int | None = None) -> tuple[np.ndarray | None, str]:
+    """The trachea and the main bronchi down to where they enter the lungs, or None; returns
+    (mask or None, a note saying what was found).
+
+    Start: on the axial slices within 20 mm of the lungs' head end, an air region of the
+    lungs' air of a trachea's cross-section (``TRACHEA_AREA_MM2``) near the body's left-right
+    middle. Followed slice by slice towards the feet: the next slice's air regions that
+    overlap the airway of the slice before, as long as each stays within a trachea's
+    cross-section; where the lumen joins the lung's air on a slice (a wall thinner than a
+    cell, the carina, the main bronchi), through its dark cells (< ``AIRWAY_LUMEN_HU``) within
+    a cell of the slice before while it keeps at least half its size, for at most
+    ``AIRWAY_JOINED_MM``; then the bronchus has entered the lung and the airway stops. Elsewhere
+    slice-wise 2D labelling of air (< ``LUNG_HU``) on the coarse grid, with no threshold on
+    the lumen, whose cells are partly wall at 4 mm. A scan whose head end shows no trachea (a
+    slab, a scan starting below the carina) keeps its mask as it is."""
+    from scipy import ndimage
+    from skimage import measure
+
+    cell_mm = np.broadcast_to(np.asarray(cell_mm, float), (3,))
+    plane = [a for a in range(3) if a != axial_axis]
+    lr = plane[-1] if lr_axis is None or lr_axis == axial_axis else int(lr_axis)
+    lr_in_plane = plane.index(lr)
+    air3 = np.moveaxis(lung_air, axial_axis, 0)
+    hu3 = np.moveaxis(hu_cells, axial_axis, 0)
+    zs = np.nonzero(air3.any(axis=(1, 2)))[0]
+    if not len(zs):
+        return None, "no airway found"
+    cell_area = float(np.prod([cell_mm[a] for a in plane]))
+    lo, hi = (TRACHEA_AREA_MM2[0] / cell_area, TRACHEA_AREA_MM2[1] / cell_area)
+    depth = max(1, int(round(20.0 / cell_mm[axial_axis])))
+    best, best_n = None, 0
+    for last in ([True, False] if head_last is None else [bool(head_last)]):
+        order = zs[::-1] if last else zs
+        step = -1 if last else 1
+        for k in order[:depth]:
+            body = np.nonzero((hu3[k] > -500).any(axis=1 - lr_in_plane))[0]
+            if not len(body):
+                continue
+            middle = (body[0] + body[-1]) / 2
+            lab = measure.label(air3[k], connectivity=1)
+            for r in measure.regionprops(lab):
+                if not (lo <= r.area <= hi) or abs(r.centroid[lr_in_plane] - middle) * cell_mm[lr] > TRACHEA_MIDLINE_MM:
+                    continue
+                tree = np.zeros(air3.shape, bool)
+                cur = lab == r.label
+                tree[k] = cur
+                j = k + step
+                joined = 0  # slices followed where the lumen's air joins the lung's
+                while 0 <= j < len(air3) and air3[j].any():
+                    lab_j = measure.label(air3[j], connectivity=1)
+                    near = ndimage.binary_dilation(cur)
+                    hit = np.unique(lab_j[near & (lab_j > 0)])
+                    if not len(hit):
+                        break
+                    areas = np.bincount(lab_j.ravel())[hit]
+                    if (areas > hi).any():
+                        # joined to the lung's air on this slice (a wall thinner than a cell,
+                        # the carina, the main bronchi at the hila): follow the dark lumen
+                        # within one cell of the slice before, while it keeps its size
+                        down = near & air3[j] & (hu3[j] < AIRWAY_LUMEN_HU)
+                        joined += 1
+                        if not (0.5 * cur.sum() <= down.sum() <= hi) or joined * cell_mm[axial_axis] > AIRWAY_JOINED_MM:
+                            break
+                        cur = down
+                    else:
+                        cur = np.isin(lab_j, hit)
+                    if (tree.sum() + cur.sum()) * float(np.prod(cell_mm)) / 1000.0 > AIRWAY_MAX_ML:
+                        break
+                    tree[j] = cur
+                    j += step
+                n = int(tree.sum())
+                if n > best_n:
+                    best, best_n = tree, n
+            if best is not None:
+                break
+        if best is not None:
+            break
+    ml = best_n * float(np.prod(cell_mm)) / 1000.0
+    if best is None or ml < 1.0:
+        return None, "no trachea at the head end: airways not excluded"
+    return np.moveaxis(best, 0, axial_axis), f"large airways ({ml:.0f} mL) and {AIRWAY_MARGIN_MM:.0f} mm around them excluded"
+
+
 def scan_lung_mask(scan: Scan, hu_cells: np.ndarray, cell_mm: float) -> tuple[np.ndarray | None, dict]:
     """`lung_mask_cells` for ``hu_cells``, the scan resampled in its index space to cells of
-    ``cell_mm``: the axial axis and the in-plane field of view come from the scan's geometry."""
-    axial = int(np.argmax(np.abs(np.asarray(scan.direction, float)[0])))  # the array axis along world z
+    ``cell_mm``: the axial axis, which end is the head, the left-right axis and the in-plane
+    field of view come from the scan's geometry (array-order direction cosines: row 0 is the
+    world's head-feet axis, row 2 its left-right axis)."""
+    d = np.asarray(scan.direction, float)
+    axial = int(np.argmax(np.abs(d[0])))  # the array axis along world z
+    lr = int(np.argmax(np.abs(d[2])))
     fov = [n * s for ax, (n, s) in enumerate(zip(scan.shape, scan.spacing)) if ax != axial]
-    return lung_mask_cells(hu_cells, cell_mm, fov, axial)
+    return lung_mask_cells(hu_cells, cell_mm, fov, axial, head_last=bool(d[0, axial] > 0), lr_axis=lr)
 
 
 def _disc(radius_mm: float, spacing_mm) -> np.ndarray:

@@ -64,6 +64,7 @@ class ResMTNetConfig:
     size_per_axis: bool = False        # size head gives one extent per axis (boxes follow the nodule)
     attributes: bool = False           # reader-characteristic heads on the malignancy branch (ATTRIBUTES)
     fine_segmentation: bool = False    # full-resolution nodule mask decoder on the malignancy branch
+    seg_detail: int = 0                # width of the decoder's full-resolution path on the input (0: none)
     fpr: bool = False                  # second stage: candidate classifier on a patch around each peak
     fpr_patch: int = 32                # its input side (voxels at the model spacing)
     fpr_width: int = 16
@@ -170,13 +171,21 @@ class SegmentationDecoder(nn.Module):
     (a U-Net's last two levels). It runs on nodule-centred patches only (see
     `ResMTNet.forward_maps`), never over a whole scan."""
 
-    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 32):
+    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 32, detail: int = 0):
         super().__init__()
         Conv = _conv(nd)
         self.mode = "trilinear" if nd == 3 else "bilinear"
         self.up1 = nn.Sequential(Conv(hw + stem_width, width, 3, 1, 1, bias=False), _norm(nd, width),
                                  nn.ReLU(inplace=True))
-        self.up2 = nn.Sequential(Conv(width + in_channels, width // 2, 3, 1, 1, bias=False), _norm(nd, width // 2),
+        # ``detail``: two 3x3 convolutions on the input at full resolution, so the last level
+        # sees the nodule's edge in the image itself (a 5-voxel view), not only the
+        # interpolated stride-2 features (an edge blurred over ~4 voxels)
+        self.detail = None
+        if detail:
+            self.detail = nn.Sequential(Conv(in_channels, detail, 3, 1, 1, bias=False), _norm(nd, detail),
+                                        nn.ReLU(inplace=True), Conv(detail, detail, 3, 1, 1, bias=False),
+                                        _norm(nd, detail), nn.ReLU(inplace=True))
+        self.up2 = nn.Sequential(Conv(width + in_channels + detail, width // 2, 3, 1, 1, bias=False), _norm(nd, width // 2),
                                  nn.ReLU(inplace=True), Conv(width // 2, width // 2, 3, 1, 1, bias=False),
                                  _norm(nd, width // 2), nn.ReLU(inplace=True))
         self.out = Conv(width // 2, 1, 1)
@@ -185,7 +194,8 @@ class SegmentationDecoder(nn.Module):
         y = F.interpolate(m, size=stem.shape[2:], mode=self.mode, align_corners=False)
         y = self.up1(torch.cat([y, stem], 1))
         y = F.interpolate(y, size=x.shape[2:], mode=self.mode, align_corners=False)
-        return self.out(self.up2(torch.cat([y, x], 1)))
+        parts = [y, x] if self.detail is None else [y, x, self.detail(x)]
+        return self.out(self.up2(torch.cat(parts, 1)))
 
 
 class ResMTNet(nn.Module):
@@ -228,7 +238,7 @@ class ResMTNet(nn.Module):
         if cfg.fine_segmentation:
             if backbone is not None:
                 raise ValueError("fine_segmentation needs the default backbone (its stem features)")
-            self.seg_decoder = SegmentationDecoder(nd, hw, cfg.widths[0], cfg.in_channels)
+            self.seg_decoder = SegmentationDecoder(nd, hw, cfg.widths[0], cfg.in_channels, detail=cfg.seg_detail)
         nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
         nn.init.constant_(self.size.bias, 1.0)
         if cfg.fpr:

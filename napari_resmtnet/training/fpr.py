@@ -13,7 +13,8 @@ detector frozen, on the detector's *own* candidates (hard-negative mining):
 * structure-free lung (noise only), so that noise blobs never pass.
 
 Augmentation: flips and 90° turns, a shift of up to 2 voxels, thick-slice simulation (the
-hard case of vessels on 5-8 mm slices), intensity jitter and noise. Batches are balanced
+hard case of vessels on 5-8 mm slices), optionally intravenous contrast (`enhance`) and a
+sharp kernel's noise, intensity jitter and noise. Batches are balanced
 between positives and negatives; ``scan_negatives`` can fix the share of negatives drawn from
 the whole scans (by default every negative candidate is equally likely: a fixed half did not
 help on the validation scans). The final detection probability is
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.preprocess import normalize_ct
+from ..io.preprocess import CT_WINDOW, normalize_ct
 from ..metrics import match_detections
 from ..model import decode
 from . import wholescan
@@ -41,7 +42,7 @@ from ..inference.predictor import Predictor
 
 DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-3, "floor": 0.02, "pos_fraction": 0.5,
             "shift": 2, "thick_prob": 0.5, "thick_factor": [1.5, 6.0], "noise_negatives": 0.05,
-            "scan_negatives": None}
+            "scan_negatives": None, "contrast_prob": 0.0, "contrast_hu": [250.0, 60.0], "noise_hu": 0.0}
 
 
 @dataclass
@@ -116,6 +117,27 @@ def noise_patch(side: int, g: torch.Generator) -> torch.Tensor:
     return normalize_ct(hu)
 
 
+#: One Hounsfield unit in the network's normalised input.
+HU_UNIT = 2.0 / (CT_WINDOW[1] - CT_WINDOW[0])
+
+
+def enhance(x: torch.Tensor, labels, opts: dict, g: torch.Generator) -> None:
+    """Intravenous contrast, in place, on a share ``contrast_prob`` of the patches: soft tissue
+    (a smooth step at -100 HU) gains up to ``contrast_hu[0]`` HU on a negative (vessels, the
+    heart and the hila enhance by 150-300 HU) and up to ``contrast_hu[1]`` on a nodule (a
+    nodule enhances by tens of HU), so that brightness alone does not tell the two apart but
+    an enhanced vessel's shape seen end-on does not pass as a nodule. Calcified nodules stay
+    positives, bright as they are."""
+    step = -1.0 + (-100.0 - CT_WINDOW[0]) * HU_UNIT  # -100 HU, normalised
+    for i in range(len(x)):
+        if float(torch.rand((), generator=g)) >= opts["contrast_prob"]:
+            continue
+        top = opts["contrast_hu"][1] if labels[i] == 1 else opts["contrast_hu"][0]
+        gain = float(torch.rand((), generator=g)) * top * HU_UNIT
+        soft = torch.sigmoid((x[i] - step) / (30.0 * HU_UNIT))
+        x[i] = (x[i] + gain * soft).clamp(max=1.0)
+
+
 def make_fpr_batch(vols, samples, pos, neg, n: int, side: int, opts: dict, g: torch.Generator):
     """Balanced, augmented batch of candidate patches: (N, 1, side^3) tensor, (N,) labels."""
 
@@ -151,6 +173,11 @@ def make_fpr_batch(vols, samples, pos, neg, n: int, side: int, opts: dict, g: to
             z = max(2, int(round(side / f)))
             low = F.interpolate(x[i : i + 1], size=(z, side, side), mode="area")
             x[i : i + 1] = F.interpolate(low, size=(side,) * 3, mode="trilinear", align_corners=False)
+    if opts["contrast_prob"] > 0:
+        enhance(x, labels, opts, g)
+    if opts["noise_hu"] > 0:  # a sharp kernel's noise, up to noise_hu (sigma, HU) per patch
+        sigma = torch.rand((len(x), 1, 1, 1, 1), generator=g) * opts["noise_hu"] * HU_UNIT
+        x = x + torch.randn(x.shape, generator=g) * sigma
     a = 1 + (torch.rand((len(x), 1, 1, 1, 1), generator=g) * 2 - 1) * 0.05
     b = (torch.rand((len(x), 1, 1, 1, 1), generator=g) * 2 - 1) * 0.05
     x = x * a + b + torch.randn(x.shape, generator=g) * 0.02

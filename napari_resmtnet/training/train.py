@@ -210,7 +210,7 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
 #: Network settings a fine-tune may add to its base: their new parameters start fresh (the
 #: per-axis size head from the base's one-channel head, repeated per axis).
 GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight", "attributes", "fine_segmentation",
-            "w_attributes", "w_fine_segmentation", "texture_weights")
+            "w_attributes", "w_fine_segmentation", "texture_weights", "seg_detail")
 
 
 def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str = "init") -> list[str]:
@@ -227,6 +227,8 @@ def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str =
         w = init["state_dict"].get(k)
         if w is None:
             fresh.append(k)
+        elif k.startswith("seg_decoder.") and base.get("seg_detail") != new.get("seg_detail"):
+            fresh.append(k)  # another decoder: it trains from its own initialisation
         elif w.shape == v.shape:
             own[k] = w
         elif k.startswith("size.") and w.shape[0] == 1:  # one diameter -> one extent per axis

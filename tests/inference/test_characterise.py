@@ -63,6 +63,27 @@ def test_training_step_has_every_term_and_reaches_the_new_heads():
     assert net.seg_decoder.out.weight.grad.abs().sum() > 0
 
 
+def test_decoder_detail_path_sees_the_image_and_warm_starts_fresh():
+    """``seg_detail``: a full-resolution path on the input; a model grown from one without it
+    keeps every other weight and starts its decoder afresh."""
+    from napari_resmtnet.training.train import warm_start
+
+    base = _net()
+    net = _net(seg_detail=4)
+    assert net.seg_decoder.detail is not None and base.seg_decoder.detail is None
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert net.forward_maps(x, full_resolution=True)["mask"].shape == (1, 1, 32, 32, 32)
+    init = {"network": base.config.to_dict(), "state_dict": base.state_dict()}
+    fresh = warm_start(net, init, net.config)
+    assert fresh and all(k.startswith("seg_decoder.") for k in fresh)
+    assert any(k.startswith("seg_decoder.detail.") for k in fresh) and "seg_decoder.up1.0.weight" in fresh
+    assert torch.equal(net.malignancy_head.weight, base.malignancy_head.weight)
+    # the detail path's output reaches the mask: a gradient flows into it
+    net.train()
+    net.forward_maps(x, full_resolution=True)["mask"].sum().backward()
+    assert net.seg_decoder.detail[0].weight.grad.abs().sum() > 0
+
+
 def test_attribute_targets_on_the_core_and_unknowns_left_out():
     cfg = ResMTNetConfig(spatial_dims=3)
     tg = [

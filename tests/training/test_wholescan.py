@@ -57,6 +57,38 @@ def test_lung_mask_follows_the_pleura():
     assert mask.sum() < 1.35 * lungs.sum()
 
 
+def chest_with_airways():
+    """`chest_cells` (z = array axis 0, head at the last index) with a 16 mm trachea down the
+    midline from the head end to the middle, where a main bronchus runs to the right lung."""
+    hu, pts = chest_cells()
+    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * CELL_MM for n in hu.shape], indexing="ij", sparse=True)
+    trachea = np.broadcast_to(((y + 20.0) ** 2 + x**2 <= 8.0**2) & (z >= 0), hu.shape)
+    bronchus = np.broadcast_to(((y + 20.0) ** 2 + z**2 <= 6.0**2) & (x <= 0) & (x >= -90), hu.shape)
+    hu[trachea | bronchus] = -1000
+    pts["trachea_lumen"] = (40.0, -20.0, 0.0)
+    pts["paratracheal"] = (40.0, -20.0, 11.0)  # 3 mm outside the trachea's wall: within the 4 mm margin
+    return hu, pts
+
+
+def test_lung_mask_leaves_out_the_large_airways():
+    hu, pts = chest_with_airways()
+    for head_last in (True, None):
+        mask, info = lung_mask_cells(hu, CELL_MM, (320.0, 384.0), axial_axis=0, head_last=head_last, lr_axis=2)
+        assert info["used"] and "large airways" in info["reason"], info
+        for name in ("trachea_lumen", "paratracheal", "mediastinum", "chest_wall"):
+            assert not mask[cell(pts[name], hu.shape)], name
+        for name in ("lung", "juxta_pleural"):
+            assert mask[cell(pts[name], hu.shape)], name
+    # the same chest seen feet first: the trachea is found at the other end
+    flipped, info = lung_mask_cells(hu[::-1], CELL_MM, (320.0, 384.0), axial_axis=0, head_last=False, lr_axis=2)
+    assert "large airways" in info["reason"]
+    c = cell(pts["paratracheal"], hu.shape)
+    assert not flipped[hu.shape[0] - 1 - c[0], c[1], c[2]]
+    # told the wrong end, it finds no trachea there and leaves the mask as it was
+    wrong, info = lung_mask_cells(hu, CELL_MM, (320.0, 384.0), axial_axis=0, head_last=False, lr_axis=2)
+    assert "no trachea" in info["reason"]
+
+
 def test_lung_mask_on_thick_slices_and_partial_field():
     hu, pts = chest_cells()
     thick = hu[::2]  # 8 mm slices
