@@ -31,11 +31,9 @@ from .datasets import MALIGNANCY_TARGETS, load_ct_records, split_by_series
 from .cxr_data import load_cxr_records, make_cxr_batch, training_context
 from . import wholescan
 from ..inference.predictor import Predictor
-from ..inference.weights import bundled_entry, load_checkpoint, sha256_of
+from ..inference.weights import WEIGHTS_FORMAT, bundled_entry, load_checkpoint, sha256_of
 from .wholescan import negative_crop
 from .fpr import train_fpr
-
-WEIGHTS_FORMAT = "resmtnet-weights/1"
 
 
 def _merge(base: dict, over: dict) -> dict:
