@@ -50,7 +50,7 @@ from ..detections import Detections
 from ..errors import Cancelled, InputError
 from ..scan import Scan
 from .weights import load_model
-from ..io.preprocess import CT_WINDOW, MODEL_SPACING_MM, normalize_cxr, preprocess_radiograph, resample_to_spacing
+from ..io.preprocess import CT_WINDOW, MODEL_SPACING_MM, normalize_ct, normalize_cxr, preprocess_radiograph, resample_to_spacing
 from .. import boxes as B
 from .characterise import MAX_CHARACTERISED, characterise
 from ..io.formats import load_scan
@@ -607,13 +607,8 @@ class Predictor:
             hu_cells = sitk_array(_resample(img, 4 * model_sp, n // 4))
         del img
         view = sitk_view(res)
-        lo, hi = CT_WINDOW
-        vol = np.empty(view.shape, np.float32)
-        np.clip(view, lo, hi, out=vol)
+        vol = normalize_ct(view, out=np.empty(view.shape, np.float32))
         del view, res
-        vol -= lo
-        vol *= 2.0 / (hi - lo)
-        vol -= 1.0
         np.nan_to_num(vol, copy=False, nan=-1.0, posinf=1.0, neginf=-1.0)
         return torch.from_numpy(vol), hu_cells, (model_sp / sp, np.zeros(3))
 

@@ -18,13 +18,21 @@ MODEL_SPACING_MM = 1.6
 CT_WINDOW = (-1200.0, 600.0)
 
 
-def normalize_ct(hu, window=CT_WINDOW):
-    """HU (numpy or torch) -> float32 in about [-1, 1] over ``window``."""
+def normalize_ct(hu, window=CT_WINDOW, out=None):
+    """HU (numpy or torch) -> float32 in about [-1, 1] over ``window``. ``out``: a float32
+    array of ``hu``'s shape to write into (numpy only), for a whole scan without a second
+    full-size temporary."""
     lo, hi = window
     torch = sys.modules.get("torch")  # a tensor implies torch is loaded; never import it here
     if torch is not None and isinstance(hu, torch.Tensor):
         return ((hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1)
-    return ((np.clip(np.asarray(hu, dtype=np.float32), lo, hi) - lo) / (hi - lo) * 2 - 1).astype(np.float32)
+    if out is None:
+        out = np.empty(np.shape(hu), np.float32)
+    np.clip(hu, lo, hi, out=out)
+    out -= lo
+    out *= 2.0 / (hi - lo)
+    out -= 1.0
+    return out
 
 
 def normalize_cxr(img, lung_mask=None):
