@@ -240,9 +240,8 @@ class ReviewSession:
 
     def _travel(self, undo: bool) -> bool:
         t = self.table
-        h = self.history if t is not None else None
-        target = (h.undo(t) if undo else h.redo(t)) if h is not None else None
-        if target is None:
+        target = None if t is None else (self.history.undo(t) if undo else self.history.redo(t))
+        if t is None or target is None:
             self._info("Nothing to undo." if undo else "Nothing to redo.")
             return False
         target = target.copy()
@@ -385,7 +384,8 @@ class AutosaveQueue:
     def flush(self) -> tuple[list[str], str]:
         pending, self.pending = self.pending, {}
         self.since = None
-        written, report = [], ""
+        written: list[str] = []
+        report = ""
         if not pending:
             return written, report
         from . import autosave
