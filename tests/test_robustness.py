@@ -1005,7 +1005,7 @@ def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, q
         bad = _bad_weights(kind, tmp_path / "w")
         assert w.detect_panel.set_weights(bad) is False
         assert re.search(BAD_WEIGHTS[kind], notes["error"][-1]) and str(bad) in notes["error"][-1]
-        assert w.detect_panel.weights_path is None and w.detect_panel.params.weights_info.value == "bundled"
+        assert w.detect_panel.weights_path is None and w.detect_panel.weights_label.text() == "bundled"
     assert len(notes["error"]) == 4
     # a file picked in the panel's file field goes through the same checks
     w.detect_panel.params.weights.value = bad
@@ -1013,8 +1013,8 @@ def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, q
     assert w.detect_panel.params.weights.line_edit.value == ""
     good = weights_file(tmp_path / "w" / "good.pt")
     w.detect_panel.params.weights.value = good
-    assert w.detect_panel.weights_path == str(good) and w.detect_panel.params.bundled.enabled
-    assert w.detect_panel.weights_info["modality"] == "CT" and "good.pt" in w.detect_panel.params.weights_info.value
+    assert w.detect_panel.weights_path == str(good) and w.detect_panel.bundled_button.isEnabled()
+    assert w.detect_panel.weights_info["modality"] == "CT" and "good.pt" in w.detect_panel.weights_label.text()
     w.detect()  # the real Predictor with the user file
     assert w.nodule_layer is not None and len(notes["error"]) == 5
     # the file is altered after it was chosen: detection re-checks and says so
@@ -1025,8 +1025,8 @@ def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, q
     w.detect()
     assert len(notes["error"]) == 6
     assert notes["error"][-1].startswith("Nodule detection failed:") and "sha256 mismatch" in notes["error"][-1]
-    w.detect_panel.params.bundled.native.click()  # the "Bundled weights" button
-    assert w.detect_panel.weights_path is None and w.detect_panel.params.weights_info.value == "bundled"
+    w.detect_panel.bundled_button.click()  # the "Bundled" button
+    assert w.detect_panel.weights_path is None and w.detect_panel.weights_label.text() == "bundled"
 
 
 # =========================================================================== no lost work

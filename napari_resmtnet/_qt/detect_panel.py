@@ -17,8 +17,8 @@ import os
 import threading
 from functools import partial
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from magicgui.widgets import ComboBox, Container, FileEdit
+from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..layers import META_KEY, NoduleTable, image_identity, scan_for_layer
 from .layer_view import image_layers
@@ -116,22 +116,31 @@ class DetectPanel(QWidget):
             ComboBox(name="image", label="image", choices=self._image_names),
             ComboBox(name="model", label="model", choices=MODEL_CHOICES, value="auto"),
             ComboBox(name="device", label="device", choices=DEVICE_CHOICES, value="auto"),
-            Label(name="device_info", label="", value="checking for a GPU…"),
-            FileEdit(name="weights", label="weights", mode="r", filter="Weights (*.pt *.pth)"),
-            Label(name="weights_info", label="", value="bundled"),
-            PushButton(name="bundled", text="Bundled weights", enabled=False,
-                       tooltip="Go back to the weights that come with the plugin"),
+            FileEdit(name="weights", label="weights file", mode="r", filter="Weights (*.pt *.pth)"),
         ])
         p = self.params
         p.weights.tooltip = "Use a weights file of your own (a <file>.sha256 must lie beside it)"
         p.image.changed.connect(lambda *_: host.on_choice())
         p.model.changed.connect(lambda *_: host.on_choice())
         p.weights.changed.connect(self._on_weights_file)
-        p.bundled.changed.connect(self.use_bundled_weights)
 
         root = QVBoxLayout(self)
         root.setContentsMargins(0, 0, 0, 0)
         root.addWidget(p.native)
+        form = QFormLayout()
+        self.device_label = QLabel("checking for a GPU…")
+        form.addRow("device found", self.device_label)
+        wrow = QHBoxLayout()
+        self.weights_label = QLabel("bundled")
+        self.weights_label.setWordWrap(True)
+        self.bundled_button = QPushButton("Bundled")
+        self.bundled_button.setToolTip("Go back to the weights that come with the plugin")
+        self.bundled_button.clicked.connect(self.use_bundled_weights)
+        self.bundled_button.setEnabled(False)
+        wrow.addWidget(self.weights_label, 1)
+        wrow.addWidget(self.bundled_button)
+        form.addRow("weights in use", wrow)
+        root.addLayout(form)
         row = QHBoxLayout()
         self.detect_button = QPushButton("Detect nodules")
         self.detect_button.clicked.connect(self.detect)
@@ -177,7 +186,7 @@ class DetectPanel(QWidget):
 
     def probe_devices(self) -> None:
         self.cuda_available, text = probe_cuda()
-        self.params.device_info.value = text
+        self.device_label.setText(text)
         self.params.device.native.model().item(2).setEnabled(self.cuda_available)
 
     def set_status(self, text: str) -> None:
@@ -211,19 +220,17 @@ class DetectPanel(QWidget):
             self.host.notify("error", f"Weights not used: {path}: {first}")
             return False
         self.weights_path, self.weights_info = path, info
-        p = self.params
-        p.weights_info.value = (f"{os.path.basename(path)} ({info['modality']}, {info['name']} "
-                                f"{info['version']}, sha256 {info['sha256'][:8]}…)")
-        p.bundled.enabled = True
+        self.weights_label.setText(f"{os.path.basename(path)} ({info['modality']}, {info['name']} "
+                                   f"{info['version']}, sha256 {info['sha256'][:8]}…)")
+        self.bundled_button.setEnabled(True)
         self._show_weights_file(path)
         self.host.notify("info", f"Using weights {path} for {info['modality']} (sha256 {info['sha256'][:12]}…)")
         return True
 
     def use_bundled_weights(self, *_) -> None:
         self.weights_path, self.weights_info = None, None
-        p = self.params
-        p.weights_info.value = "bundled"
-        p.bundled.enabled = False
+        self.weights_label.setText("bundled")
+        self.bundled_button.setEnabled(False)
         self._show_weights_file(None)
 
     def _show_weights_file(self, path: str | None) -> None:
