@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     state = {"waited": 0.0, "step": 0, "result": 1}
 
     def start():
-        w.detect_button.click()  # the real button: the same path as a reader's click
+        w.detect_panel.detect_button.click()  # the real button: the same path as a reader's click
         state["started"] = True
 
     def poll():
@@ -81,26 +81,26 @@ def main(argv=None) -> int:
         timer.stop()
         t = w.nodules
         if t is None or not len(t):
-            print("no nodules found:", w.status_label.text(), file=sys.stderr)
+            print("no nodules found:", w.detect_panel.status_label.text(), file=sys.stderr)
             viewer.close()
             return
-        print(w.status_label.text())
-        w.planes_button.click()  # "Three planes"
+        print(w.detect_panel.status_label.text())
+        w.views_panel.planes_button.click()  # "Three planes"
         w.focus_nodule(reading_order(t)[0])
         QTimer.singleShot(2000, shoot_planes)
 
     def shoot_planes():
         _close_toasts(viewer)
         qt_window.resizeDocks([dock], [DOCK_WIDTH], Qt.Horizontal)
-        w.table.resizeColumnsToContents()
+        w.review_panel.table.resizeColumnsToContents()
         QTimer.singleShot(1000, shoot_planes_now)
 
     def shoot_planes_now():
         # the table's last columns (the model's findings) in view, should the dock be narrower
-        w.table.scrollToItem(w.table.item(0, w.table.columnCount() - 1))
+        w.review_panel.table.scrollToItem(w.review_panel.table.item(0, w.review_panel.table.columnCount() - 1))
         QApplication.processEvents()
         viewer.screenshot(os.path.join(a.out, "three_planes.png"), canvas_only=False)
-        w.planes_button.click()  # close the planes: the 3D view gets the whole height
+        w.views_panel.planes_button.click()  # close the planes: the 3D view gets the whole height
         viewer.dims.ndisplay = 3
         QTimer.singleShot(1000, wait_lungs)
 

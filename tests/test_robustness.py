@@ -1004,25 +1004,30 @@ def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, q
     viewer, w = open_with_widget(make_napari_viewer, scan, factory=lambda m, d: pytest.fail("bundled weights used"))
     for kind in ("altered", "pickled_code", "wrong_network_dims", "no_sidecar"):
         bad = _bad_weights(kind, tmp_path / "w")
-        assert w.set_weights(bad) is False
+        assert w.detect_panel.set_weights(bad) is False
         assert re.search(BAD_WEIGHTS[kind], notes["error"][-1]) and str(bad) in notes["error"][-1]
-        assert w.weights_path is None and w.weights_label.text() == "bundled"
+        assert w.detect_panel.weights_path is None and w.detect_panel.weights_label.text() == "bundled"
     assert len(notes["error"]) == 4
+    # a file picked in the panel's file field goes through the same checks
+    w.detect_panel.params.weights.value = bad
+    assert len(notes["error"]) == 5 and w.detect_panel.weights_path is None
+    assert w.detect_panel.params.weights.line_edit.value == ""
     good = weights_file(tmp_path / "w" / "good.pt")
-    assert w.set_weights(good) is True
-    assert w.weights_info["modality"] == "CT" and "good.pt" in w.weights_label.text()
+    w.detect_panel.params.weights.value = good
+    assert w.detect_panel.weights_path == str(good) and w.detect_panel.bundled_button.isEnabled()
+    assert w.detect_panel.weights_info["modality"] == "CT" and "good.pt" in w.detect_panel.weights_label.text()
     w.detect()  # the real Predictor with the user file
-    assert w.nodule_layer is not None and len(notes["error"]) == 4
+    assert w.nodule_layer is not None and len(notes["error"]) == 5
     # the file is altered after it was chosen: detection re-checks and says so
-    w._predictors.clear()
+    w.detect_panel.predictors.clear()
     data = bytearray(good.read_bytes())
     data[-100] ^= 0x01
     good.write_bytes(bytes(data))
     w.detect()
-    assert len(notes["error"]) == 5
+    assert len(notes["error"]) == 6
     assert notes["error"][-1].startswith("Nodule detection failed:") and "sha256 mismatch" in notes["error"][-1]
-    w.use_bundled_weights()
-    assert w.weights_path is None
+    w.detect_panel.bundled_button.click()  # the "Bundled" button
+    assert w.detect_panel.weights_path is None and w.detect_panel.weights_label.text() == "bundled"
 
 
 # =========================================================================== no lost work
@@ -1102,7 +1107,7 @@ def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_vi
     real_save = A.save
     monkeypatch.setattr(A, "save", lambda table: writes.append(table) or real_save(table))
     w.detect()
-    w.table.select_ids([1])
+    w.review_panel.table.select_ids([1])
     w.flip_selected()
     w.mark_reviewed()
     nid = w.add_nodule([3.0, 5, 5, 5.0, 9, 11], label="malignant")
@@ -1117,7 +1122,7 @@ def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_vi
     image = expected.image
     assert A.load(image).equals(expected)
     # delete one more, then the viewer closes before the debounce fires: still saved
-    w.table.select_ids([2])
+    w.review_panel.table.select_ids([2])
     w.delete_selected()
     after_delete = w.nodules.copy()
     w.close()
@@ -1182,7 +1187,7 @@ def test_failed_autosave_is_one_notification(make_napari_viewer, qtbot, notes, g
     viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
     w.detect()
     assert w.flush_autosave() == []
-    w.table.select_ids([1])
+    w.review_panel.table.select_ids([1])
     w.flip_selected()
     assert w.flush_autosave() == []
     fails = [m for m in notes["error"] if m.startswith("Autosave failed")]
@@ -1211,10 +1216,10 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
     w.detect()
     out = tmp_path / "résultats Müller 测试"
     out.mkdir()
-    paths = w.export_nodules(out / "nodules.csv")
+    paths = w.export_panel.export_nodules(out / "nodules.csv")
     before = {p: Path(p).read_text() for p in paths}
     assert oct(Path(paths[0]).stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
-    w.table.select_ids([1])
+    w.review_panel.table.select_ids([1])
     w.flip_selected()
 
     def full(fd):
@@ -1222,7 +1227,7 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(files.os, "fsync", full)
-        assert w.export_nodules(out / "nodules.csv") == []
+        assert w.export_panel.export_nodules(out / "nodules.csv") == []
     assert "No space left on device" in notes["error"][-1] and "nodules" in notes["error"][-1]
     assert {p: Path(p).read_text() for p in paths} == before
     assert sorted(os.listdir(out)) == ["nodules.csv", "nodules.json"]
@@ -1231,7 +1236,7 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
     if undo is None:
         pytest.skip("cannot make a folder read-only here")
     try:
-        assert w.export_nodules(out / "nodules.csv") == []
+        assert w.export_panel.export_nodules(out / "nodules.csv") == []
     finally:
         undo()
     assert re.search(r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied|folder .* is not writable)",

@@ -12,7 +12,7 @@ in any view moves the other views' slices there, scrolling a view's slider moves
 Why not napari-orthogonal-views (PyPI, 0.5.0, for napari 0.6.5-0.9): it copies every
 layer of the viewer into its side views and keeps all their properties synchronised. With
 this plugin's nodule layer (a 2D Shapes layer of the current axial slice, see
-`napari_resmtnet._widget.NoduleWidget._add_slice_layer` and napari issue #8901) showing the
+`napari_resmtnet._qt.layer_view.NoduleLayerView.add_slice_layer` and napari issue #8901) showing the
 side views fails on napari 0.9.2: syncing the layer's ``feature_defaults`` raises
 ``ValueError: assignment destination is read-only`` from pandas. Switching Shapes syncing
 off avoids the error, but the copy of a 2D current-slice layer still lies in the wrong plane

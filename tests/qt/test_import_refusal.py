@@ -64,12 +64,12 @@ def test_refused_imports_leave_layer_table_and_autosave_untouched(make_napari_vi
     saved_bytes = saved.read_bytes()
     before = w.nodules.copy()
     layer_data = [b.copy() for b in layer.data]
-    paths = w.export_nodules(tmp_path / "case.csv")
+    paths = w.export_panel.export_nodules(tmp_path / "case.csv")
     files = _hostile_files(tmp_path, Path(paths[1]))
     n_info = len(notes["info"])
     for name, p in files.items():
         n_errors = len(notes["error"])
-        assert w.import_nodules(p) is None, name
+        assert w.export_panel.import_nodules(p) is None, name
         assert len(notes["error"]) == n_errors + 1, name
         msg = notes["error"][-1]
         assert "\n" not in msg and "Traceback" not in msg, msg

@@ -8,6 +8,7 @@ pytest.importorskip("qtpy")
 napari = pytest.importorskip("napari")
 
 from napari_resmtnet import _widget as W  # noqa: E402
+from napari_resmtnet.layers import REJECTED_RGB  # noqa: E402
 from test_widget import CT_ORIGIN, CT_SHAPE, CT_SPACING, MOVE_MS, Factory, detect, notes, press  # noqa: E402,F401
 
 pytestmark = pytest.mark.gui
@@ -49,9 +50,9 @@ def world_of(voxel):
 def test_three_planes_marks_linked_cursor_and_jump(make_napari_viewer, qtbot, notes):  # noqa: F811
     viewer, image, w = make_ct(make_napari_viewer)
     layer = detect(qtbot, w)
-    w.planes_button.click()
-    planes = w.planes
-    assert planes is not None and w.planes_button.isChecked()
+    w.views_panel.planes_button.click()
+    planes = w.views_panel.planes
+    assert planes is not None and w.views_panel.planes_button.isChecked()
     cor, sag = planes.views["coronal"], planes.views["sagittal"]
     qtbot.wait(50)
     # jump to the first unreviewed nodule (1: slices 5..8, y 10..20, x 12..24): all three views go there
@@ -69,7 +70,7 @@ def test_three_planes_marks_linked_cursor_and_jump(make_napari_viewer, qtbot, no
     np.testing.assert_allclose(rect[:, 2].min() / CT_SPACING[2], 12, atol=1e-4)
     np.testing.assert_allclose(rect[:, 2].max() / CT_SPACING[2], 24, atol=1e-4)
     assert len(cor.cursor.data) == 2 and len(planes.axial_cursor.data) == 2
-    assert "axial 6/19 z -88.0 mm" in w.position_label.text()
+    assert "axial 6/19 z -88.0 mm" in w.views_panel.position_label.text()
     # the cameras of the side views are centred on the nodule
     np.testing.assert_allclose(cor.model.scene.camera.center[-2:], world_of([6, 15, 18])[[0, 2]], atol=1e-6)
 
@@ -79,7 +80,7 @@ def test_three_planes_marks_linked_cursor_and_jump(make_napari_viewer, qtbot, no
     assert w.current_slice == 15 and layer.features["id"].tolist() == [3]
     assert planes.voxel().tolist() == [15, 15, 42] and sag.index() == 42
     assert planes.marks_ids("sagittal") == [3] and planes.marks_ids("coronal") == [1]  # y = 15 cuts nodule 1
-    assert "axial 15/19" in w.position_label.text() and "sagittal 42/63" in w.position_label.text()
+    assert "axial 15/19" in w.views_panel.position_label.text() and "sagittal 42/63" in w.views_panel.position_label.text()
 
     # a click in the axial view moves the coronal and sagittal planes (a click on no box)
     layer.mode = "pan_zoom"
@@ -97,11 +98,11 @@ def test_three_planes_marks_linked_cursor_and_jump(make_napari_viewer, qtbot, no
     # an edit of the nodules reaches the side views: rejecting 3 greys its marks
     w.focus_nodule(3)
     press(viewer, "x")
-    np.testing.assert_allclose(cor.marks.edge_color[0][:3], W.REJECTED_RGB)
+    np.testing.assert_allclose(cor.marks.edge_color[0][:3], REJECTED_RGB)
 
     # closing the planes removes the cursor from the axial view and unlinks
-    w.planes_button.click()
-    assert w.planes is None and planes.axial_cursor is None
+    w.views_panel.planes_button.click()
+    assert w.views_panel.planes is None and planes.axial_cursor is None
     assert not any((ly.metadata or {}).get("resmtnet_cursor") for ly in viewer.layers)
     viewer.dims.set_current_step(0, 3)
     assert notes["error"] == []
@@ -118,10 +119,10 @@ def test_window_presets_on_keys_and_buttons(make_napari_viewer, qtbot, notes):  
     viewer.layers.selection.active = image  # ... and with the image active
     press(viewer, "F4")
     assert tuple(image.contrast_limits) == (-500.0, 1500.0)
-    w.planes_button.click()
-    w.window_buttons["lung"].click()
+    w.views_panel.planes_button.click()
+    w.views_panel.window_buttons["lung"].click()
     assert tuple(image.contrast_limits) == (-1350.0, 150.0)
-    for view in w.planes.views.values():  # the side views show the same window
+    for view in w.views_panel.planes.views.values():  # the side views show the same window
         assert tuple(view.image.contrast_limits) == (-1350.0, 150.0)
     # the nodule keys still work (the presets are bound on the viewer, not instead of them)
     viewer.layers.selection.active = layer
@@ -137,6 +138,6 @@ def test_window_presets_and_planes_need_a_ct(make_napari_viewer, qtbot, notes): 
     w = W.NoduleWidget(viewer, predictor_factory=Factory())
     viewer.window.add_dock_widget(w)
     press(viewer, "F2")
-    w.planes_button.click()
-    assert w.planes is None and not w.planes_button.isChecked()
-    assert sum("CT" in m for m in notes["info"]) == 2 and w.position_label.text() == ""
+    w.views_panel.planes_button.click()
+    assert w.views_panel.planes is None and not w.views_panel.planes_button.isChecked()
+    assert sum("CT" in m for m in notes["info"]) == 2 and w.views_panel.position_label.text() == ""

@@ -12,6 +12,7 @@ napari = pytest.importorskip("napari")
 
 from napari_resmtnet import _widget as W  # noqa: E402
 from napari_resmtnet.detections import Detections  # noqa: E402
+from napari_resmtnet.layers import REJECTED_RGB  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -89,7 +90,7 @@ def make(make_napari_viewer, factory, ndim=3):
 
 
 def detect(qtbot, w):
-    w.detect_button.click()
+    w.detect_panel.detect_button.click()
     qtbot.waitUntil(lambda: not w.is_running, timeout=10000)
     return w.nodule_layer
 
@@ -120,8 +121,8 @@ def test_detect_makes_a_nodule_layer_in_image_mm(make_napari_viewer, qtbot, note
     assert list(layer.text.values) == ["malignant 0.90"]
     t = layer.metadata["nodules"]
     assert len(t) == 3 and t.model_info == MODEL and t.threshold == 0.5
-    assert w.table.rowCount() == 2 and w.table.ids == [1, 3]
-    assert "2 of 3 nodules shown" in w.count_label.text()
+    assert w.review_panel.table.rowCount() == 2 and w.review_panel.table.ids == [1, 3]
+    assert "2 of 3 nodules shown" in w.review_panel.count_label.text()
     assert notes["error"] == []
 
 
@@ -137,13 +138,13 @@ def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, q
     def tick():
         if w.is_running:
             ticks.append(time.perf_counter())
-            shown.append((w.progress_bar.isHidden(), w.progress_bar.value(), w.progress_bar.text()))
+            shown.append((w.detect_panel.progress_bar.isHidden(), w.detect_panel.progress_bar.value(), w.detect_panel.progress_bar.text()))
 
     timer.timeout.connect(tick)
     timer.start()
-    w.detect_button.click()
-    assert w.is_running and not w.detect_button.isEnabled() and w.cancel_button.isEnabled()
-    pbar = w._pbar
+    w.detect_panel.detect_button.click()
+    assert w.is_running and not w.detect_panel.detect_button.isEnabled() and w.detect_panel.cancel_button.isEnabled()
+    pbar = w.detect_panel.pbar
     assert pbar is not None and pbar in napari.utils.progress._all_instances  # activity dock
     w.detect()  # a second click while running
     qtbot.waitUntil(lambda: not w.is_running, timeout=10000)
@@ -153,7 +154,7 @@ def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, q
     # the widget's own bar: stage and percent while running, hidden afterwards
     assert not any(hidden for hidden, _, _ in shown)
     assert any(text.startswith("scanning ") and text.endswith("%") and 0 < v < 1000 for _, v, text in shown)
-    assert w.progress_bar.isHidden()
+    assert w.detect_panel.progress_bar.isHidden()
     assert any("already running" in m for m in notes["info"])
     gaps = np.diff(ticks)
     assert len(ticks) > 20 and gaps.max() < 0.2, f"event loop stalled for {gaps.max():.3f} s"
@@ -164,14 +165,14 @@ def test_cancel_stops_detection_without_layers(make_napari_viewer, qtbot, notes)
     f = Factory(delay=3.0)
     viewer, w = make(make_napari_viewer, f)
     n_layers = len(viewer.layers)
-    w.detect_button.click()
+    w.detect_panel.detect_button.click()
     qtbot.wait(100)
-    w.cancel_button.click()
+    w.detect_panel.cancel_button.click()
     qtbot.waitUntil(lambda: not w.is_running, timeout=5000)
     assert len(viewer.layers) == n_layers and w.nodule_layer is None
-    assert "cancelled" in w.status_label.text().lower()
+    assert "cancelled" in w.detect_panel.status_label.text().lower()
     assert any("cancelled" in m for m in notes["info"]) and notes["error"] == []
-    assert w.detect_button.isEnabled()
+    assert w.detect_panel.detect_button.isEnabled()
 
 
 def test_error_is_a_notification_not_a_crash(make_napari_viewer, qtbot, notes):
@@ -179,13 +180,13 @@ def test_error_is_a_notification_not_a_crash(make_napari_viewer, qtbot, notes):
     viewer, w = make(make_napari_viewer, f)
     detect(qtbot, w)
     assert notes["error"] and "weights file is corrupt" in notes["error"][0]
-    assert w.nodule_layer is None and w.detect_button.isEnabled()
+    assert w.nodule_layer is None and w.detect_panel.detect_button.isEnabled()
 
     def broken_factory(modality, device):
         raise ImportError("No module named 'napari_resmtnet.inference.predictor'")
 
-    w._factory = broken_factory
-    w._predictors.clear()
+    w.detect_panel.factory = broken_factory
+    w.detect_panel.predictors.clear()
     detect(qtbot, w)
     assert "model is not available" in notes["error"][-1]
 
@@ -200,7 +201,7 @@ def test_sync_mode_and_cxr_modality(make_napari_viewer, qtbot, notes, monkeypatc
     layer = w.nodule_layer
     assert len(layer.data) == 2 and layer.data[0].shape == (4, 2)
     # forcing the CT model on a radiograph is refused with a message
-    w.model_combo.setCurrentIndex(1)
+    w.detect_panel.params.model.value = "CT"
     w.detect()
     assert "CT model needs a 3D volume" in notes["error"][-1]
 
@@ -210,25 +211,25 @@ def test_threshold_slider_filters_live(make_napari_viewer, qtbot, notes):
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
     viewer.dims.set_current_step(0, 10)  # nodule 2 (p 0.3) is on slices 10, 11
-    assert w.threshold_label.text().startswith("0.50 (model's operating point)")
-    assert "3 candidates, 2 shown at threshold 0.50" in w.status_label.text()
-    w.threshold_slider.setValue(20)
-    assert layer.features["id"].tolist() == [2] and w.table.rowCount() == 3
-    assert "3 shown at threshold 0.20" in w.status_label.text()  # the status follows
-    assert w.threshold_label.text() == "0.20 (model: 0.50)"
-    w.threshold_slider.setValue(80)
-    assert len(layer.data) == 0 and w.table.rowCount() == 1
-    w.threshold_slider.setValue(95)
-    assert len(layer.data) == 0 and w.table.rowCount() == 0
+    assert w.review_panel.threshold_label.text().startswith("0.50 (model's operating point)")
+    assert "3 candidates, 2 shown at threshold 0.50" in w.detect_panel.status_label.text()
+    w.review_panel.threshold_slider.setValue(20)
+    assert layer.features["id"].tolist() == [2] and w.review_panel.table.rowCount() == 3
+    assert "3 shown at threshold 0.20" in w.detect_panel.status_label.text()  # the status follows
+    assert w.review_panel.threshold_label.text() == "0.20 (model: 0.50)"
+    w.review_panel.threshold_slider.setValue(80)
+    assert len(layer.data) == 0 and w.review_panel.table.rowCount() == 1
+    w.review_panel.threshold_slider.setValue(95)
+    assert len(layer.data) == 0 and w.review_panel.table.rowCount() == 0
     assert len(layer.metadata["nodules"]) == 3  # nothing was thrown away
     assert len(f.made) == 1  # and the model did not run again
     # while dragging, redraws are throttled; the last value is applied
-    w.threshold_slider.setSliderDown(True)
-    w.threshold_slider.setValue(60)
-    w.threshold_slider.setValue(20)
-    assert w.threshold_label.text().startswith("0.20") and len(layer.data) == 0
+    w.review_panel.threshold_slider.setSliderDown(True)
+    w.review_panel.threshold_slider.setValue(60)
+    w.review_panel.threshold_slider.setValue(20)
+    assert w.review_panel.threshold_label.text().startswith("0.20") and len(layer.data) == 0
     qtbot.waitUntil(lambda: len(layer.data) == 1, timeout=2000)
-    w.threshold_slider.setSliderDown(False)
+    w.review_panel.threshold_slider.setSliderDown(False)
     assert w.nodules.threshold == 0.2
 
 
@@ -236,24 +237,24 @@ def test_table_click_goes_to_the_slice_and_selects(make_napari_viewer, qtbot, no
     f = Factory()
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
-    row = w.table.ids.index(3)
-    w.table.click_row(row)
+    row = w.review_panel.table.ids.index(3)
+    w.review_panel.table.click_row(row)
     # nodule 3 is on slice 15 -> world z = origin + 15 * 2 mm
     assert viewer.dims.point[0] == pytest.approx(CT_ORIGIN[0] + 15 * CT_SPACING[0])
     sel = list(layer.selected_data)
     assert len(sel) == 1 and layer.features["id"][sel[0]] == 3 and layer.features["slice"][sel[0]] == 15
-    w.table.click_row(w.table.ids.index(1))
+    w.review_panel.table.click_row(w.review_panel.table.ids.index(1))
     assert viewer.dims.point[0] == pytest.approx(CT_ORIGIN[0] + 6 * CT_SPACING[0])  # centre 6.4 -> slice 6
     # selecting in the layer selects the table row
     viewer.dims.set_current_step(0, 15)
     assert layer.selected_data == set()  # nodule 1 is not on slice 15
     layer.selected_data = {0}
     layer._set_highlight(force=True)
-    assert w.table.selected_ids() == [3]
+    assert w.review_panel.table.selected_ids() == [3]
 
 
 def _wait_sync(qtbot, w):
-    qtbot.waitUntil(lambda: not w._sync_scheduled, timeout=3000)
+    qtbot.waitUntil(lambda: not w.layers.sync_scheduled, timeout=3000)
 
 
 def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot, notes):
@@ -297,14 +298,14 @@ def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot
     keys.press_key("r")
     keys.release_key("r")
     assert w.nodules.reviewed[w.nodules.index_of(3)]
-    assert w.table.item(w.table.ids.index(3), 7).text() == "accepted"
+    assert w.review_panel.table.item(w.review_panel.table.ids.index(3), 7).text() == "accepted"
     # table action: select a row, flip with the button
-    w.table.click_row(w.table.ids.index(1))
-    w.flip_button.click()
+    w.review_panel.table.click_row(w.review_panel.table.ids.index(1))
+    w.review_panel.flip_button.click()
     assert w.nodules.label[w.nodules.index_of(1)] == "benign"
 
     # add: draw a rectangle on slice 12 with "new nodule label" = malignant
-    w.new_label_combo.setCurrentText("malignant")
+    w.review_panel.new_label_combo.setCurrentText("malignant")
     viewer.dims.set_current_step(0, 12)
     layer.add(np.array([[50, 50], [50, 57], [57, 57], [57, 50]], float), shape_type="rectangle")
     _wait_sync(qtbot, w)
@@ -326,15 +327,15 @@ def test_edits_move_resize_delete_add_flip_review_undo(make_napari_viewer, qtbot
     keys.press_key("Control-Z")
     keys.release_key("Control-Z")
     assert 1 in w.nodules and layer.features["id"].tolist() == [1]
-    w.undo_button.click()
+    w.review_panel.undo_button.click()
     assert 4 not in w.nodules
     # redo (Ctrl+Shift+Z, and the button) does them again
-    assert w.redo_button.isEnabled()
+    assert w.review_panel.redo_button.isEnabled()
     keys.press_key("Control-Shift-Z")
     keys.release_key("Control-Shift-Z")
     assert 4 in w.nodules and 1 in w.nodules
-    w.redo_button.click()
-    assert 1 not in w.nodules and not w.redo_button.isEnabled()
+    w.review_panel.redo_button.click()
+    assert 1 not in w.nodules and not w.review_panel.redo_button.isEnabled()
     assert len(changes) >= 10
 
 
@@ -342,33 +343,33 @@ def test_export_import_round_trip_and_foreign_file(make_napari_viewer, qtbot, no
     f = Factory()
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
-    w.table.click_row(0)
+    w.review_panel.table.click_row(0)
     w.mark_reviewed()
     w.add_nodule([2.5, 5, 5, 3.5, 9, 9], label="malignant")
     before = w.nodules.copy()
-    paths = w.export_nodules(tmp_path / "case.csv")
+    paths = w.export_panel.export_nodules(tmp_path / "case.csv")
     assert [Path(p).name for p in paths] == ["case.csv", "case.json"]
     d = json.loads(Path(paths[1]).read_text())
     assert d["model"] == MODEL and d["image"]["shape"] == list(CT_SHAPE)
     assert d["image"]["spacing"] == list(CT_SPACING)
     # wreck the nodules, then import
-    w.table.click_row(0)
+    w.review_panel.table.click_row(0)
     w.delete_selected()
     w.set_threshold(0.1)
     assert not w.nodules.equals(before)
-    w.import_nodules(paths[1])
+    w.export_panel.import_nodules(paths[1])
     assert w.nodules.equals(before)
-    assert w.nodule_layer is layer and w.threshold_slider.value() == 50
-    assert sorted(w.table.ids) == sorted(before.ids[before.visible_mask()].tolist())
+    assert w.nodule_layer is layer and w.review_panel.threshold_slider.value() == 50
+    assert sorted(w.review_panel.table.ids) == sorted(before.ids[before.visible_mask()].tolist())
     # a file made for another image is refused with a message
     other = dict(json.loads(Path(paths[1]).read_text()))
     other["image"]["shape"] = [30, 64, 64]
     Path(tmp_path / "other.json").write_text(json.dumps(other))
-    w.import_nodules(tmp_path / "other.json")
+    w.export_panel.import_nodules(tmp_path / "other.json")
     assert "belongs to another image" in notes["error"][-1]
     assert w.nodules.equals(before)
     # a failed export reports and leaves the old file alone
-    w.export_nodules(tmp_path / "missing-folder" / "x.csv")
+    w.export_panel.export_nodules(tmp_path / "missing-folder" / "x.csv")
     assert "could not write" in notes["error"][-1]
 
 
@@ -403,8 +404,8 @@ def test_widget_adopts_a_nodule_layer_made_elsewhere(make_napari_viewer, qtbot, 
     w = W.NoduleWidget(viewer, predictor_factory=Factory())
     viewer.window.add_dock_widget(w)
     assert w.nodule_layer is viewer.layers[1] and w.nodule_layer.metadata["image_layer"] == "lung"
-    assert w.table.ids == [1, 3] and w.nodules.model_info == MODEL
-    w.table.click_row(0)
+    assert w.review_panel.table.ids == [1, 3] and w.nodules.model_info == MODEL
+    w.review_panel.table.click_row(0)
     w.flip_selected()
     assert w.nodules.label[0] == "benign"
 
@@ -427,7 +428,7 @@ def test_real_predictor_on_the_bundled_cube(make_napari_viewer, qtbot, notes):
         viewer.add_layer(napari.layers.Layer.create(data, kw, kind))
     w = W.NoduleWidget(viewer, predictor_factory=lambda modality, device: predictor)
     viewer.window.add_dock_widget(w)
-    w.detect_button.click()
+    w.detect_panel.detect_button.click()
     qtbot.waitUntil(lambda: not w.is_running, timeout=120000)
     assert notes["error"] == []
     t = w.nodules
@@ -465,7 +466,7 @@ def test_real_predictor_tiny_network_through_the_widget(make_napari_viewer, qtbo
     w = W.NoduleWidget(viewer, predictor_factory=lambda modality, device: predictor)
     viewer.window.add_dock_widget(w)
     assert w.modality_for(viewer.layers[0]) == "CT"
-    w.detect_button.click()
+    w.detect_panel.detect_button.click()
     qtbot.waitUntil(lambda: not w.is_running, timeout=60000)
     assert notes["error"] == []
     t = w.nodules
@@ -476,10 +477,10 @@ def test_real_predictor_tiny_network_through_the_widget(make_napari_viewer, qtbo
     assert w.nodule_layer.metadata["image_layer"] == viewer.layers[0].name
     # the real Cancelled raised between windows ends the run quietly
     n = len(viewer.layers)
-    w.detect_button.click()
-    w.cancel()
+    w.detect_panel.detect_button.click()
+    w.detect_panel.cancel()
     qtbot.waitUntil(lambda: not w.is_running, timeout=60000)
-    assert notes["error"] == [] and "cancelled" in w.status_label.text().lower()
+    assert notes["error"] == [] and "cancelled" in w.detect_panel.status_label.text().lower()
     assert len(viewer.layers) == n
 
 
@@ -558,7 +559,7 @@ def test_canvas_click_select_drag_resize_and_z_extent(make_napari_viewer, qtbot,
 
     # click inside the box: it is selected, in the layer and the table
     mouse(viewer, qtbot, to_world([25, 26]))
-    assert layer.selected_data == {0} and w.table.selected_ids() == [1]
+    assert layer.selected_data == {0} and w.review_panel.table.selected_ids() == [1]
 
     # drag it 4 voxels down: the 3D box moves in-plane, z stays; the selection stays
     mouse(viewer, qtbot, to_world([25, 26]), to_world([29, 26]))
@@ -619,9 +620,9 @@ def test_review_keys_next_unreviewed_and_counts(make_napari_viewer, qtbot, notes
     f = Factory()
     viewer, w = make(make_napari_viewer, f)
     layer = detect(qtbot, w)
-    w.threshold_slider.setValue(20)  # all three shown; reading order 1 (0.9), 3 (0.7), 2 (0.3)
+    w.review_panel.threshold_slider.setValue(20)  # all three shown; reading order 1 (0.9), 3 (0.7), 2 (0.3)
     viewer.layers.selection.active = layer
-    assert "3 of 3 nodules shown: 3 unreviewed, 0 accepted, 0 rejected" in w.count_label.text()
+    assert "3 of 3 nodules shown: 3 unreviewed, 0 accepted, 0 rejected" in w.review_panel.count_label.text()
     press(viewer, ".")
     assert w.selected_ids() == [1] and w.current_slice == 6 and layer.selected_data == {0}
     press(viewer, "a")
@@ -631,25 +632,25 @@ def test_review_keys_next_unreviewed_and_counts(make_napari_viewer, qtbot, notes
     press(viewer, "x")
     t = w.nodules
     assert t.review[t.index_of(3)] == "rejected"
-    np.testing.assert_allclose(layer.edge_color[0][:3], W.REJECTED_RGB)
+    np.testing.assert_allclose(layer.edge_color[0][:3], REJECTED_RGB)
     assert list(layer.text.values) == ["malignant 0.70 \u2717"]
-    assert w.table.item(w.table.ids.index(3), 7).text() == "rejected"
+    assert w.review_panel.table.item(w.review_panel.table.ids.index(3), 7).text() == "rejected"
     press(viewer, ",")
     assert w.selected_ids() == [2] and w.current_slice in (10, 11)
-    assert "1 unreviewed, 1 accepted, 1 rejected" in w.count_label.text()
+    assert "1 unreviewed, 1 accepted, 1 rejected" in w.review_panel.count_label.text()
     press(viewer, "a")
     press(viewer, ".")
     assert any("No unreviewed nodule left" in m for m in notes["info"])
     press(viewer, "u")
     assert w.nodules.review[w.nodules.index_of(2)] == "unreviewed"
     # keys work the same while the table has the focus
-    w.table.click_row(w.table.ids.index(1))
+    w.review_panel.table.click_row(w.review_panel.table.ids.index(1))
     from qtpy.QtCore import Qt
 
-    qtbot.keyClick(w.table, Qt.Key_M)
+    qtbot.keyClick(w.review_panel.table, Qt.Key_M)
     assert w.nodules.label[0] == "benign"
     # arrow keys in the table go to the nodule
-    qtbot.keyClick(w.table, Qt.Key_Down)
+    qtbot.keyClick(w.review_panel.table, Qt.Key_Down)
     assert w.selected_ids() == [3] and w.current_slice == 15
 
 
@@ -694,9 +695,9 @@ def test_csv_reimport_keeps_threshold_and_model(make_napari_viewer, qtbot, notes
     viewer, w = make(make_napari_viewer, f)
     detect(qtbot, w)
     w.set_threshold(0.25)
-    paths = w.export_nodules(tmp_path / "case.csv")
+    paths = w.export_panel.export_nodules(tmp_path / "case.csv")
     w.set_threshold(0.6)
-    w.import_nodules(paths[0])
+    w.export_panel.import_nodules(paths[0])
     t = w.nodules
     assert int(t.visible_mask().sum()) == 3 and t.threshold <= 0.3  # all exported rows shown
     assert t.model_info == MODEL
@@ -714,7 +715,7 @@ def test_restore_offered_again_and_restore_button(make_napari_viewer, qtbot, not
     viewer.layers.remove(w.nodule_layer)
     assert w.nodule_layer is None
     # the button brings them back
-    w.restore_button.click()
+    w.export_panel.restore_button.click()
     assert w.nodules is not None and w.nodules.equals(saved)
     viewer.layers.remove(w.nodule_layer)
     # the same image opened again in this session is offered its autosave (again)
@@ -771,10 +772,10 @@ def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, note
     np.testing.assert_allclose(boxes[0].data, nodule_boxes_3d(t)[0])
     qtbot.waitUntil(lambda: any(ly.metadata.get("resmtnet_3d") == "lungs" for ly in viewer.layers), timeout=10000)
     lungs = [ly for ly in viewer.layers if ly.metadata.get("resmtnet_3d") == "lungs"][0]
-    assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.image_combo.currentText()
+    assert lungs.rendering == "iso" and lungs.data.sum() > 0 and lungs.name not in w.detect_panel.params.image.value
     assert tuple(lungs.contrast_limits) == (0, 1)  # the mask's 1 is bright, not 1/255
     assert iso_crosses_mask(viewer, lungs)  # the surface draws something
-    assert "3 candidates, 2 shown" in w.status_label.text()  # the status is still the nodules
+    assert "3 candidates, 2 shown" in w.detect_panel.status_label.text()  # the status is still the nodules
     w.focus_nodule(3)
     w.reject_selected()  # a rejected nodule leaves the 3D view
     assert boxes[0].data.shape == (12, 2, 3) and len(labels[0].data) == 1
@@ -789,12 +790,12 @@ def test_report_button_writes_accepted_nodules(make_napari_viewer, qtbot, notes,
     detect(qtbot, w)
     w.focus_nodule(1)
     w.accept_selected()
-    p = w.write_report(tmp_path / "report.html")
+    p = w.export_panel.write_report(tmp_path / "report.html")
     text = p.read_text(encoding="utf-8")
     assert text.count("<img ") == 1 and "fake-resmtnet" in text
-    assert w.write_report(tmp_path / "missing" / "x" / "r.html") is not None  # folders are made
+    assert w.export_panel.write_report(tmp_path / "missing" / "x" / "r.html") is not None  # folders are made
     (tmp_path / "file").write_text("x")  # a file where a folder should be
-    assert w.write_report(tmp_path / "file" / "r.html") is None
+    assert w.export_panel.write_report(tmp_path / "file" / "r.html") is None
     assert "Could not write the report" in notes["error"][-1]
 
 
@@ -812,17 +813,17 @@ def test_reader_overrides_the_type_in_the_table_and_the_category_follows(make_na
     i = w.nodules.index_of(nid)
     before = w.nodules.grade(i)
     assert w.nodules.texture_of(i) == ""  # this model gives no type
-    row = w.table.row_of(nid)
-    w.table.setCurrentCell(row, TYPE_COLUMN)
-    w.table.editItem(w.table.item(row, TYPE_COLUMN))
-    combo = w.table.findChild(QComboBox)
+    row = w.review_panel.table.row_of(nid)
+    w.review_panel.table.setCurrentCell(row, TYPE_COLUMN)
+    w.review_panel.table.editItem(w.review_panel.table.item(row, TYPE_COLUMN))
+    combo = w.review_panel.table.findChild(QComboBox)
     assert combo is not None
     combo.setCurrentIndex(combo.findText("ground-glass"))
     combo.activated.emit(combo.currentIndex())  # what a click on the item does
     qtbot.waitUntil(lambda: w.nodules.texture_override[w.nodules.index_of(nid)] == "ground-glass", timeout=3000)
     g = w.nodules.grade(w.nodules.index_of(nid))
     assert g.nodule_type == "ground-glass" and g.type_from == "reader" and g.category == "2"
-    assert "ground-glass" in w.table.item(w.table.row_of(nid), TYPE_COLUMN).text()
+    assert "ground-glass" in w.review_panel.table.item(w.review_panel.table.row_of(nid), TYPE_COLUMN).text()
     w.undo()
     assert w.nodules.texture_override[w.nodules.index_of(nid)] == "" and w.nodules.grade(i) == before
 
@@ -842,7 +843,7 @@ def test_report_of_a_dicom_series_also_writes_sr_and_seg(make_napari_viewer, qtb
     detect(qtbot, w)  # the fake model's boxes lie inside this 16 x 48 x 48 series
     w.focus_nodule(1)
     w.accept_selected()
-    out = w.write_report(tmp_path / "out" / "report.html")
+    out = w.export_panel.write_report(tmp_path / "out" / "report.html")
     assert out is not None
     seg_path, sr_path = tmp_path / "out" / "report_seg.dcm", tmp_path / "out" / "report_sr.dcm"
     assert seg_path.exists() and sr_path.exists(), notes
