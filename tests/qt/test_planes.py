@@ -8,7 +8,7 @@ pytest.importorskip("qtpy")
 napari = pytest.importorskip("napari")
 
 from napari_resmtnet import _widget as W  # noqa: E402
-from napari_resmtnet.layers import REJECTED_RGB  # noqa: E402
+from napari_resmtnet.annotations.table import REJECTED_RGB  # noqa: E402
 from test_widget import CT_ORIGIN, CT_SHAPE, CT_SPACING, MOVE_MS, Factory, detect, notes, press  # noqa: E402,F401
 
 pytestmark = pytest.mark.gui

@@ -12,7 +12,7 @@ napari = pytest.importorskip("napari")
 
 from napari_resmtnet import _widget as W  # noqa: E402
 from napari_resmtnet.detections import Detections  # noqa: E402
-from napari_resmtnet.layers import REJECTED_RGB  # noqa: E402
+from napari_resmtnet.annotations.table import REJECTED_RGB  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
