@@ -21,12 +21,8 @@ DEBS := python3-venv xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libx
         libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0 \
         libxkbcommon-x11-0 libgl1 libegl1 libfontconfig1 libdbus-1-3 libjemalloc2
 
-# Files already in `ruff format` style, checked by `make lint`; a file joins the list once
-# it has been formatted (the rest of the tree follows, one module at a time).
-FORMATTED := setup.py napari_resmtnet/__init__.py napari_resmtnet/__main__.py napari_resmtnet/cli/main.py \
-             napari_resmtnet/cli/demo.py napari_resmtnet/errors.py napari_resmtnet/inference/characterise.py \
-             tests/test_packaging.py tests/inference/test_characterise.py tests/core/test_errors.py \
-             tests/core/test_import_graph.py
+# The whole tree is in `ruff format` style; `make lint` checks it, `make format` applies it.
+FORMATTED := .
 
 XVFB_RUN := xvfb-run -a -s '-screen 0 1280x1024x24'
 PYTEST_FAST := -m "not gui and not data and not slow"
@@ -40,8 +36,8 @@ help:
 	@echo "make run        set up .venv, open napari with the sample chest CT and detect its nodules"
 	@echo "make test       set up .venv, lint, run the whole test suite headless (Xvfb)"
 	@echo "make test-fast  lint and the tests that need no GUI, no data and no time (< 60 s)"
-	@echo "make lint       ruff check, ruff format --check (formatted files), mypy (core)"
-	@echo "make format     ruff format the files listed in FORMATTED"
+	@echo "make lint       ruff check, ruff format --check, mypy (core)"
+	@echo "make format     ruff format the whole tree"
 	@echo "make setup      only the .venv (TORCH_INDEX=... to choose the torch build)"
 	@echo "make sysdeps    only the Debian packages (python3-venv, Xvfb, Qt's X libraries)"
 	@echo "make pacs       a local Orthanc PACS (DICOMweb) holding the sample chest CT"

@@ -20,6 +20,7 @@ Usage::
 Writes ``benchmarks/results/inference.json`` and the table in ``benchmarks/README.md``, and
 prints one JSON line with the medians, MONAI's time and the speed ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,8 @@ README_COMMAND = (
     "# ours, 5 runs each, reusing that result (same file, checked by sha256):\n"
     ".venv/bin/python benchmarks/bench_inference.py --repeats 5 --data $DATA \\\n"
     "  --monai-result benchmarks/results/monai_retinanet.json\n"
-    "# or both in one go: .venv/bin/python benchmarks/bench_inference.py --repeats 5")
+    "# or both in one go: .venv/bin/python benchmarks/bench_inference.py --repeats 5"
+)
 BARS = {"ct_end_to_end_s": 30.0, "speedup_vs_monai": 3.0, "ct600_peak_rss_mb": 4096.0, "cxr_end_to_end_s": 1.0}
 
 
@@ -75,8 +77,11 @@ def make_data(folder: Path) -> dict:
     from synthetic import synthetic_chest_ct, synthetic_radiograph
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"ct": folder / "chest_512x512x300.nrrd", "ct600": folder / "chest_512x512x600.nrrd",
-             "cxr": folder / "film_2048.mha"}
+    paths = {
+        "ct": folder / "chest_512x512x300.nrrd",
+        "ct600": folder / "chest_512x512x600.nrrd",
+        "cxr": folder / "film_2048.mha",
+    }
     for key, shape in (("ct", CT_SHAPE), ("ct600", CT600_SHAPE)):
         if not paths[key].exists():
             arr, sp, _ = synthetic_chest_ct(shape, CT_SPACING)
@@ -97,6 +102,7 @@ def make_data(folder: Path) -> dict:
 
 
 # --- one measurement in a fresh process ------------------------------------------------------
+
 
 def worker(kind: str, path: str, weights: str) -> dict:
     t0 = time.perf_counter()
@@ -120,8 +126,12 @@ def worker(kind: str, path: str, weights: str) -> dict:
 
         torch.manual_seed(0)
         net = ResMTNet(ResMTNetConfig(spatial_dims=3 if modality == "CT" else 2))
-        pred = Predictor(modality, device="cpu", model=net,
-                         info={"name": "random", "spacing_mm": 1.0 if modality == "CT" else 1.6, "threshold": 0.5})
+        pred = Predictor(
+            modality,
+            device="cpu",
+            model=net,
+            info={"name": "random", "spacing_mm": 1.0 if modality == "CT" else 1.6, "threshold": 0.5},
+        )
     t_model = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -153,14 +163,22 @@ def worker(kind: str, path: str, weights: str) -> dict:
 
 def run_worker(kind: str, path: str, weights: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, path, "--weights", weights],
-                       capture_output=True, text=True, env=env, cwd=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, path, "--weights", weights],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        raise RuntimeError(
+            f"{kind} worker failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+        )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # --- machine and contention ------------------------------------------------------------------
+
 
 def machine() -> dict:
     cpu = platform.processor() or ""
@@ -175,14 +193,21 @@ def machine() -> dict:
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
+                mem_gb = round(int(line.split()[1]) / 1024**2, 1)
     except OSError:
         pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 # --- summary ---------------------------------------------------------------------------------
@@ -231,8 +256,11 @@ def write_readme(result: dict, command: str) -> None:
         f"Run at {result['date']}; weights: {result['ct']['runs'][0]['weights']} "
         "(the time of a dense network does not depend on its weights' values).",
         f"Background load: before {result['load_before']}, after {result['load_after']}"
-        + (" -- model training was running beside the benchmark, so these times are pessimistic."
-           if max(result['load_before']['training_processes'], result['load_after']['training_processes']) else "."),
+        + (
+            " -- model training was running beside the benchmark, so these times are pessimistic."
+            if max(result["load_before"]["training_processes"], result["load_after"]["training_processes"])
+            else "."
+        ),
         "",
         f"Seconds (and MB), median of {n} runs, each in a fresh process, with (min–max):",
         "",
@@ -249,7 +277,8 @@ def write_readme(result: dict, command: str) -> None:
     if mo:
         lines.append(
             f"| MONAI RetinaNet, CT 512×512×300 (1 run) | {mo['read_s']:.2f} | {mo['preprocessing_s']:.2f} | "
-            f"{mo['network_s']:.1f} (incl. box selection) | – | **{mo['end_to_end_s']:.1f}** | {mo['peak_rss_mb']:.0f} |")
+            f"{mo['network_s']:.1f} (incl. box selection) | – | **{mo['end_to_end_s']:.1f}** | {mo['peak_rss_mb']:.0f} |"
+        )
     w = result["ct"]["runs"][0]["windows"]
     lm = result["ct"]["runs"][0]["lung_mask"]
     lines += [
@@ -262,7 +291,8 @@ def write_readme(result: dict, command: str) -> None:
             f"MONAI: input {mo['input_shape']} after resampling to 0.703×0.703×1.25 mm, windows 512×512×192, overlap 0.25, "
             f"{mo['params'] / 1e6:.1f} M parameters, torch {mo['torch']} (CUDA build, run on the CPU), {mo['threads']} "
             f"threads; run once ({mo['end_to_end_s'] / 60:.0f} minutes), not repeated; background load "
-            f"{mo.get('load_before')} before, {mo.get('load_after')} after.")
+            f"{mo.get('load_before')} before, {mo.get('load_after')} after."
+        )
     lines += [
         "",
         "Notes: times are wall-clock seconds in a fresh process per run (model built before the clock",
@@ -313,8 +343,13 @@ def main(argv=None) -> int:
         return 0
     ct_sha = sha256_of(paths["ct"])
     load_before = other_load()
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-           "repeats": args.repeats, "ct_sha256": ct_sha, "load_before": load_before}
+    res = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "ct_sha256": ct_sha,
+        "load_before": load_before,
+    }
     for kind, reps in (("ct", args.repeats), ("cxr", args.repeats), ("ct600", 1)):
         runs = [run_worker(kind, paths[kind], args.weights) for _ in range(reps)]
         res[kind] = {"path": Path(paths[kind]).name, "runs": runs, "summary": summarise(runs)}
@@ -330,13 +365,18 @@ def main(argv=None) -> int:
     elif not args.no_monai and Path(args.monai_python).exists():
         out = RESULTS / "monai_retinanet.json"
         RESULTS.mkdir(exist_ok=True)
-        r = subprocess.run([args.monai_python, str(HERE / "monai_retinanet.py"), paths["ct"], "--out", str(out)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [args.monai_python, str(HERE / "monai_retinanet.py"), paths["ct"], "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode == 0:
             monai = json.loads(r.stdout.strip().splitlines()[-1])
         else:
-            print(f"MONAI run failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
-                  file=sys.stderr)
+            print(
+                f"MONAI run failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
+                file=sys.stderr,
+            )
     res["monai"] = monai
 
     ct_e2e = res["ct"]["summary"]["end_to_end_s"]["median"]
@@ -344,25 +384,46 @@ def main(argv=None) -> int:
     peak600 = res["ct600"]["summary"]["peak_rss_mb"]["max"]
     ratio = round(monai["end_to_end_s"] / ct_e2e, 1) if monai else None
     res["bars"] = [
-        ("CT 512×512×300 end to end", f"≤ {BARS['ct_end_to_end_s']:.0f} s", f"{ct_e2e:.2f} s", ct_e2e <= BARS["ct_end_to_end_s"]),
-        ("faster than MONAI RetinaNet", f"≥ {BARS['speedup_vs_monai']:.0f}×", f"{ratio}×" if ratio else "not run",
-         bool(ratio and ratio >= BARS["speedup_vs_monai"])),
+        (
+            "CT 512×512×300 end to end",
+            f"≤ {BARS['ct_end_to_end_s']:.0f} s",
+            f"{ct_e2e:.2f} s",
+            ct_e2e <= BARS["ct_end_to_end_s"],
+        ),
+        (
+            "faster than MONAI RetinaNet",
+            f"≥ {BARS['speedup_vs_monai']:.0f}×",
+            f"{ratio}×" if ratio else "not run",
+            bool(ratio and ratio >= BARS["speedup_vs_monai"]),
+        ),
         ("peak memory CT 512×512×600", "≤ 4096 MB", f"{peak600:.0f} MB", peak600 <= BARS["ct600_peak_rss_mb"]),
-        ("radiograph 2048×2048 end to end", f"≤ {BARS['cxr_end_to_end_s']:.0f} s", f"{cxr_e2e:.3f} s",
-         cxr_e2e <= BARS["cxr_end_to_end_s"]),
+        (
+            "radiograph 2048×2048 end to end",
+            f"≤ {BARS['cxr_end_to_end_s']:.0f} s",
+            f"{cxr_e2e:.3f} s",
+            cxr_e2e <= BARS["cxr_end_to_end_s"],
+        ),
     ]
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / "inference.json.tmp"
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp, RESULTS / "inference.json")
     write_readme(res, README_COMMAND)
-    line = {"ct_end_to_end_s": ct_e2e, "ct_end_to_end_range_s": [res["ct"]["summary"]["end_to_end_s"]["min"],
-                                                                  res["ct"]["summary"]["end_to_end_s"]["max"]],
-            "ct_stages_median_s": {k: res["ct"]["summary"][k]["median"] for k in STAGES},
-            "cxr_end_to_end_s": cxr_e2e, "ct600_peak_rss_mb": round(peak600), "ct_peak_rss_mb":
-            round(res["ct"]["summary"]["peak_rss_mb"]["max"]),
-            "monai_end_to_end_s": monai["end_to_end_s"] if monai else None, "speedup_vs_monai": ratio,
-            "bars_met": all(b[3] for b in res["bars"]), "load": [load_before, res["load_after"]]}
+    line = {
+        "ct_end_to_end_s": ct_e2e,
+        "ct_end_to_end_range_s": [
+            res["ct"]["summary"]["end_to_end_s"]["min"],
+            res["ct"]["summary"]["end_to_end_s"]["max"],
+        ],
+        "ct_stages_median_s": {k: res["ct"]["summary"][k]["median"] for k in STAGES},
+        "cxr_end_to_end_s": cxr_e2e,
+        "ct600_peak_rss_mb": round(peak600),
+        "ct_peak_rss_mb": round(res["ct"]["summary"]["peak_rss_mb"]["max"]),
+        "monai_end_to_end_s": monai["end_to_end_s"] if monai else None,
+        "speedup_vs_monai": ratio,
+        "bars_met": all(b[3] for b in res["bars"]),
+        "load": [load_before, res["load_after"]],
+    }
     print(json.dumps(line))
     if tmpdir is not None:
         tmpdir.cleanup()

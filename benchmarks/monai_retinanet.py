@@ -22,6 +22,7 @@ of a dense network). No AMP on the CPU (the bundle enables it only with CUDA).
 Prints one JSON line: read / preprocessing / network (sliding window + box selection) /
 end-to-end seconds, number of boxes and the peak resident memory of the process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def main(argv=None) -> int:
     ap.add_argument("image")
     ap.add_argument("--out", help="write the JSON result here too")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--roi", type=int, nargs=3, default=[512, 512, 192],
-                    help="sliding-window size (default: the bundle's; smaller only to smoke-test this script)")
+    ap.add_argument(
+        "--roi",
+        type=int,
+        nargs=3,
+        default=[512, 512, 192],
+        help="sliding-window size (default: the bundle's; smaller only to smoke-test this script)",
+    )
     args = ap.parse_args(argv)
 
     load_before = other_load()
@@ -62,15 +68,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     backbone = resnet.resnet50(spatial_dims=3, n_input_channels=1, conv1_t_stride=[2, 2, 1], conv1_t_size=[7, 7, 7])
     feature_extractor = resnet_fpn_feature_extractor(backbone, 3, False, [1, 2], None)
-    net = RetinaNet(spatial_dims=3, num_classes=1, num_anchors=3, feature_extractor=feature_extractor,
-                    size_divisible=[16, 16, 8]).to(dev)
-    anchors = AnchorGeneratorWithAnchorShape(feature_map_scales=[1, 2, 4],
-                                             base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]])
+    net = RetinaNet(
+        spatial_dims=3, num_classes=1, num_anchors=3, feature_extractor=feature_extractor, size_divisible=[16, 16, 8]
+    ).to(dev)
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[1, 2, 4], base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]]
+    )
     detector = RetinaNetDetector(network=net, anchor_generator=anchors, debug=False)
-    detector.set_box_selector_parameters(score_thresh=0.02, topk_candidates_per_level=1000, nms_thresh=0.22,
-                                         detections_per_img=300)
-    detector.set_sliding_window_inferer(roi_size=list(args.roi), overlap=0.25, sw_batch_size=1, mode="constant",
-                                        device="cpu")
+    detector.set_box_selector_parameters(
+        score_thresh=0.02, topk_candidates_per_level=1000, nms_thresh=0.22, detections_per_img=300
+    )
+    detector.set_sliding_window_inferer(
+        roi_size=list(args.roi), overlap=0.25, sw_batch_size=1, mode="constant", device="cpu"
+    )
     detector.eval()
     t_model = time.perf_counter() - t0
     n_params = sum(p.numel() for p in net.parameters())
@@ -89,8 +99,9 @@ def main(argv=None) -> int:
     affine[:3, :3] = dirn @ np.diag(sp)
     affine[:3, 3] = org
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS (affine_lps_to_ras)
-    x = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None].float(),
-                   affine=torch.as_tensor(affine))
+    x = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0)))[None].float(), affine=torch.as_tensor(affine)
+    )
     x = Orientation(axcodes="RAS")(x)
     x = Spacing(pixdim=[0.703125, 0.703125, 1.25])(x)
     x = ScaleIntensityRange(a_min=-1024.0, a_max=300.0, b_min=0.0, b_max=1.0, clip=True)(x)

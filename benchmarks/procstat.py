@@ -1,5 +1,6 @@
 """Process memory for the benchmarks; standard library only, so that both the project's
 venv and the separate MONAI venv can import it."""
+
 import os
 import resource
 import subprocess

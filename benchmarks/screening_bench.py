@@ -7,6 +7,7 @@ as DICOM series (new UIDs each, same pixels): as folders, or with ``--pacs`` sto
 local Orthanc (scripts/orthanc.sh start) and screened through DICOMweb. Every run starts from
 an empty output folder, so nothing is skipped; the cluster's start-up is part of the time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,13 +63,25 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         summary = json.loads((out / "summary.json").read_text())
         per = [r["seconds"] for r in summary["results"] if r["status"] == "done"]
-        results.append({"workers": w, "exit": code, "studies": a.studies, "done": summary["done"],
-                        "wall_s": round(wall, 1), "studies_per_hour": round(3600 * summary["done"] / wall, 1),
-                        "median_study_s": round(sorted(per)[len(per) // 2], 1) if per else None,
-                        "load_average_after": os.getloadavg()})
+        results.append(
+            {
+                "workers": w,
+                "exit": code,
+                "studies": a.studies,
+                "done": summary["done"],
+                "wall_s": round(wall, 1),
+                "studies_per_hour": round(3600 * summary["done"] / wall, 1),
+                "median_study_s": round(sorted(per)[len(per) // 2], 1) if per else None,
+                "load_average_after": os.getloadavg(),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
-    doc = {"source": "DICOMweb (local Orthanc)" if a.pacs else "DICOM folders", "cpu_count": os.cpu_count(),
-           "sample": "lung1 (48 x 313 x 471)", "results": results}
+    doc = {
+        "source": "DICOMweb (local Orthanc)" if a.pacs else "DICOM folders",
+        "cpu_count": os.cpu_count(),
+        "sample": "lung1 (48 x 313 x 471)",
+        "results": results,
+    }
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -7,6 +7,7 @@ nodules; ``synthetic_radiograph``: a 2048 x 2048 uint16 frontal chest film (dark
 bright mediastinum and ribs). Built slab by slab so that a 512 x 512 x 600 volume needs
 little more memory than its int16 array.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +51,7 @@ def synthetic_chest_ct(shape=(300, 512, 512), spacing=(1.25, 0.7, 0.7), seed: in
         zs = z_all[z0 : z0 + slab][:, None, None]
         hu = np.full((len(zs), ny, nx), -1000.0, np.float32)
         hu[np.broadcast_to(body, hu.shape)] = 40.0
-        for (cz, cy, cx) in lung_c:
+        for cz, cy, cx in lung_c:
             lung = ((zs - cz) / lung_r[0]) ** 2 + ((y - cy) / lung_r[1]) ** 2 + ((x - cx) / lung_r[2]) ** 2 <= 1
             hu[lung] = -850.0
         hu[np.broadcast_to(spine, hu.shape)] = 400.0
@@ -94,9 +95,9 @@ def synthetic_radiograph(size: int = 2048, seed: int = 0):
         img[lung] = 900
     img[np.abs(xx) < 0.06] = 2800  # mediastinum and spine
     for k in range(10):  # ribs
-        rib = np.abs(yy + 0.28 - k * 0.06 - 0.08 * xx ** 2 * 8) < 0.008
+        rib = np.abs(yy + 0.28 - k * 0.06 - 0.08 * xx**2 * 8) < 0.008
         img[rib & body] += 500
     d2 = (yy + 0.1) ** 2 + (xx - 0.2) ** 2
-    img[d2 <= 0.012 ** 2] += 700  # a nodule
+    img[d2 <= 0.012**2] += 700  # a nodule
     img += rng.normal(0, 40, img.shape).astype(np.float32)
     return np.clip(img, 0, 4095).astype(np.uint16)

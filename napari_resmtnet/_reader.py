@@ -11,6 +11,7 @@ napari raise "Reader ... returned no data" / open its reader-choice dialog with 
 traceback on top of our message. What the reader repaired or assumed (``scan.warnings``)
 is shown as warning notifications.
 """
+
 from __future__ import annotations
 
 import os
@@ -153,8 +154,7 @@ def read_scan(path, **_ignored):
         _notify("error", f"{shown(p)}: not enough memory to read this scan")
         return [(None,)]
     except (OSError, RuntimeError, ValueError) as e:  # unexpected: still one line, no traceback
-        _notify("error", f"{shown(p)}: could not be read ({type(e).__name__}: "
-                         f"{escape_text(' '.join(str(e).split()))})")
+        _notify("error", f"{shown(p)}: could not be read ({type(e).__name__}: {escape_text(' '.join(str(e).split()))})")
         return [(None,)]
     for w in scan.warnings:
         _notify("warning", f"{shown(display_name(p))}: {w}")

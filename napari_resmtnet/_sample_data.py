@@ -4,6 +4,7 @@ The files live in ``resources/samples/`` (installed as ``napari_resmtnet.resourc
 see the README there for sources and licences. Every sample goes through the same code
 path as the reader (`napari_resmtnet.io.formats.load_scan` + `napari_resmtnet._reader.scan_layer_data`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ Ctrl+Shift+Z or Ctrl+Y redo. Every change comes out of the session's ``changed``
 `NoduleWidget._on_changed`: layer and panels follow, ``nodules_changed`` carries the table,
 and the autosave (`napari_resmtnet.annotations.autosave`) is scheduled.
 """
+
 from __future__ import annotations
 
 from functools import partial, partialmethod
@@ -33,9 +34,18 @@ from .annotations.table import NoduleTable
 from .session import AutosaveQueue, ReviewSession
 
 #: what the reader's keys do, in the widget's table as on the canvas
-KEYS = {"m": "flip_selected", "r": "mark_reviewed", "a": "accept_selected", "x": "reject_selected",
-        "u": "unreview_selected", ".": "next_unreviewed", ",": "previous_unreviewed",
-        "[": "set_first_slice", "]": "set_last_slice", "n": "start_drawing"}
+KEYS = {
+    "m": "flip_selected",
+    "r": "mark_reviewed",
+    "a": "accept_selected",
+    "x": "reject_selected",
+    "u": "unreview_selected",
+    ".": "next_unreviewed",
+    ",": "previous_unreviewed",
+    "[": "set_first_slice",
+    "]": "set_last_slice",
+    "n": "start_drawing",
+}
 #: keys bound on the nodule layer
 LAYER_KEYS = {**KEYS, "Control-Z": "undo", "Control-Shift-Z": "redo", "Control-Y": "redo"}
 
@@ -58,17 +68,26 @@ class NoduleWidget(QWidget):
         self.viewer = viewer = napari_viewer
         self.session = ReviewSession()
         self.autosave = AutosaveQueue()
-        self.layers = NoduleLayerView(viewer, self.session, new_label=lambda: self.review_panel.new_label_combo.currentText(),
-                                      on_selection=lambda ids: self.review_panel.table.select_ids(ids),
-                                      keys={k: getattr(self, name) for k, name in LAYER_KEYS.items()})
+        self.layers = NoduleLayerView(
+            viewer,
+            self.session,
+            new_label=lambda: self.review_panel.new_label_combo.currentText(),
+            on_selection=lambda ids: self.review_panel.table.select_ids(ids),
+            keys={k: getattr(self, name) for k, name in LAYER_KEYS.items()},
+        )
         self.detect_panel = DetectPanel(self, predictor_factory)
         self.views_panel = ViewsPanel(self)
-        self.review_panel = ReviewPanel({b[2]: getattr(self, b[2]) for b in BUTTONS}, self.set_threshold,
-                                        self.model_threshold)
+        self.review_panel = ReviewPanel(
+            {b[2]: getattr(self, b[2]) for b in BUTTONS}, self.set_threshold, self.model_threshold
+        )
         self.export_panel = ExportPanel(self)
         root = QVBoxLayout(self)
-        for panel, stretch in ((self.detect_panel, 0), (self.views_panel, 0), (self.review_panel, 1),
-                               (self.export_panel, 0)):
+        for panel, stretch in (
+            (self.detect_panel, 0),
+            (self.views_panel, 0),
+            (self.review_panel, 1),
+            (self.export_panel, 0),
+        ):
             root.addWidget(panel, stretch)
 
         self.session.changed.connect(self._on_changed)

@@ -2,6 +2,7 @@
 
 Imports are late: napari imports this module at startup.
 """
+
 from __future__ import annotations
 from .annotations.export import NoduleFileError, check_same_image, export_nodules
 from .layers import layer_to_nodules
@@ -35,9 +36,15 @@ def write_nodules(path: str, layer_data: list) -> list[str]:
         for i in range(len(other)):
             if not vis[i]:
                 continue
-            table, _ = table.added(other.boxes[i], label=str(other.label[i]),
-                                   probability=float(other.probability[i]),
-                                   malignancy=float(other.malignancy[i]), source=str(other.source[i]),
-                                   reviewed=bool(other.reviewed[i]), review=str(other.review[i]),
-                                   findings=other.findings[i], texture_override=other.texture_override[i])
+            table, _ = table.added(
+                other.boxes[i],
+                label=str(other.label[i]),
+                probability=float(other.probability[i]),
+                malignancy=float(other.malignancy[i]),
+                source=str(other.source[i]),
+                reviewed=bool(other.reviewed[i]),
+                review=str(other.review[i]),
+                findings=other.findings[i],
+                texture_override=other.texture_override[i],
+            )
     return export_nodules(path, table)

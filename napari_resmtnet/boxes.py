@@ -12,6 +12,7 @@ functions below, which take the geometry of a `napari_resmtnet.scan.Scan`.
 Array math here is numpy; `box_iou` and `nms` also accept torch tensors and are vectorised
 (no Python loop over boxes).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -114,6 +115,7 @@ def nms(boxes, scores, iou_threshold: float = 0.1):
 
 
 # --- voxel <-> world -----------------------------------------------------------------------
+
 
 def _geometry(scan_or_geom):
     s = scan_or_geom

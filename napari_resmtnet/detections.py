@@ -3,6 +3,7 @@
 Boxes follow `napari_resmtnet.boxes` (corner, array order, voxels of the *scan's* array).
 Everything is numpy; no torch, no Qt.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -79,8 +80,9 @@ class Detections:
     def above(self, threshold: float) -> "Detections":
         k = self.probability >= threshold
         findings = [f for f, keep in zip(self.findings, k) if keep]
-        return Detections(self.boxes[k], self.probability[k], self.malignancy[k], self.geometry, dict(self.meta),
-                          findings)
+        return Detections(
+            self.boxes[k], self.probability[k], self.malignancy[k], self.geometry, dict(self.meta), findings
+        )
 
     @staticmethod
     def geometry_of(scan) -> dict:

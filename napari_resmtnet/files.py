@@ -3,6 +3,7 @@
 Core (standard library only); used wherever the package writes results a reader must never see
 half-written (nodule files, autosaves, weights registry, evaluation reports).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ class NoduleFileError(InputError):
 
 
 # --- atomic writes ---------------------------------------------------------------------------
+
 
 def _fsync_dir(folder: Path) -> None:
     try:

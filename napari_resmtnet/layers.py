@@ -4,6 +4,7 @@ Qt-free: pure functions on numpy arrays, dicts and napari layer objects. The tab
 (`napari_resmtnet.annotations.table`) is the truth; a layer is a *view* of it, regenerated
 from it after every edit (see that module's docstring for why Shapes, one rectangle per slice).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,31 @@ import numpy as np
 
 from .annotations.export import table_from_json_dict
 from .annotations.table import (
-    DEFAULT_THRESHOLD, FEATURE_COLUMNS, FLAT_FINDINGS, LABELS, META_KEY, REVIEW_MARKS, REVIEW_STATES, SOURCES, TEXT_FORMAT,
-    NoduleTable, _rect, clean_findings, clean_override, findings_from_flat, flat_findings, image_identity, inplane,
-    label_of, nodule_colors,
+    DEFAULT_THRESHOLD,
+    FEATURE_COLUMNS,
+    FLAT_FINDINGS,
+    LABELS,
+    META_KEY,
+    REVIEW_MARKS,
+    REVIEW_STATES,
+    SOURCES,
+    TEXT_FORMAT,
+    NoduleTable,
+    _rect,
+    clean_findings,
+    clean_override,
+    findings_from_flat,
+    flat_findings,
+    image_identity,
+    inplane,
+    label_of,
+    nodule_colors,
 )
 from .detections import Detections
 from .scan import Scan, napari_geometry_kwargs
 
 # --- table -> napari layer -------------------------------------------------------------------
+
 
 def table_to_shapes(table: NoduleTable, threshold: float | None = None, slice_index: int | None = None):
     """Shapes for the nodules visible at ``threshold``.
@@ -38,9 +56,13 @@ def table_to_shapes(table: NoduleTable, threshold: float | None = None, slice_in
     per_nodule = {}  # findings columns of each shown nodule, computed once (a CT nodule has many shapes)
     for i in np.flatnonzero(vis):
         f = table.findings[i]
-        per_nodule[i] = {"texture": table.texture_of(i), "texture_model": str(f.get("texture", "")),
-                         "texture_override": str(table.texture_override[i]),
-                         "lungrads": table.grade(i).category, **flat_findings(f)}
+        per_nodule[i] = {
+            "texture": table.texture_of(i),
+            "texture_model": str(f.get("texture", "")),
+            "texture_override": str(table.texture_override[i]),
+            "lungrads": table.grade(i).category,
+            **flat_findings(f),
+        }
     edge, text = [], []
     for i in np.flatnonzero(vis):
         ip = inplane(table.boxes[i])
@@ -84,10 +106,23 @@ def slice_geometry_kwargs(image: dict, slice_index: int) -> dict:
     return napari_geometry_kwargs(sp[1:], at_k[1:], d[1:, 1:])
 
 
-_FEATURE_DTYPES = {"id": "int64", "probability": "float64", "malignancy": "float64", "label": object,
-                   "diameter_mm": "float64", "source": object, "reviewed": "bool", "review": object,
-                   "mark": object, "slice": "int64", "texture": object, "texture_model": object,
-                   "texture_override": object, "lungrads": object, **{c: "float64" for c in FLAT_FINDINGS}}
+_FEATURE_DTYPES = {
+    "id": "int64",
+    "probability": "float64",
+    "malignancy": "float64",
+    "label": object,
+    "diameter_mm": "float64",
+    "source": object,
+    "reviewed": "bool",
+    "review": object,
+    "mark": object,
+    "slice": "int64",
+    "texture": object,
+    "texture_model": object,
+    "texture_override": object,
+    "lungrads": object,
+    **{c: "float64" for c in FLAT_FINDINGS},
+}
 
 
 def features_frame(rows: dict):
@@ -100,10 +135,23 @@ def features_frame(rows: dict):
 
 def feature_defaults(new_label: str = "benign", slice_index: int = -1) -> dict:
     """Features a shape drawn by hand starts with; ``id`` -1 marks it as not yet a nodule."""
-    return {"id": -1, "probability": 1.0, "malignancy": 1.0 if new_label == "malignant" else 0.0,
-            "label": new_label, "diameter_mm": 0.0, "source": "user", "reviewed": False,
-            "review": "unreviewed", "mark": "", "slice": int(slice_index), "texture": "", "texture_model": "",
-            "texture_override": "", "lungrads": "", **{c: math.nan for c in FLAT_FINDINGS}}
+    return {
+        "id": -1,
+        "probability": 1.0,
+        "malignancy": 1.0 if new_label == "malignant" else 0.0,
+        "label": new_label,
+        "diameter_mm": 0.0,
+        "source": "user",
+        "reviewed": False,
+        "review": "unreviewed",
+        "mark": "",
+        "slice": int(slice_index),
+        "texture": "",
+        "texture_model": "",
+        "texture_override": "",
+        "lungrads": "",
+        **{c: math.nan for c in FLAT_FINDINGS},
+    }
 
 
 def edge_width_for(table: NoduleTable) -> float:
@@ -112,8 +160,12 @@ def edge_width_for(table: NoduleTable) -> float:
 
 
 def text_kwargs(text_color) -> dict:
-    return {"string": TEXT_FORMAT, "anchor": "upper_left", "size": 10,
-            "color": {"array": np.asarray(text_color, float).reshape(-1, 4), "default": "white"}}
+    return {
+        "string": TEXT_FORMAT,
+        "anchor": "upper_left",
+        "size": 10,
+        "color": {"array": np.asarray(text_color, float).reshape(-1, 4), "default": "white"},
+    }
 
 
 def napari_kwargs_of(image: dict) -> dict:
@@ -129,9 +181,13 @@ def layer_name_for(image: dict) -> str:
     return f"{base} nodules"
 
 
-def table_to_layer_data(table: NoduleTable, threshold: float | None = None,
-                        name: str | None = None, new_label: str = "benign",
-                        slice_index: int | None = None):
+def table_to_layer_data(
+    table: NoduleTable,
+    threshold: float | None = None,
+    name: str | None = None,
+    new_label: str = "benign",
+    slice_index: int | None = None,
+):
     """The LayerDataTuple ``(data, kwargs, "shapes")`` showing ``table``.
 
     Without ``slice_index`` a CT table gives a 3D layer with a rectangle on every slice of
@@ -157,27 +213,36 @@ def table_to_layer_data(table: NoduleTable, threshold: float | None = None,
         features=features_frame(feats),
         feature_defaults=feature_defaults(new_label, slice_index if per_slice else -1),
         text=text_kwargs(text),
-        metadata={META_KEY: table, "image": dict(table.image), "model_info": table.model_info,
-                  "threshold": table.threshold},
+        metadata={
+            META_KEY: table,
+            "image": dict(table.image),
+            "model_info": table.model_info,
+            "threshold": table.threshold,
+        },
         opacity=1.0,
         **geometry,
     )
     return (data, kwargs, "shapes")
 
 
-def detections_to_layer_data(detections: Detections, scan, threshold: float | None = None,
-                             name: str | None = None, model_info: dict | None = None) -> list:
+def detections_to_layer_data(
+    detections: Detections,
+    scan,
+    threshold: float | None = None,
+    name: str | None = None,
+    model_info: dict | None = None,
+) -> list:
     """Detections on ``scan`` -> ``[LayerDataTuple]``: one Shapes layer of nodule boxes.
 
     All candidates are kept in the layer's table (``layer.metadata["nodules"]``); those
     below ``threshold`` (default: ``detections.meta["threshold"]``, else 0.5) are hidden.
     """
-    table = NoduleTable.from_detections(detections, image_identity(scan), threshold=threshold,
-                                        model_info=model_info)
+    table = NoduleTable.from_detections(detections, image_identity(scan), threshold=threshold, model_info=model_info)
     return [table_to_layer_data(table, name=name)]
 
 
 # --- napari layer -> table -------------------------------------------------------------------
+
 
 def _parts(layer):
     """(data, kwargs-like state, layer type) of a napari layer or a LayerDataTuple."""
@@ -213,9 +278,15 @@ def _image_from_state(meta: dict, ndim: int, extent_hint) -> dict:
             direction = lin
             origin = lin @ translate + a[:ndim, ndim]
     shape = [int(max(1, math.ceil(e + 1))) for e in extent_hint]
-    return {"path": "", "seriesuid": str(md.get("seriesuid", "")), "modality": "CT" if ndim == 3 else "CXR",
-            "shape": shape, "spacing": scale.tolist(), "origin": list(map(float, origin)),
-            "direction": np.asarray(direction).tolist()}
+    return {
+        "path": "",
+        "seriesuid": str(md.get("seriesuid", "")),
+        "modality": "CT" if ndim == 3 else "CXR",
+        "shape": shape,
+        "spacing": scale.tolist(),
+        "origin": list(map(float, origin)),
+        "direction": np.asarray(direction).tolist(),
+    }
 
 
 def _column(features, name, n, default):
@@ -290,9 +361,21 @@ def layer_to_nodules(layer) -> NoduleTable:
     extent = vboxes[:, ndim:].max(0) if len(vboxes) else np.zeros(ndim)
     image = _image_from_state(meta, ndim, extent)
     n_rows = sum(len(g) for g in groups) if not kind.startswith("points") else len(groups)
-    col = {c: _column(feats, c, n_rows, None) for c in ("id", "probability", "malignancy", "label",
-                                                         "source", "reviewed", "review", "texture_model",
-                                                         "texture_override", *FLAT_FINDINGS)}
+    col = {
+        c: _column(feats, c, n_rows, None)
+        for c in (
+            "id",
+            "probability",
+            "malignancy",
+            "label",
+            "source",
+            "reviewed",
+            "review",
+            "texture_model",
+            "texture_override",
+            *FLAT_FINDINGS,
+        )
+    }
     ids, prob, mal, lab, src, rev, state, found, over = [], [], [], [], [], [], [], [], []
     used = set()
     for g in groups:
@@ -316,8 +399,9 @@ def layer_to_nodules(layer) -> NoduleTable:
         r = col["review"][i]
         state.append(r if r in REVIEW_STATES else ("accepted" if rev[-1] else "unreviewed"))
         try:
-            found.append(clean_findings(findings_from_flat({c: col[c][i] for c in FLAT_FINDINGS},
-                                                           col["texture_model"][i])))
+            found.append(
+                clean_findings(findings_from_flat({c: col[c][i] for c in FLAT_FINDINGS}, col["texture_model"][i]))
+            )
         except ValueError:
             found.append({})
         try:
@@ -330,15 +414,35 @@ def layer_to_nodules(layer) -> NoduleTable:
             ids[j] = nxt
             nxt += 1
     thr = md.get("threshold", DEFAULT_THRESHOLD)
-    return NoduleTable(vboxes, ids, prob, mal, lab, src, rev, image,
-                       threshold=float(thr) if thr is not None else DEFAULT_THRESHOLD,
-                       model_info=md.get("model_info"), review=state, findings=found, texture_override=over)
+    return NoduleTable(
+        vboxes,
+        ids,
+        prob,
+        mal,
+        lab,
+        src,
+        rev,
+        image,
+        threshold=float(thr) if thr is not None else DEFAULT_THRESHOLD,
+        model_info=md.get("model_info"),
+        review=state,
+        findings=found,
+        texture_override=over,
+    )
 
 
 # --- reconcile a user-edited layer with the table ---------------------------------------------
 
-def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: str = "benign",
-              atol: float = 1e-3, slice_index: int | None = None):
+
+def reconcile(
+    table: NoduleTable,
+    shapes,
+    features,
+    removed_ids=(),
+    new_label: str = "benign",
+    atol: float = 1e-3,
+    slice_index: int | None = None,
+):
     """The table after the user edited the layer that showed it.
 
     ``shapes`` and ``features`` are the layer's current data and features (one row per
@@ -370,8 +474,13 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
         nid = int(float(v)) if valid_id(v) else None
         if nid is not None and nid in removed:
             continue  # another slice of a deleted nodule
-        if (nid is not None and table.ndim == 3 and s.shape[1] == 3 and valid_id(k)
-                and round(float(np.median(s[:, 0]))) != int(float(k))):
+        if (
+            nid is not None
+            and table.ndim == 3
+            and s.shape[1] == 3
+            and valid_id(k)
+            and round(float(np.median(s[:, 0]))) != int(float(k))
+        ):
             nid = None  # a copy pasted onto another slice: a new nodule
         if nid is not None and nid in table:
             if nid in seen_edit:
@@ -385,7 +494,11 @@ def reconcile(table: NoduleTable, shapes, features, removed_ids=(), new_label: s
         # a new shape
         yx = _min_size(yx)
         if table.ndim == 3:
-            z = float(np.round(np.median(s[:, 0]))) if s.shape[1] == 3 else float(k if valid_id(k) else (slice_index or 0))
+            z = (
+                float(np.round(np.median(s[:, 0])))
+                if s.shape[1] == 3
+                else float(k if valid_id(k) else (slice_index or 0))
+            )
             z = min(max(z, 0.0), table.shape[0] - 1)
             box = new.box_from_slice_rect(yx, int(z))
         else:
@@ -410,6 +523,7 @@ def _min_size(yx, minimum: float = 1.0) -> np.ndarray:
 
 # --- image layer -> Scan ---------------------------------------------------------------------
 
+
 def scan_for_layer(layer, modality: str | None = None):
     """A `Scan` for a napari Image layer (or anything with .data/.metadata/.scale/.translate).
 
@@ -426,8 +540,10 @@ def scan_for_layer(layer, modality: str | None = None):
     if getattr(layer, "rgb", False):
         arr = arr[..., :3].astype(np.float32).mean(-1)
     if arr.ndim not in (2, 3):
-        raise ValueError(f"layer '{getattr(layer, 'name', '?')}': expected a 2D radiograph or a 3D CT "
-                         f"volume, got data of shape {arr.shape}")
+        raise ValueError(
+            f"layer '{getattr(layer, 'name', '?')}': expected a 2D radiograph or a 3D CT "
+            f"volume, got data of shape {arr.shape}"
+        )
     nd = arr.ndim
     md = dict(getattr(layer, "metadata", {}) or {})
     src = md.get("scan")
@@ -447,15 +563,17 @@ def scan_for_layer(layer, modality: str | None = None):
         direction, origin = np.eye(nd), translate
         aff = getattr(layer, "affine", None)
         if aff is not None:
-            a = np.asarray(getattr(aff, "affine_matrix", aff), float)[-(nd + 1):, -(nd + 1):]
+            a = np.asarray(getattr(aff, "affine_matrix", aff), float)[-(nd + 1) :, -(nd + 1) :]
             lin = a[:nd, :nd]
             if not np.allclose(lin, np.eye(nd)):
                 # keep a rotation/flip as the direction; a scale or shear cannot be one
                 if np.allclose(lin @ lin.T, np.eye(nd), atol=1e-6):
                     direction = lin
                 else:
-                    raise ValueError(f"layer '{layer.name}': its affine is not a rotation, so "
-                                     "it has no scan geometry; set scale/translate instead")
+                    raise ValueError(
+                        f"layer '{layer.name}': its affine is not a rotation, so "
+                        "it has no scan geometry; set scale/translate instead"
+                    )
             origin = lin @ translate + a[:nd, nd]
         geom = (scale, origin, direction)
     mod = modality or md.get("modality") or smod or ("CT" if nd == 3 else "CXR")
@@ -463,9 +581,19 @@ def scan_for_layer(layer, modality: str | None = None):
     if mod not in ("CT", "CXR"):
         mod = "CT" if nd == 3 else "CXR"
     if (mod == "CT") != (nd == 3):
-        raise ValueError(f"layer '{getattr(layer, 'name', '?')}': the {mod} model needs a "
-                         f"{'3D volume' if mod == 'CT' else '2D image'}, got data of shape {arr.shape}")
+        raise ValueError(
+            f"layer '{getattr(layer, 'name', '?')}': the {mod} model needs a "
+            f"{'3D volume' if mod == 'CT' else '2D image'}, got data of shape {arr.shape}"
+        )
     if not seriesuid:
         seriesuid = str(getattr(layer, "name", "") or "")
-    return Scan(arr, tuple(geom[0]), tuple(geom[1]), np.asarray(geom[2], float), mod,
-                path=str(path or ""), seriesuid=str(seriesuid), metadata={"layer": getattr(layer, "name", "")})
+    return Scan(
+        arr,
+        tuple(geom[0]),
+        tuple(geom[1]),
+        np.asarray(geom[2], float),
+        mod,
+        path=str(path or ""),
+        seriesuid=str(seriesuid),
+        metadata={"layer": getattr(layer, "name", "")},
+    )

@@ -3,6 +3,7 @@
 numpy-only (the core): shared by evaluation, whole-scan evaluation and training's
 false-positive reduction.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,7 @@ MIN_HIT_MM = 5.0
 
 
 # --- metrics -------------------------------------------------------------------------------
+
 
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
@@ -86,8 +88,16 @@ def detection_f1(per_image, n_truth: int, threshold: float) -> dict:
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / n_truth if n_truth else 0.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"threshold": threshold, "tp": tp, "fp": fp, "fn": n_truth - tp, "precision": prec, "recall": rec, "f1": f1,
-            "fp_per_image": fp / max(len(per_image), 1)}
+    return {
+        "threshold": threshold,
+        "tp": tp,
+        "fp": fp,
+        "fn": n_truth - tp,
+        "precision": prec,
+        "recall": rec,
+        "f1": f1,
+        "fp_per_image": fp / max(len(per_image), 1),
+    }
 
 
 def malignancy_metrics(labels, probs) -> dict:
@@ -97,8 +107,14 @@ def malignancy_metrics(labels, probs) -> dict:
         return {"n": 0, "accuracy": float("nan"), "auc": float("nan"), "confusion": [[0, 0], [0, 0]]}
     pred = (p >= 0.5).astype(int)
     conf = [[int(((y == a) & (pred == b)).sum()) for b in (0, 1)] for a in (0, 1)]  # rows: truth benign/malignant
-    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "auc": roc_auc(y, p), "confusion": conf,
-            "n_benign": int((y == 0).sum()), "n_malignant": int((y == 1).sum())}
+    return {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "auc": roc_auc(y, p),
+        "confusion": conf,
+        "n_benign": int((y == 0).sum()),
+        "n_malignant": int((y == 1).sum()),
+    }
 
 
 def diameter_rule(train_diam, train_labels, val_diam, val_labels) -> dict:

@@ -10,6 +10,7 @@
 * **Names in messages:** `shown` escapes control characters (newlines, ANSI escapes) so that
   a file name cannot garble a one-line message or a terminal.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["shown", "escape_text", "file_kind", "is_regular", "read_head", "inside_folder",
-           "check_output", "OutputPathError"]
+__all__ = [
+    "shown",
+    "escape_text",
+    "file_kind",
+    "is_regular",
+    "read_head",
+    "inside_folder",
+    "check_output",
+    "OutputPathError",
+]
 
 
 def escape_text(text: str) -> str:
@@ -139,8 +148,9 @@ def check_output(path) -> Path:
     if kind == "folder":
         raise OutputPathError(f"{name} is a folder; give a file name")
     if kind not in ("file", "missing"):
-        raise OutputPathError(f"{name} is a {kind}, not a regular file; refused (outputs are written "
-                              "to regular files only)")
+        raise OutputPathError(
+            f"{name} is a {kind}, not a regular file; refused (outputs are written to regular files only)"
+        )
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{name}: folder {shown(folder)} does not exist")

@@ -10,6 +10,7 @@ For an array index ``i`` (array order), the physical position in array order is:
 with ``direction`` the (ndim, ndim) direction-cosine matrix re-ordered to array order
 (rows and columns reversed from ITK's matrix).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -114,9 +115,11 @@ def geometry_dict(geom) -> dict:
     layer metadata and exports carry."""
     get = geom.get if isinstance(geom, dict) else lambda k: getattr(geom, k)
     nd = len(get("spacing"))
-    return {"spacing": tuple(float(v) for v in get("spacing")),
-            "origin": tuple(float(v) for v in get("origin")),
-            "direction": np.asarray(get("direction"), float).reshape(nd, nd).tolist()}
+    return {
+        "spacing": tuple(float(v) for v in get("spacing")),
+        "origin": tuple(float(v) for v in get("origin")),
+        "direction": np.asarray(get("direction"), float).reshape(nd, nd).tolist(),
+    }
 
 
 def napari_geometry_kwargs(spacing, origin, direction) -> dict:

@@ -15,6 +15,7 @@ calls `AutosaveQueue.flush` stays in the widget, the writer in `napari_resmtnet.
 The rules themselves (review states, reading order, merging) are the pure functions of
 `napari_resmtnet.annotations.review`; this module keeps the state they work on.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,7 +59,6 @@ def operating_point(modality: str) -> float | None:
     """The bundled model's operating threshold for ``modality`` (from the weights registry;
     no torch), or None when it cannot be read."""
     try:
-
         return float(bundled_entry(modality).get("threshold", 0.5))
     except Exception:  # a missing or broken registry: the slider just shows no model point
         return None
@@ -182,8 +182,9 @@ class ReviewSession:
     def move(self, nodule_id: int, delta) -> bool:
         """Shift a nodule's box by ``delta`` voxels (one value per axis)."""
         d = np.asarray(delta, float)
-        return self.edit(lambda t, ids: t.with_box(ids[0], t.boxes[t.index_of(ids[0])] + np.concatenate([d, d])),
-                         "move", [nodule_id])
+        return self.edit(
+            lambda t, ids: t.with_box(ids[0], t.boxes[t.index_of(ids[0])] + np.concatenate([d, d])), "move", [nodule_id]
+        )
 
     def resize(self, nodule_id: int, box) -> bool:
         """A new box (image voxels, lower then upper corner) for a nodule."""
@@ -207,8 +208,7 @@ class ReviewSession:
         Lung-RADS category follows."""
         if self.table is None or int(nodule_id) not in self.table:
             return False
-        return self.edit(lambda t, ids: t.with_texture(ids, texture or None), "set the nodule type",
-                         [int(nodule_id)])
+        return self.edit(lambda t, ids: t.with_texture(ids, texture or None), "set the nodule type", [int(nodule_id)])
 
     def add(self, box, label: str = "benign") -> int | None:
         """A new nodule of the reader's with ``box`` in image voxels; returns its id."""
@@ -219,15 +219,17 @@ class ReviewSession:
         self.replace(t)
         return nid
 
-    def apply_layer_edit(self, shapes, features: dict, removed=(), new_label: str = "benign",
-                         slice_index: int | None = None, selected=()) -> bool:
+    def apply_layer_edit(
+        self, shapes, features: dict, removed=(), new_label: str = "benign", slice_index: int | None = None, selected=()
+    ) -> bool:
         """Fold what the reader did to the shapes that show the table (moved, resized, drawn,
         deleted: `napari_resmtnet.layers.reconcile`) into it as one edit; the drawn nodules,
         else the ``selected`` ones, stay selected. True when something changed."""
         if self.table is None:
             return False
-        new, changed, added = reconcile(self.table, shapes, features, removed, new_label=new_label,
-                                        slice_index=slice_index)
+        new, changed, added = reconcile(
+            self.table, shapes, features, removed, new_label=new_label, slice_index=slice_index
+        )
         if changed:
             self.selected = tuple(added) if added else tuple(i for i in selected if i in new)
             self.replace(new)
@@ -289,8 +291,10 @@ class ReviewSession:
         if self.table is None:
             return "no nodules"
         c = self.counts()
-        return (f"{c['shown']} of {c['total']} nodules shown: {c['unreviewed']} unreviewed, "
-                f"{c['accepted']} accepted, {c['rejected']} rejected")
+        return (
+            f"{c['shown']} of {c['total']} nodules shown: {c['unreviewed']} unreviewed, "
+            f"{c['accepted']} accepted, {c['rejected']} rejected"
+        )
 
     def status_text(self, slice_index: int | None = None) -> str:
         t = self.table

@@ -15,6 +15,7 @@
   wire box of its extent with one label (`nodule_boxes_3d`), coloured like its 2D box
   (rejected ones left out). `nodule_spheres` gives spheres of the nodules' diameters instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def lung_mask(hu: np.ndarray, spacing, grid_mm: float = LUNG_GRID_MM):
 
     sp = np.asarray(spacing, float)
     step = np.maximum(1, np.round(grid_mm / sp)).astype(int)
-    small = np.asarray(hu[::step[0], ::step[1], ::step[2]], np.float32)
+    small = np.asarray(hu[:: step[0], :: step[1], :: step[2]], np.float32)
     air = small < LUNG_HU
     lab, n = ndimage.label(air)
     if n == 0:
@@ -157,8 +158,13 @@ def plane_marks(table: NoduleTable, axis: int, index: int):
         edge.append(e)
         tcol.append(t)
         texts.append(f"{table.label[i]} {float(table.probability[i]):.2f}{REVIEW_MARKS.get(str(table.review[i]), '')}")
-    return (rects, np.asarray(ids, int), np.asarray(edge, float).reshape(-1, 4),
-            np.asarray(tcol, float).reshape(-1, 4), texts)
+    return (
+        rects,
+        np.asarray(ids, int),
+        np.asarray(edge, float).reshape(-1, 4),
+        np.asarray(tcol, float).reshape(-1, 4),
+        texts,
+    )
 
 
 def point_to_voxel(point_world, geometry, shape) -> np.ndarray:
@@ -191,8 +197,9 @@ def positions_text(point_world, geometry, shape) -> str:
     slice's world position."""
     pos = plane_positions(point_world, geometry, shape)
     names = {"axial": "z", "coronal": "y", "sagittal": "x"}
-    return " \u00b7 ".join(f"{p} {k}/{int(shape[PLANE_AXES[p]]) - 1} {names[p]} {mm:.1f} mm"
-                           for p, (k, mm) in pos.items())
+    return " \u00b7 ".join(
+        f"{p} {k}/{int(shape[PLANE_AXES[p]]) - 1} {names[p]} {mm:.1f} mm" for p, (k, mm) in pos.items()
+    )
 
 
 def cursor_lines(axis: int, voxel, shape) -> dict:
@@ -244,5 +251,10 @@ def nodule_boxes_3d(table: NoduleTable):
         b = display_box(table.boxes[i], table.shape)
         anchors.append(voxel_to_point([b[3], b[1], b[2]], table.geometry))
         texts.append(f"{table.label[i]} {float(table.probability[i]):.2f}")
-    return (np.concatenate(vec), np.concatenate(col).astype(float), np.asarray(anchors, float), texts,
-            table.ids[idx].astype(int))
+    return (
+        np.concatenate(vec),
+        np.concatenate(col).astype(float),
+        np.asarray(anchors, float),
+        texts,
+        table.ids[idx].astype(int),
+    )

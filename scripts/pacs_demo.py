@@ -6,6 +6,7 @@
 ``--copies N`` stores N studies (new patient and UIDs each; the same pixels) to have an archive
 to screen (benchmarks/screening.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-ORTHANC_DIR = Path(os.environ.get("RESMTNET_ORTHANC_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "resmtnet-orthanc")
+ORTHANC_DIR = Path(
+    os.environ.get("RESMTNET_ORTHANC_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "resmtnet-orthanc"
+)
 
 
 def scan_datasets(scan, patient_id: str, description: str = "lung1 sample chest CT"):

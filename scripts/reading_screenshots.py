@@ -13,6 +13,7 @@ fit. It then closes the planes, switches to 3D, waits for the lung surface and s
 Run with QT_QPA_PLATFORM unset or ``xcb`` (software OpenGL under Xvfb renders napari's
 volumes); the window is larger than the Xvfb screen, which the window grab does not mind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import warnings
 WINDOW = (1900, 1180)
 DOCK_WIDTH = 1150
 #: the 3D camera (napari's Euler angles, degrees) and its zoom relative to reset_view's
-ANGLES = tuple(float(v) for v in os.environ.get('SHOT_ANGLES', '0,-20,70').split(','))
+ANGLES = tuple(float(v) for v in os.environ.get("SHOT_ANGLES", "0,-20,70").split(","))
 ZOOM = 0.85
 
 

@@ -6,6 +6,7 @@ Detects with the bundled CT model, accepts the most probable nodule, writes the 
 `report.write_html_report` (the widget's **Report...**) and renders it in a Qt text browser,
 so the picture is the report file as written.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,9 @@ def main(out="docs/screenshots/report.png") -> int:
 
     scan = load_scan(sample_path("lung1"))
     det = Predictor("CT", device="cpu").predict(scan)
-    table = NoduleTable.from_detections(det, image_identity(scan), threshold=det.meta["threshold"],
-                                        model_info=det.meta["model_info"])
+    table = NoduleTable.from_detections(
+        det, image_identity(scan), threshold=det.meta["threshold"], model_info=det.meta["model_info"]
+    )
     best = int(table.ids[int(table.probability.argmax())])
     table = table.with_review([best], "accepted")
     with tempfile.TemporaryDirectory() as tmp:

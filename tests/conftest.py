@@ -1,4 +1,5 @@
 """Shared fixtures: where the real data lives, and skips when it is absent."""
+
 import contextlib
 import os
 import signal

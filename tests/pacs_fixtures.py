@@ -1,5 +1,6 @@
 """Shared by the PACS and screening tests: small CT series written with pydicom, and the local
 Orthanc that ``scripts/orthanc.sh start`` runs (tests skip with the reason when it is absent)."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ORTHANC_DIR = Path(os.environ.get("RESMTNET_ORTHANC_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "resmtnet-orthanc")
+ORTHANC_DIR = Path(
+    os.environ.get("RESMTNET_ORTHANC_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "resmtnet-orthanc"
+)
 
 # A tilted CT (rotated 20 degrees about the patient's z axis): geometry must survive the PACS.
 _C, _S = np.cos(np.radians(20)), np.sin(np.radians(20))
@@ -28,8 +31,9 @@ def orthanc_address() -> tuple[str, Path]:
         r = requests.get(url.rsplit("/dicom-web", 1)[0] + "/system", auth=(user, password), timeout=3)
         r.raise_for_status()
     except requests.RequestException as e:
-        pytest.skip(f"the local Orthanc at {url} does not answer ({type(e).__name__}); "
-                    "start it with scripts/orthanc.sh start")
+        pytest.skip(
+            f"the local Orthanc at {url} does not answer ({type(e).__name__}); start it with scripts/orthanc.sh start"
+        )
     return url, cred
 
 
@@ -57,11 +61,20 @@ def ct_volume(seed: int, shape=(16, 48, 48)) -> np.ndarray:
     return np.clip(vol, -1024, 3000).astype(np.int16)
 
 
-def write_ct_series(folder: Path, seed: int = 0, shape=(16, 48, 48), spacing=(2.5, 0.7, 0.7),
-                    iop=TILTED_IOP, origin=(-17.0, -25.0, -120.0), patient_id: str = "RESMTNET-T1",
-                    patient_name: str = "Test^Patient", study_uid: str | None = None,
-                    series_uid: str | None = None, study_date: str = "20240102",
-                    description: str = "chest CT") -> dict:
+def write_ct_series(
+    folder: Path,
+    seed: int = 0,
+    shape=(16, 48, 48),
+    spacing=(2.5, 0.7, 0.7),
+    iop=TILTED_IOP,
+    origin=(-17.0, -25.0, -120.0),
+    patient_id: str = "RESMTNET-T1",
+    patient_name: str = "Test^Patient",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    study_date: str = "20240102",
+    description: str = "chest CT",
+) -> dict:
     """A CT series, one file per slice (ExplicitVRLittleEndian, unsigned 12 bit + rescale).
     ``origin`` is the world (x, y, z) of the first voxel. Returns its UIDs and folder."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -104,8 +117,13 @@ def write_ct_series(folder: Path, seed: int = 0, shape=(16, 48, 48), spacing=(2.
         ds.KVP = 120
         ds.PixelData = (vol[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
         ds.save_as(folder / f"CT{k:04d}.dcm", enforce_file_format=True)
-    return {"folder": folder, "study_uid": study_uid, "series_uid": series_uid, "frame_uid": frame_uid,
-            "patient_id": patient_id}
+    return {
+        "folder": folder,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "frame_uid": frame_uid,
+        "patient_id": patient_id,
+    }
 
 
 def dicom_files(folder: Path) -> list:

@@ -5,6 +5,7 @@ a warning" or "refused" in one line naming the file, within a time limit.
 
 The cases are made here, in temporary folders, from a few lines of numpy/SimpleITK/pydicom.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def _alarm():
 
 # --------------------------------------------------------------------------- builders
 
+
 def ct(shape=(6, 8, 10), seed=0):
     rng = np.random.default_rng(seed)
     a = np.full(shape, -1000, np.int16)
@@ -52,10 +54,13 @@ def mhd(d: Path, datafile: str, shape=(6, 8, 10), extra: str = "", raw: bool = T
     if raw:
         (d / f"{name}.raw").write_bytes(ct(shape).tobytes())
     p = d / f"{name}.mhd"
-    p.write_text("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-                 "ElementSpacing = 0.7 0.7 2.5\n" + extra +
-                 f"DimSize = {shape[2]} {shape[1]} {shape[0]}\nElementType = MET_SHORT\n"
-                 f"ElementDataFile = {datafile}\n")
+    p.write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "ElementSpacing = 0.7 0.7 2.5\n"
+        + extra
+        + f"DimSize = {shape[2]} {shape[1]} {shape[0]}\nElementType = MET_SHORT\n"
+        f"ElementDataFile = {datafile}\n"
+    )
     return p
 
 
@@ -156,9 +161,10 @@ def _lowercase_key(d):
 def _nrrd(d: Path, extra_header: str, datafile: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     p = d / "scan.nhdr"
-    p.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 10 8 6\nendian: little\n"
-                 "encoding: raw\nspace directions: (0.7,0,0) (0,0.7,0) (0,0,2.5)\n"
-                 + extra_header + f"data file: {datafile}\n")
+    p.write_text(
+        "NRRD0004\ntype: short\ndimension: 3\nsizes: 10 8 6\nendian: little\n"
+        "encoding: raw\nspace directions: (0.7,0,0) (0,0.7,0) (0,0,2.5)\n" + extra_header + f"data file: {datafile}\n"
+    )
     return p
 
 
@@ -185,6 +191,7 @@ def _nrrd_two_datafiles(d):
 def _mhd_field(field: str, value: str):
     def make(d):
         return mhd(d, "scan.raw", extra=f"{field} = {value}\n")
+
     return make
 
 
@@ -193,6 +200,7 @@ def _dimsize(value: str):
         p = mhd(d, "scan.raw")
         p.write_text(p.read_text().replace("DimSize = 10 8 6", f"DimSize = {value}"))
         return p
+
     return make
 
 
@@ -212,6 +220,7 @@ def _nifti_vox_offset(value: float):
         data[108:112] = struct.pack("<f", value)
         p.write_bytes(bytes(data))
         return p
+
     return make
 
 
@@ -272,14 +281,19 @@ def _escape_name(d):
     return p
 
 
-def dicom_series(d: Path, n=5, orientation=(1, 0, 0, 0, 1, 0), uid="1.2.826.0.1.3680043.8.498.77", start=0,
-                 name="IM{:04d}.dcm"):
+def dicom_series(
+    d: Path, n=5, orientation=(1, 0, 0, 0, 1, 0), uid="1.2.826.0.1.3680043.8.498.77", start=0, name="IM{:04d}.dcm"
+):
     from test_robustness import dicom_slice
 
     d.mkdir(parents=True, exist_ok=True)
     a = ct((n, 16, 16))
-    return [dicom_slice(d / name.format(start + k), a[k], z=2.5 * k, series_uid=uid, instance=start + k + 1,
-                        orientation=orientation) for k in range(n)]
+    return [
+        dicom_slice(
+            d / name.format(start + k), a[k], z=2.5 * k, series_uid=uid, instance=start + k + 1, orientation=orientation
+        )
+        for k in range(n)
+    ]
 
 
 def _dicom_with_fifo_and_links(d):
@@ -346,11 +360,20 @@ CASES = [
     Case("float64_beyond_float32", _float64_huge, "refused", r"float32 range"),
     Case("spacing_1e-6_mm", _micro_spacing, "refused", r"spacing .* not usable"),
     Case("control_chars_in_name", _escape_name, "refused", r"not a MetaImage"),
-    Case("dicom_fifo_loop_and_link_out", _dicom_with_fifo_and_links, "warning",
-         r"3 entries .* not plain files.*IM8888\.dcm \(link out of the folder\).*IM9999\.dcm \(FIFO\).*loop \(link loop\)",
-         shape=(5, 16, 16)),
-    Case("dicom_mixed_orientation", _dicom_mixed_orientation, "warning", r"mixes slices of 2 orientations",
-         shape=(5, 16, 16)),
+    Case(
+        "dicom_fifo_loop_and_link_out",
+        _dicom_with_fifo_and_links,
+        "warning",
+        r"3 entries .* not plain files.*IM8888\.dcm \(link out of the folder\).*IM9999\.dcm \(FIFO\).*loop \(link loop\)",
+        shape=(5, 16, 16),
+    ),
+    Case(
+        "dicom_mixed_orientation",
+        _dicom_mixed_orientation,
+        "warning",
+        r"mixes slices of 2 orientations",
+        shape=(5, 16, 16),
+    ),
     Case("dicom_orientations_tied", _dicom_orientations_tied, "refused", r"none is the majority"),
 ]
 IDS = [c.name for c in CASES]
@@ -409,8 +432,9 @@ def test_napari_reader_check_and_read(case, tmp_path, monkeypatch):
 
 
 @pytest.mark.robustness
-@pytest.mark.parametrize("case", [c for c in CASES if c.expect == "refused"],
-                         ids=[c.name for c in CASES if c.expect == "refused"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.expect == "refused"], ids=[c.name for c in CASES if c.expect == "refused"]
+)
 def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
     from napari_resmtnet.cli.main import main
 
@@ -430,11 +454,13 @@ def test_predict_cli_refuses_in_one_line(case, tmp_path, capsys):
 def test_pattern_and_percent_s_do_not_crash_a_fresh_process(tmp_path):
     """The ``%s`` pattern crashed ITK (exit 139); now: one line, exit 1, in every entry point."""
     p = _pattern_percent_s(tmp_path / "c")
-    code = ("import sys; from napari_resmtnet.io.formats import load_scan, ScanReadError\n"
-            "from napari_resmtnet._reader import napari_get_reader\n"
-            f"p = {str(p)!r}\n"
-            "r = napari_get_reader(p)\n"
-            "try:\n    load_scan(p)\nexcept ScanReadError as e:\n    print(e); sys.exit(1)\n")
+    code = (
+        "import sys; from napari_resmtnet.io.formats import load_scan, ScanReadError\n"
+        "from napari_resmtnet._reader import napari_get_reader\n"
+        f"p = {str(p)!r}\n"
+        "r = napari_get_reader(p)\n"
+        "try:\n    load_scan(p)\nexcept ScanReadError as e:\n    print(e); sys.exit(1)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 1, r.stderr
     assert "slice pattern" in r.stdout and "Traceback" not in r.stderr
@@ -461,8 +487,9 @@ def test_colour_conversion_is_in_the_memory_budget(tmp_path, monkeypatch):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 6, 0, 0, 0)
-    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                  + chunk(b"IEND", b""))
+    p.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
     monkeypatch.setattr(sio, "_available_memory", lambda: int(2.2e9))
     with pytest.raises(ScanReadError, match=r"1\.6 GB image .*reading it needs about 2\.\d GB with its copies"):
         load_scan(p)

@@ -12,6 +12,7 @@ Never a traceback, never a hang (each test runs under an alarm), never a crash o
 ``pytest -m robustness -rA`` runs the corpus; a table "case -> outcome" is printed at the
 end of this module's tests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,7 +122,7 @@ def ct_array(shape=(12, 40, 40), seed=0):
     rng = np.random.default_rng(seed)
     a = np.full(shape, -1000, np.int16)
     z, y, x = shape
-    a[:, y // 4: 3 * y // 4, x // 4: 3 * x // 4] = 40
+    a[:, y // 4 : 3 * y // 4, x // 4 : 3 * x // 4] = 40
     a += rng.integers(-20, 20, shape, dtype=np.int16)
     return a
 
@@ -133,8 +134,16 @@ def edit_header(p: Path, old: str, new: str) -> None:
     p.write_bytes(data.replace(old.encode(), new.encode(), 1))
 
 
-def write_mhd(folder: Path, name="scan", shape=(6, 8, 10), etype="MET_SHORT", dtype=np.int16,
-              datafile=None, header_shape=None, extra="") -> Path:
+def write_mhd(
+    folder: Path,
+    name="scan",
+    shape=(6, 8, 10),
+    etype="MET_SHORT",
+    dtype=np.int16,
+    datafile=None,
+    header_shape=None,
+    extra="",
+) -> Path:
     """A LUNA16-style .mhd + .raw written by hand (so that header and data can disagree)."""
     folder.mkdir(parents=True, exist_ok=True)
     arr = ct_array(shape).astype(dtype)
@@ -145,14 +154,24 @@ def write_mhd(folder: Path, name="scan", shape=(6, 8, 10), etype="MET_SHORT", dt
     mhd.write_text(
         "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
         "CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = -100 -120 -300\n"
-        "ElementSpacing = 0.7 0.7 2.5\n" + extra +
-        f"DimSize = {hs[2]} {hs[1]} {hs[0]}\nElementType = {etype}\n"
-        f"ElementDataFile = {datafile or raw.name}\n")
+        "ElementSpacing = 0.7 0.7 2.5\n" + extra + f"DimSize = {hs[2]} {hs[1]} {hs[0]}\nElementType = {etype}\n"
+        f"ElementDataFile = {datafile or raw.name}\n"
+    )
     return mhd
 
 
-def dicom_slice(path: Path, pixels, z: float, series_uid: str, instance: int, modality="CT",
-                spacing=(0.7, 0.7), thickness=2.5, with_pixels=True, orientation=(1, 0, 0, 0, 1, 0)):
+def dicom_slice(
+    path: Path,
+    pixels,
+    z: float,
+    series_uid: str,
+    instance: int,
+    modality="CT",
+    spacing=(0.7, 0.7),
+    thickness=2.5,
+    with_pixels=True,
+    orientation=(1, 0, 0, 0, 1, 0),
+):
     """One CT slice as a DICOM file (pydicom), int16 stored with rescale -1024."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -215,9 +234,9 @@ def sparse_file(path: Path, size: int) -> Path:
 class Case:
     name: str
     make: Callable[[Path], Path]  # builds the case under a folder; returns the path to open
-    expect: str                   # "loaded" | "warning" | "refused"
-    match: str = ""               # regex the message (refused) or the warnings must contain
-    gui: bool = False             # also opened with viewer.open + the widget (slow-ish)
+    expect: str  # "loaded" | "warning" | "refused"
+    match: str = ""  # regex the message (refused) or the warnings must contain
+    gui: bool = False  # also opened with viewer.open + the widget (slow-ish)
 
 
 def _truncated_raw(d):
@@ -271,8 +290,10 @@ def _nrrd_datafile_outside(d):
     s = _secret(d)
     d.mkdir(parents=True, exist_ok=True)
     p = d / "detached.nhdr"
-    p.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 10 8 6\nspacings: 0.7 0.7 2.5\n"
-                 f"endian: little\nencoding: raw\ndata file: ../{s.name}\n\n")
+    p.write_text(
+        "NRRD0004\ntype: short\ndimension: 3\nsizes: 10 8 6\nspacings: 0.7 0.7 2.5\n"
+        f"endian: little\nencoding: raw\ndata file: ../{s.name}\n\n"
+    )
     return p
 
 
@@ -293,8 +314,9 @@ def _four_d_one_timepoint(d):
 def _one_d(d):
     d.mkdir(parents=True, exist_ok=True)
     p = d / "line.mha"
-    p.write_bytes(b"ObjectType = Image\nNDims = 1\nDimSize = 64\nElementType = MET_SHORT\n"
-                  b"ElementDataFile = LOCAL\n" + b"\0" * 128)
+    p.write_bytes(
+        b"ObjectType = Image\nNDims = 1\nDimSize = 64\nElementType = MET_SHORT\nElementDataFile = LOCAL\n" + b"\0" * 128
+    )
     return p
 
 
@@ -353,6 +375,7 @@ def _spacing(value):
         p = write_image(d / "sp.mha", ct_array((6, 16, 16)))
         edit_header(p, "ElementSpacing = 1 1 1", f"ElementSpacing = {value} 1 1")
         return p
+
     return make
 
 
@@ -370,8 +393,12 @@ def _singular(d):
 
 def _oblique(d):  # a proper rotation: loads with no warning
     c, s = math.cos(0.3), math.sin(0.3)
-    return write_image(d / "oblique.nii.gz", ct_array((8, 24, 24)), spacing=(0.8, 0.8, 2.0),
-                       direction=[[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return write_image(
+        d / "oblique.nii.gz",
+        ct_array((8, 24, 24)),
+        spacing=(0.8, 0.8, 2.0),
+        direction=[[c, -s, 0], [s, c, 0], [0, 0, 1]],
+    )
 
 
 def _dicom_mixed_fix(d):
@@ -424,6 +451,7 @@ def _text(name):
         p = d / name
         p.write_text("<html><body>404 Not Found</body></html>\n" * 20)
         return p
+
     return make
 
 
@@ -433,6 +461,7 @@ def _garbage_bytes(name):
         p = d / name
         p.write_bytes(np.random.default_rng(5).integers(0, 256, 4000, dtype=np.uint8).tobytes())
         return p
+
     return make
 
 
@@ -476,9 +505,11 @@ def _huge_mhd(d):
     d.mkdir(parents=True, exist_ok=True)
     sparse_file(d / "huge.raw", int(np.prod(shape, dtype=np.int64)) * 2)
     p = d / "huge.mhd"
-    p.write_text("ObjectType = Image\nNDims = 3\nBinaryData = True\nCompressedData = False\n"
-                 "ElementSpacing = 0.7 0.7 0.7\nDimSize = 5000 5000 1000\nElementType = MET_SHORT\n"
-                 "ElementDataFile = huge.raw\n")
+    p.write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nCompressedData = False\n"
+        "ElementSpacing = 0.7 0.7 0.7\nDimSize = 5000 5000 1000\nElementType = MET_SHORT\n"
+        "ElementDataFile = huge.raw\n"
+    )
     return p
 
 
@@ -497,8 +528,12 @@ def _huge_nifti(d):
 
 
 def _unicode_path(d):
-    return write_image(d / "Müller José 测试" / "scan with spaces é.nrrd", ct_array((10, 32, 32)),
-                       spacing=(0.8, 0.8, 2.0), origin=(-10, 20, -300))
+    return write_image(
+        d / "Müller José 测试" / "scan with spaces é.nrrd",
+        ct_array((10, 32, 32)),
+        spacing=(0.8, 0.8, 2.0),
+        origin=(-10, 20, -300),
+    )
 
 
 def _unicode_dicom(d):
@@ -623,8 +658,11 @@ def test_load_scan(case, tmp_path):
     t = time.perf_counter()
     kind, text, scan = load_outcome(path)
     elapsed = time.perf_counter() - t
-    record(case.name, "load_scan", f"{'loaded with warning' if kind == 'warning' else kind}: "
-           + text.replace(str(path), path.name))
+    record(
+        case.name,
+        "load_scan",
+        f"{'loaded with warning' if kind == 'warning' else kind}: " + text.replace(str(path), path.name),
+    )
     check_expected(case, kind, text, path)
     assert elapsed < 20, f"{case.name} took {elapsed:.1f} s"
     if scan is not None:
@@ -687,8 +725,11 @@ def test_napari_reader(case, tmp_path, notes):
         assert out == [(None,)], "nothing to add, and no exception"
         assert notes["error"] == [text] and notes["warning"] == []
         return
-    record(case.name, "reader", f"{'loaded with warning' if kind == 'warning' else 'loaded'}: "
-           f"{len(notes['warning'])} warning notification(s)")
+    record(
+        case.name,
+        "reader",
+        f"{'loaded with warning' if kind == 'warning' else 'loaded'}: {len(notes['warning'])} warning notification(s)",
+    )
     assert notes["error"] == []
     assert len(out) == 1 and out[0][2] == "image"
     data, kwargs, _ = out[0]
@@ -795,8 +836,13 @@ def test_predict_subprocess_bad_files_one_line_each(tmp_path):
     bad = [build(c, tmp_path) for c in CASES if c.name in ("truncated_raw", "text_as_mha", "header_claims_50GB_mhd")]
     out = tmp_path / "o.csv"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "napari_resmtnet", "predict", *map(str, bad), "--out", str(out),
-                        "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_resmtnet", "predict", *map(str, bad), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1, r.stderr
     assert len(err) == 3, r.stderr
@@ -853,9 +899,16 @@ def weights_file(path: Path, modality="CT", nd=None, sidecar=True, **override) -
     nd = nd or (3 if modality == "CT" else 2)
     torch.manual_seed(0)
     cfg = ResMTNetConfig(spatial_dims=nd, widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)
-    obj = {"format": WEIGHTS_FORMAT, "name": "tiny-user", "version": "0.1.0", "modality": modality,
-           "spacing_mm": 1.0 if modality == "CT" else 1.6, "threshold": 0.4, "network": cfg.to_dict(),
-           "state_dict": ResMTNet(cfg).state_dict()}
+    obj = {
+        "format": WEIGHTS_FORMAT,
+        "name": "tiny-user",
+        "version": "0.1.0",
+        "modality": modality,
+        "spacing_mm": 1.0 if modality == "CT" else 1.6,
+        "threshold": 0.4,
+        "network": cfg.to_dict(),
+        "state_dict": ResMTNet(cfg).state_dict(),
+    }
     obj.update(override)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
@@ -998,8 +1051,9 @@ def open_with_widget(make_napari_viewer, path, factory=None):
 
 @pytest.mark.gui
 @pytest.mark.robustness
-def test_widget_user_weights_checked_and_failures_notified(make_napari_viewer, qtbot, notes, gui_env, tmp_path,
-                                                          one_thread):
+def test_widget_user_weights_checked_and_failures_notified(
+    make_napari_viewer, qtbot, notes, gui_env, tmp_path, one_thread
+):
     scan = write_image(tmp_path / "scan.mha", ct_array((10, 32, 32)))
     viewer, w = open_with_widget(make_napari_viewer, scan, factory=lambda m, d: pytest.fail("bundled weights used"))
     for kind in ("altered", "pickled_code", "wrong_network_dims", "no_sidecar"):
@@ -1039,8 +1093,15 @@ def _table(n=3, seriesuid="1.2.840.113619.2.55.3", origin=(-100.0, 10.0, -50.0),
     from napari_resmtnet.scan import Scan
 
     rng = np.random.default_rng(seed)
-    scan = Scan(np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), origin, np.eye(3), "CT", seriesuid=seriesuid,
-                path="/data/ct 1.mhd")
+    scan = Scan(
+        np.zeros((20, 64, 64), np.int16),
+        (2.0, 0.7, 0.7),
+        origin,
+        np.eye(3),
+        "CT",
+        seriesuid=seriesuid,
+        path="/data/ct 1.mhd",
+    )
     lo = rng.uniform(0, 40, (n, 3))
     boxes = np.concatenate([lo, lo + rng.uniform(1, 12, (n, 3))], 1)
     det = Detections(boxes, rng.uniform(0, 1, n), rng.uniform(0, 1, n), Detections.geometry_of(scan))
@@ -1096,8 +1157,9 @@ def test_autosave_tidies_stale_temp_files(tmp_path, monkeypatch):
 
 @pytest.mark.gui
 @pytest.mark.robustness
-def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(make_napari_viewer, qtbot, notes, gui_env,
-                                                                  tmp_path, monkeypatch):
+def test_every_edit_is_autosaved_debounced_and_restored_on_reopen(
+    make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch
+):
     from napari_resmtnet import _widget as W
     from napari_resmtnet.annotations import autosave as A
 
@@ -1208,8 +1270,9 @@ def _make_read_only(folder: Path):
 
 @pytest.mark.gui
 @pytest.mark.robustness
-def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, qtbot, notes, gui_env, tmp_path,
-                                                          monkeypatch):
+def test_export_to_full_or_read_only_location_fails_loudly(
+    make_napari_viewer, qtbot, notes, gui_env, tmp_path, monkeypatch
+):
     from napari_resmtnet import files
 
     viewer, w = open_with_widget(make_napari_viewer, write_image(tmp_path / "s.mha", ct_array((10, 32, 32))))
@@ -1239,8 +1302,10 @@ def test_export_to_full_or_read_only_location_fails_loudly(make_napari_viewer, q
         assert w.export_panel.export_nodules(out / "nodules.csv") == []
     finally:
         undo()
-    assert re.search(r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied|folder .* is not writable)",
-                     notes["error"][-1]), notes["error"][-1]
+    assert re.search(
+        r"could not write .*nodules\.(csv|json): (Operation not permitted|Permission denied|folder .* is not writable)",
+        notes["error"][-1],
+    ), notes["error"][-1]
     assert {p: Path(p).read_text() for p in paths} == before
     assert sorted(os.listdir(out)) == ["nodules.csv", "nodules.json"]
 
@@ -1288,8 +1353,12 @@ def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
     rng = random.Random(1234)
     seen, interrupted = [], 0
     for _ in range(6):
-        p = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(ref), str(target)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+        p = subprocess.Popen(
+            [sys.executable, "-c", KILL_CHILD, str(ref), str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         try:
             assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()[-2000:]
             time.sleep(rng.uniform(0.0, 0.4))
@@ -1303,8 +1372,10 @@ def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
             seen.append(versions[suffix][text])
         json.loads((out / "nodules.json").read_text())
         interrupted = max(interrupted, len([f for f in os.listdir(out) if f.endswith(".tmp")]))
-    note("sigkill_during_export", f"6 kills, files always whole ({''.join(seen)}); {interrupted} temp file(s) left by killed writes")
-
+    note(
+        "sigkill_during_export",
+        f"6 kills, files always whole ({''.join(seen)}); {interrupted} temp file(s) left by killed writes",
+    )
 
 
 MAXRSS_CHILD = r"""
@@ -1330,13 +1401,16 @@ def test_50gb_headers_refused_without_a_memory_spike(tmp_path):
     paths = [build(c, tmp_path) for c in CASES if c.name.startswith("header_claims_50GB")]
     assert len(paths) == 3
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", MAXRSS_CHILD, *map(str, paths)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", MAXRSS_CHILD, *map(str, paths)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     refused = [ln for ln in lines if ln.startswith("REFUSED")]
     assert len(refused) == 3 and all("50.0 GB" in ln for ln in refused), r.stdout
     delta_kb, seconds = int(lines[-1].split()[1]), float(lines[-1].split()[3])
-    note("header_claims_50GB_memory", f"3 headers refused in {seconds:.2f} s; peak RSS grew by {delta_kb / 1024:.1f} MB")
+    note(
+        "header_claims_50GB_memory", f"3 headers refused in {seconds:.2f} s; peak RSS grew by {delta_kb / 1024:.1f} MB"
+    )
     assert delta_kb < 50 * 1024, f"peak RSS grew by {delta_kb / 1024:.0f} MB while refusing"
     assert seconds < 10

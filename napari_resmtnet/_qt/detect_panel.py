@@ -11,6 +11,7 @@ A weights file picked here is checked at once (sha256 from ``<file>.sha256``,
 ``weights_only`` loading, format, network config); a file that fails is refused with a
 notification and the bundled weights stay in use.
 """
+
 from __future__ import annotations
 
 import os
@@ -111,12 +112,14 @@ class DetectPanel(QWidget):
         self.relay = ProgressRelay(self)
         self.relay.progressed.connect(self._on_progress)
 
-        self.params = Container(widgets=[
-            ComboBox(name="image", label="image", choices=self._image_names),
-            ComboBox(name="model", label="model", choices=MODEL_CHOICES, value="auto"),
-            ComboBox(name="device", label="device", choices=DEVICE_CHOICES, value="auto"),
-            FileEdit(name="weights", label="weights file", mode="r", filter="Weights (*.pt *.pth)"),
-        ])
+        self.params = Container(
+            widgets=[
+                ComboBox(name="image", label="image", choices=self._image_names),
+                ComboBox(name="model", label="model", choices=MODEL_CHOICES, value="auto"),
+                ComboBox(name="device", label="device", choices=DEVICE_CHOICES, value="auto"),
+                FileEdit(name="weights", label="weights file", mode="r", filter="Weights (*.pt *.pth)"),
+            ]
+        )
         p = self.params
         p.weights.tooltip = "Use a weights file of your own (a <file>.sha256 must lie beside it)"
         p.image.changed.connect(lambda *_: host.on_choice())
@@ -218,8 +221,10 @@ class DetectPanel(QWidget):
             self.host.notify("error", f"Weights not used: {path}: {first}")
             return False
         self.weights_path, self.weights_info = path, info
-        self.weights_label.setText(f"{os.path.basename(path)} ({info['modality']}, {info['name']} "
-                                   f"{info['version']}, sha256 {info['sha256'][:8]}…)")
+        self.weights_label.setText(
+            f"{os.path.basename(path)} ({info['modality']}, {info['name']} "
+            f"{info['version']}, sha256 {info['sha256'][:8]}…)"
+        )
         self.bundled_button.setEnabled(True)
         self._show_weights_file(path)
         self.host.notify("info", f"Using weights {path} for {info['modality']} (sha256 {info['sha256'][:12]}…)")
@@ -272,14 +277,19 @@ class DetectPanel(QWidget):
         session = self.host.session
         work = session.merge_question(old_layer.metadata[META_KEY], id(old_layer)) if old_layer is not None else 0
         if work:
+
             def answer(yes: bool) -> None:
                 if yes:
                     session.confirm_merge(id(old_layer))
                     self._start(layer, scan, modality, device)
 
-            self.host.ask("merge", f"{layer.name} has {work} nodule(s) you accepted, rejected or drew. "
-                                   "Detect again? They are kept as they are; only the unreviewed "
-                                   "candidates are replaced by the new run's.", answer)
+            self.host.ask(
+                "merge",
+                f"{layer.name} has {work} nodule(s) you accepted, rejected or drew. "
+                "Detect again? They are kept as they are; only the unreviewed "
+                "candidates are replaced by the new run's.",
+                answer,
+            )
             return
         self._start(layer, scan, modality, device)
 
@@ -287,6 +297,7 @@ class DetectPanel(QWidget):
         if self.running or layer not in self.viewer.layers:
             return
         from napari.utils import progress
+
         self.cancel_event = threading.Event()
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("starting %p%")
@@ -295,8 +306,16 @@ class DetectPanel(QWidget):
         self.update_buttons()
         self.set_status(f"Detecting nodules in {layer.name} ({modality}, {device})…")
         self.pbar = progress(total=1000, desc=f"Detecting nodules ({modality})")
-        job = partial(run_detection, self.get_predictor, scan, modality, device, self.cancel_event,
-                      self.relay, {"image_layer": layer.name, "image": image_identity(scan)})
+        job = partial(
+            run_detection,
+            self.get_predictor,
+            scan,
+            modality,
+            device,
+            self.cancel_event,
+            self.relay,
+            {"image_layer": layer.name, "image": image_identity(scan)},
+        )
         if os.environ.get("RESMTNET_SYNC") == "1":
             self._done(job())
             return
@@ -353,8 +372,9 @@ class DetectPanel(QWidget):
             notify("error", f"Nodule detection failed: {outcome.message}")
             return None
         try:
-            table = NoduleTable.from_detections(outcome.detections, outcome.context["image"],
-                                                threshold=outcome.threshold, model_info=outcome.model_info)
+            table = NoduleTable.from_detections(
+                outcome.detections, outcome.context["image"], threshold=outcome.threshold, model_info=outcome.model_info
+            )
         except (ValueError, KeyError, TypeError) as exc:
             notify("error", f"Nodule detection returned unusable results: {exc}")
             return None
@@ -363,7 +383,9 @@ class DetectPanel(QWidget):
         name = outcome.context["image_layer"]
         layer = self.host.show_nodules(table, image_layer_name=name, merge=True)
         t, merged = self.host.session.table, self.host.session.last_merge
-        notify("info", f"Found {int(t.visible_mask().sum())} nodule(s) in {name} "
-                       f"({len(t)} candidates kept; move the threshold to see more)."
-                       + (f" Merged: {merged}." if merged else ""))
+        notify(
+            "info",
+            f"Found {int(t.visible_mask().sum())} nodule(s) in {name} "
+            f"({len(t)} candidates kept; move the threshold to see more)." + (f" Merged: {merged}." if merged else ""),
+        )
         return layer

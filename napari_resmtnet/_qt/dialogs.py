@@ -1,4 +1,5 @@
 """Questions the widget asks the reader without blocking the viewer (non-modal boxes)."""
+
 from __future__ import annotations
 
 from qtpy.QtCore import Qt

@@ -8,6 +8,7 @@ also its DICOM SEG and SR. Whenever an image whose autosave holds nodules is ope
 back on demand (``RESMTNET_AUTOSAVE_RESTORE=always`` or ``never`` answers for scripted
 sessions). Errors become one notification each.
 """
+
 from __future__ import annotations
 
 import os
@@ -107,8 +108,9 @@ class ExportPanel(QWidget):
             return None
         if str(path).lower().endswith(".csv") and table.model_info is None:
             current = self.host.layers.layer_for_image(image_layer) if image_layer else None
-            table = complete_csv_table(table, current.metadata[META_KEY] if current is not None else None,
-                                       self.host.model_threshold())
+            table = complete_csv_table(
+                table, current.metadata[META_KEY] if current is not None else None, self.host.model_threshold()
+            )
         layer = self.host.show_nodules(table, image_layer_name=image_layer)
         self.host.notify("info", f"Imported {len(table)} nodule(s) from {os.path.basename(str(path))}")
         return layer
@@ -156,8 +158,9 @@ class ExportPanel(QWidget):
         except ImportError as exc:  # highdicom/pydicom not installed
             self.host.notify("error", f"Wrote the HTML report; DICOM SR/SEG need highdicom ({exc})")
             return []
-        self.host.notify("info", f"Wrote the DICOM SEG and SR of the accepted nodules: {files[0].name}, "
-                                 f"{files[1].name}")
+        self.host.notify(
+            "info", f"Wrote the DICOM SEG and SR of the accepted nodules: {files[0].name}, {files[1].name}"
+        )
         return files
 
     # --- dialogs --------------------------------------------------------------------------
@@ -175,8 +178,9 @@ class ExportPanel(QWidget):
     def _export_dialog(self, *_) -> None:
         start = self._start_name("_nodules.csv")
         if start is not None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export nodules (CSV + JSON)", start,
-                                                  "Nodule CSV (*.csv);;Nodule JSON (*.json)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export nodules (CSV + JSON)", start, "Nodule CSV (*.csv);;Nodule JSON (*.json)"
+            )
             if path:
                 self.export_nodules(path)
 
@@ -211,7 +215,6 @@ class ExportPanel(QWidget):
         them back (ask, or as ``RESMTNET_AUTOSAVE_RESTORE`` says)."""
         from napari.layers import Image
 
-
         viewer, host = self.host.viewer, self.host
         if not isinstance(layer, Image) or layer not in viewer.layers:
             return
@@ -226,8 +229,8 @@ class ExportPanel(QWidget):
         if not host.autosave.offer(key, id(layer)):
             return
         if key in host.autosave.pending or any(
-                is_nodule_layer(ly) and autosave.image_key(ly.metadata[META_KEY].image) == key
-                for ly in viewer.layers):
+            is_nodule_layer(ly) and autosave.image_key(ly.metadata[META_KEY].image) == key for ly in viewer.layers
+        ):
             return
         try:
             info = autosave.peek(image)
@@ -246,8 +249,11 @@ class ExportPanel(QWidget):
             answer(True)
             return
         when = f" on {info.saved_at.replace('T', ' at ')[:22]}" if info.saved_at else ""
-        host.ask("restore", f"{info.n_nodules} nodule(s) of {name} ({info.n_shown} shown) were autosaved"
-                            f"{when}. Restore them?", answer)
+        host.ask(
+            "restore",
+            f"{info.n_nodules} nodule(s) of {name} ({info.n_shown} shown) were autosaved{when}. Restore them?",
+            answer,
+        )
 
     def _restore_clicked(self, *_) -> None:
         layer = self.host.image_layer()

@@ -9,6 +9,7 @@ slice on screen, refilled when the slice changes (see `NoduleLayerView.add_slice
 ``updating`` is the guard every part of the widget raises while it changes layers itself,
 so that the events those changes fire are not taken for the reader's.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -19,7 +20,12 @@ from qtpy.QtCore import QTimer
 from ..boxes import slice_index_of, voxel_to_world_points
 from ..annotations.table import META_KEY, NoduleTable
 from ..layers import (
-    edge_width_for, feature_defaults, features_frame, slice_geometry_kwargs, table_to_layer_data, table_to_shapes,
+    edge_width_for,
+    feature_defaults,
+    features_frame,
+    slice_geometry_kwargs,
+    table_to_layer_data,
+    table_to_shapes,
     text_kwargs,
 )
 
@@ -28,8 +34,7 @@ SAME_VOXELS = 1e-3
 
 
 def is_nodule_layer(layer) -> bool:
-    return isinstance(getattr(layer, "metadata", None), dict) and isinstance(
-        layer.metadata.get(META_KEY), NoduleTable)
+    return isinstance(getattr(layer, "metadata", None), dict) and isinstance(layer.metadata.get(META_KEY), NoduleTable)
 
 
 def image_layers(viewer) -> list:
@@ -42,6 +47,7 @@ def image_layers(viewer) -> list:
 def _key_handler(action):
     def on_key(layer):
         action()
+
     return on_key
 
 
@@ -131,7 +137,7 @@ class NoduleLayerView:
             if uid and md.get("seriesuid") == uid:
                 return ly.name
             shape = tuple(ly.data.shape[:-1] if getattr(ly, "rgb", False) else ly.data.shape)
-            if shape == table.shape and np.allclose(np.asarray(ly.scale)[-table.ndim:], table.spacing):
+            if shape == table.shape and np.allclose(np.asarray(ly.scale)[-table.ndim :], table.spacing):
                 match = match or ly.name
         return match
 
@@ -165,8 +171,7 @@ class NoduleLayerView:
         layer = self.layer
         if layer is None:
             return
-        for ev, cb in ((layer.events.data, self._on_layer_data),
-                       (layer.events.highlight, self._on_layer_selection)):
+        for ev, cb in ((layer.events.data, self._on_layer_data), (layer.events.highlight, self._on_layer_selection)):
             try:
                 ev.disconnect(cb)
             except (TypeError, ValueError, RuntimeError):
@@ -203,16 +208,25 @@ class NoduleLayerView:
                 geo = slice_geometry_kwargs(table.image, k)
                 if not np.allclose(layer.translate, geo["translate"]):
                     layer.translate = geo["translate"]
-            same = (len(layer.data) == len(data) and "id" in layer.features
-                    and layer.features["id"].tolist() == feats["id"]
-                    and all(a.shape == b.shape and np.allclose(a, b, rtol=0, atol=SAME_VOXELS)
-                            for a, b in zip(layer.data, data)))
+            same = (
+                len(layer.data) == len(data)
+                and "id" in layer.features
+                and layer.features["id"].tolist() == feats["id"]
+                and all(
+                    a.shape == b.shape and np.allclose(a, b, rtol=0, atol=SAME_VOXELS) for a, b in zip(layer.data, data)
+                )
+            )
             if not same:
                 if len(layer.data):
                     layer.data = []
                 if data:
-                    layer.add(data, shape_type="rectangle", edge_width=edge_width_for(table),
-                              edge_color=edge, face_color=np.zeros((len(data), 4)))
+                    layer.add(
+                        data,
+                        shape_type="rectangle",
+                        edge_width=edge_width_for(table),
+                        edge_color=edge,
+                        face_color=np.zeros((len(data), 4)),
+                    )
             layer.features = features_frame(feats)
             if data:
                 layer.edge_color = edge
@@ -259,8 +273,14 @@ class NoduleLayerView:
         feats = layer.features
         cols = {c: feats[c].tolist() for c in ("id", "slice") if c in feats}
         # what the reader is working on stays selected: the edited shapes' nodules
-        return self.session.apply_layer_edit(list(layer.data), cols, removed, new_label=self.new_label(),
-                                             slice_index=self.slice, selected=self.selected_ids())
+        return self.session.apply_layer_edit(
+            list(layer.data),
+            cols,
+            removed,
+            new_label=self.new_label(),
+            slice_index=self.slice,
+            selected=self.selected_ids(),
+        )
 
     def _on_layer_selection(self, event=None) -> None:
         if self.updating or self.layer is None:
@@ -311,7 +331,7 @@ class NoduleLayerView:
         if t.ndim == 3:
             # the whole position: the axial slice, and the coronal and sagittal planes through
             # the nodule's centre (what the three-plane view shows)
-            point[self.viewer.dims.ndim - 3:] = [float(v) for v in world]
+            point[self.viewer.dims.ndim - 3 :] = [float(v) for v in world]
             self.viewer.dims.point = point
             if self.viewer_slice(t) != self.slice:
                 self.render()

@@ -15,6 +15,7 @@
 Network work runs in napari ``thread_worker`` threads; every failure is one line in the
 panel's status (and a napari notification), never a traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -239,11 +240,13 @@ class PacsPanel(QWidget):
             self._say("Give the PACS's DICOMweb address first.", error=True)
             return
         mod = self.modality_combo.currentText()
-        kw = dict(patient_id=self.patient_id_edit.text().strip() or None,
-                  patient_name=self.patient_name_edit.text().strip() or None,
-                  date_from=self.date_from_edit.text().strip() or None,
-                  date_to=self.date_to_edit.text().strip() or None,
-                  modality=None if mod == "any" else mod)
+        kw = dict(
+            patient_id=self.patient_id_edit.text().strip() or None,
+            patient_name=self.patient_name_edit.text().strip() or None,
+            date_from=self.date_from_edit.text().strip() or None,
+            date_to=self.date_to_edit.text().strip() or None,
+            modality=None if mod == "any" else mod,
+        )
         self._run(lambda cancel, report: self._pacs().search_studies(**kw), self._show_studies, "Searching…")
 
     def _show_studies(self, studies) -> None:
@@ -267,16 +270,19 @@ class PacsPanel(QWidget):
         st = self.selected_study()
         if st is None or self.is_busy:
             return
-        self._run(lambda cancel, report: self._pacs().search_series(st.study_uid), self._show_series,
-                  "Listing series…")
+        self._run(lambda cancel, report: self._pacs().search_series(st.study_uid), self._show_series, "Listing series…")
 
     def _show_series(self, series) -> None:
         self._series = list(series)
         t = self.series_table
         t.setRowCount(len(self._series))
         for r, s in enumerate(self._series):
-            vals = ["" if s.number is None else s.number, s.modality, s.description,
-                    "" if s.n_instances is None else s.n_instances]
+            vals = [
+                "" if s.number is None else s.number,
+                s.modality,
+                s.description,
+                "" if s.n_instances is None else s.n_instances,
+            ]
             for c, v in enumerate(vals):
                 item = QTableWidgetItem(str(v))
                 if not s.is_image:
@@ -323,8 +329,9 @@ class PacsPanel(QWidget):
         ref = self._opened.get(image_layer_name) or {}
         for ly in self.viewer.layers:
             t = ly.metadata.get(META_KEY) if isinstance(getattr(ly, "metadata", None), dict) else None
-            if isinstance(t, NoduleTable) and (ly.metadata.get("image_layer") == image_layer_name
-                                               or t.image.get("seriesuid") == ref.get("series_uid")):
+            if isinstance(t, NoduleTable) and (
+                ly.metadata.get("image_layer") == image_layer_name or t.image.get("seriesuid") == ref.get("series_uid")
+            ):
                 return t
         return None
 
@@ -376,8 +383,9 @@ class PacsPanel(QWidget):
         else:
             stored, missing = value
             if missing:
-                self._say(f"The PACS took {len(stored)} object(s) but does not list {len(missing)} of them.",
-                          error=True)
+                self._say(
+                    f"The PACS took {len(stored)} object(s) but does not list {len(missing)} of them.", error=True
+                )
             else:
                 self._say(f"Sent and confirmed: DICOM SEG + SR ({len(stored)} objects) in the study.")
         self.last_sent = result

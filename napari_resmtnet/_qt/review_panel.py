@@ -5,6 +5,7 @@ session as it is; the buttons call the actions the host gives (by name), the thr
 slider calls ``set_threshold``. While the slider is dragged, the nodules are re-drawn at
 most every 150 ms (many CT boxes are slow); the value is applied when it is let go.
 """
+
 from __future__ import annotations
 
 from qtpy.QtCore import Qt, QTimer
@@ -17,18 +18,39 @@ from .table import NoduleTableView
 BUTTONS = (
     ("add_button", "Draw new (n)", "start_drawing", "", 0, 2, 1),
     ("accept_button", "Accept (a)", "accept_selected", "Confirm the selected nodules", 1, 0, 1),
-    ("reject_button", "Reject (x)", "reject_selected",
-     "Dismiss the selected nodules (kept grey; a new detection run does not bring them back)", 1, 1, 1),
+    (
+        "reject_button",
+        "Reject (x)",
+        "reject_selected",
+        "Dismiss the selected nodules (kept grey; a new detection run does not bring them back)",
+        1,
+        1,
+        1,
+    ),
     ("unreview_button", "Unreview (u)", "unreview_selected", "", 1, 2, 1),
     ("prev_button", "< Previous unreviewed (,)", "previous_unreviewed", "", 2, 0, 2),
     ("next_button", "Next unreviewed (.) >", "next_unreviewed", "", 2, 2, 1),
     ("flip_button", "Flip label (m)", "flip_selected", "", 3, 0, 1),
     ("reviewed_button", "Accepted (r)", "mark_reviewed", "Toggle accepted / unreviewed", 3, 1, 1),
     ("delete_button", "Delete", "delete_selected", "", 3, 2, 1),
-    ("first_slice_button", "First slice here ([)", "set_first_slice",
-     "The selected CT nodule starts at the slice shown", 4, 0, 1),
-    ("last_slice_button", "Last slice here (])", "set_last_slice",
-     "The selected CT nodule ends at the slice shown", 4, 1, 1),
+    (
+        "first_slice_button",
+        "First slice here ([)",
+        "set_first_slice",
+        "The selected CT nodule starts at the slice shown",
+        4,
+        0,
+        1,
+    ),
+    (
+        "last_slice_button",
+        "Last slice here (])",
+        "set_last_slice",
+        "The selected CT nodule ends at the slice shown",
+        4,
+        1,
+        1,
+    ),
     ("undo_button", "Undo (Ctrl+Z)", "undo", "", 5, 0, 1),
     ("redo_button", "Redo (Ctrl+Shift+Z)", "redo", "", 5, 1, 1),
 )
@@ -67,11 +89,13 @@ class ReviewPanel(QWidget):
         self.count_label = QLabel("no nodules")
         root.addWidget(self.count_label)
         b, m, g = _hex(LABEL_RGB["benign"]), _hex(LABEL_RGB["malignant"]), _hex(REJECTED_RGB)
-        self.legend = QLabel(f"<span style='color:{b}'>&#9632; benign</span> &nbsp; "
-                             f"<span style='color:{m}'>&#9632; malignant</span> &nbsp; "
-                             f"<span style='color:{g}'>&#9632; rejected</span><br>"
-                             "box text: label and detection probability; fainter = less sure, "
-                             "&#10003; accepted, &#10007; rejected")
+        self.legend = QLabel(
+            f"<span style='color:{b}'>&#9632; benign</span> &nbsp; "
+            f"<span style='color:{m}'>&#9632; malignant</span> &nbsp; "
+            f"<span style='color:{g}'>&#9632; rejected</span><br>"
+            "box text: label and detection probability; fainter = less sure, "
+            "&#10003; accepted, &#10007; rejected"
+        )
         self.legend.setWordWrap(True)
         root.addWidget(self.legend)
         self.table = NoduleTableView(self)

@@ -1,4 +1,5 @@
 """Running the predictor off the GUI thread: the job, its outcome, and a progress relay."""
+
 from __future__ import annotations
 
 import threading
@@ -39,8 +40,15 @@ def _is_cancelled_error(exc: BaseException) -> bool:
     return isinstance(exc, Cancelled)
 
 
-def run_detection(get_predictor: Callable, scan, modality: str, device: str,
-                  cancel: threading.Event, progress: Callable, context: dict) -> Outcome:
+def run_detection(
+    get_predictor: Callable,
+    scan,
+    modality: str,
+    device: str,
+    cancel: threading.Event,
+    progress: Callable,
+    context: dict,
+) -> Outcome:
     """Load (or reuse) the predictor and run it on ``scan``. Runs in a worker thread; never
     raises: failures come back as an ``Outcome`` for the GUI thread to report."""
     try:
@@ -53,8 +61,13 @@ def run_detection(get_predictor: Callable, scan, modality: str, device: str,
             return Outcome("cancelled", context=context)
         info = getattr(predictor, "model_info", None)
         thr = getattr(predictor, "threshold", None)
-        return Outcome("ok", detections=det, threshold=None if thr is None else float(thr),
-                       model_info=dict(info) if info else None, context=context)
+        return Outcome(
+            "ok",
+            detections=det,
+            threshold=None if thr is None else float(thr),
+            model_info=dict(info) if info else None,
+            context=context,
+        )
     except Exception as exc:  # the thread boundary: report every failure, never crash the viewer
         if cancel.is_set() or _is_cancelled_error(exc):
             return Outcome("cancelled", context=context)

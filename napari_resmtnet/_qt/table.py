@@ -9,24 +9,45 @@ table: double-click (or F2 on) a type cell for a list, or right-click rows for a
 selected rows). The view does not change the table itself: it emits
 ``texture_overridden(nodule_id, texture)`` and whoever owns the table applies it
 (`NoduleTable.with_texture`) and calls `set_table` again."""
+
 from __future__ import annotations
 
 from qtpy.QtCore import QTimer, Qt, Signal
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
-    QAbstractItemView, QComboBox, QHeaderView, QMenu, QStyledItemDelegate, QTableWidget, QTableWidgetItem,
+    QAbstractItemView,
+    QComboBox,
+    QHeaderView,
+    QMenu,
+    QStyledItemDelegate,
+    QTableWidget,
+    QTableWidgetItem,
 )
 
 from ..annotations.table import LABEL_RGB, REJECTED_RGB, NoduleTable, axes_text, grade_text, texture_text, volume_text
 from ..lungrads import DECISION_SUPPORT, NODULE_TYPES
 from ..annotations.review import reading_order
 
-COLUMNS = ("id", "label", "malignancy", "probability", "diameter (mm)", "slice", "source", "review",
-           "type", "long \u00d7 short (mm)", "volume (mm\u00b3)", f"Lung-RADS ({DECISION_SUPPORT})")
+COLUMNS = (
+    "id",
+    "label",
+    "malignancy",
+    "probability",
+    "diameter (mm)",
+    "slice",
+    "source",
+    "review",
+    "type",
+    "long \u00d7 short (mm)",
+    "volume (mm\u00b3)",
+    f"Lung-RADS ({DECISION_SUPPORT})",
+)
 #: the column of the nodule type, which the reader can set
 TYPE_COLUMN = COLUMNS.index("type")
 #: the choice that removes the reader's override (the model's call stands again)
 MODEL_CALL = "model's call"
+
+
 class _TypeDelegate(QStyledItemDelegate):
     """A list of types in the type cell; choosing one asks the view to emit the override."""
 
@@ -111,11 +132,18 @@ class NoduleTableView(QTableWidget):
                 lab = str(table.label[i])
                 f = table.findings[i]
                 cells = (
-                    str(int(table.ids[i])), lab, f"{table.malignancy[i]:.2f}",
-                    f"{table.probability[i]:.2f}", f"{diam[i]:.1f}",
+                    str(int(table.ids[i])),
+                    lab,
+                    f"{table.malignancy[i]:.2f}",
+                    f"{table.probability[i]:.2f}",
+                    f"{diam[i]:.1f}",
                     str(table.center_slice(i)) if table.ndim == 3 else "-",
-                    str(table.source[i]), "" if table.review[i] == "unreviewed" else str(table.review[i]),
-                    texture_text(table, i), axes_text(f), volume_text(f), grade_text(table, i),
+                    str(table.source[i]),
+                    "" if table.review[i] == "unreviewed" else str(table.review[i]),
+                    texture_text(table, i),
+                    axes_text(f),
+                    volume_text(f),
+                    grade_text(table, i),
                 )
                 tips = {TYPE_COLUMN: _type_tip(f), len(cells) - 1: _grade_tip(table, i)}
                 for c, text in enumerate(cells):
@@ -157,8 +185,9 @@ class NoduleTableView(QTableWidget):
         for choice in (*NODULE_TYPES, MODEL_CALL):
             act = menu.addAction(f"Type: {choice}" if choice != MODEL_CALL else "Type: the model's call")
             act.setCheckable(True)
-            act.setChecked(bool(ids) and all(self.override_of(n) == ("" if choice == MODEL_CALL else choice)
-                                             for n in ids))
+            act.setChecked(
+                bool(ids) and all(self.override_of(n) == ("" if choice == MODEL_CALL else choice) for n in ids)
+            )
             act.triggered.connect(lambda _=False, c=choice: [self.override_texture(n, c) for n in ids])
         return menu
 
@@ -224,9 +253,10 @@ class NoduleTableView(QTableWidget):
 def _type_tip(findings: dict) -> str:
     probs = findings.get("texture_probability") or {}
     model = ", ".join(f"{k} {v:.2f}" for k, v in probs.items())
-    return ((f"model: {model}\n" if model else "") +
-            "Double-click (or right-click) to set the nodule type; the Lung-RADS category follows.")
+    return (
+        f"model: {model}\n" if model else ""
+    ) + "Double-click (or right-click) to set the nodule type; the Lung-RADS category follows."
 
 
 def _grade_tip(table: NoduleTable, i: int) -> str:
-    return (f"{table.grade(i).reason}\n{DECISION_SUPPORT.capitalize()}: the reader confirms the type and the size.")
+    return f"{table.grade(i).reason}\n{DECISION_SUPPORT.capitalize()}: the reader confirms the type and the size."

@@ -10,6 +10,7 @@ most letters) and buttons: ``F2`` lung (W1500/L-600), ``F3`` mediastinum (W350/L
 positions in mm. In 3D the nodules are wire boxes (one label each) inside a lung surface,
 computed off the GUI thread in a napari worker.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -43,8 +44,10 @@ class ViewsPanel(QWidget):
         row = QHBoxLayout()
         self.planes_button = QPushButton("Three planes")
         self.planes_button.setCheckable(True)
-        self.planes_button.setToolTip("Coronal and sagittal views beside the axial one, with the nodules "
-                                      "and a linked cursor (click in any view to move the others)")
+        self.planes_button.setToolTip(
+            "Coronal and sagittal views beside the axial one, with the nodules "
+            "and a linked cursor (click in any view to move the others)"
+        )
         self.planes_button.toggled.connect(self.show_planes)
         row.addWidget(self.planes_button)
         self.window_buttons = {}
@@ -59,8 +62,9 @@ class ViewsPanel(QWidget):
         root.addLayout(row)
         self.position_label = QLabel("")
         self.position_label.setWordWrap(True)
-        self.position_label.setToolTip("The axial, coronal and sagittal slices shown (1-based) and where they "
-                                       "lie in the image's millimetres")
+        self.position_label.setToolTip(
+            "The axial, coronal and sagittal slices shown (1-based) and where they lie in the image's millimetres"
+        )
         root.addWidget(self.position_label)
 
     def ct_layer(self):
@@ -199,18 +203,30 @@ class ViewsPanel(QWidget):
         text = {"string": "{text}", "color": "white", "size": 10, "anchor": "upper_left"}
         with layers.busy():
             if boxes is None:
-                self.viewer.add_vectors(vectors, edge_width=1.5, edge_color=colors if len(vectors) else "white",
-                                        vector_style="line", name=f"{name} 3D boxes",
-                                        metadata={"resmtnet_3d": "boxes"})
+                self.viewer.add_vectors(
+                    vectors,
+                    edge_width=1.5,
+                    edge_color=colors if len(vectors) else "white",
+                    vector_style="line",
+                    name=f"{name} 3D boxes",
+                    metadata={"resmtnet_3d": "boxes"},
+                )
             else:
                 boxes.data = vectors
                 if len(vectors):
                     boxes.edge_color = colors
                 boxes.visible = True
             if labels is None:
-                self.viewer.add_points(anchors, size=0.1, face_color="transparent", border_width=0,
-                                       features=feats, text=text, name=f"{name} 3D labels",
-                                       metadata={"resmtnet_3d": "labels"})
+                self.viewer.add_points(
+                    anchors,
+                    size=0.1,
+                    face_color="transparent",
+                    border_width=0,
+                    features=feats,
+                    text=text,
+                    name=f"{name} 3D labels",
+                    metadata={"resmtnet_3d": "labels"},
+                )
             else:
                 labels.data = anchors
                 labels.features = feats
@@ -219,15 +235,20 @@ class ViewsPanel(QWidget):
 
     def _start_lung_surface(self, image) -> None:
         """Compute the lung surface off the GUI thread (once per image), then show it."""
-        existing = next((ly for ly in self.layers_3d() if ly.metadata.get("resmtnet_3d") == "lungs"
-                         and ly.metadata.get("image_layer") == image.name), None)
+        existing = next(
+            (
+                ly
+                for ly in self.layers_3d()
+                if ly.metadata.get("resmtnet_3d") == "lungs" and ly.metadata.get("image_layer") == image.name
+            ),
+            None,
+        )
         if existing is not None:
             existing.visible = True
             return
         if self._lung_worker is not None:
             return
         from napari.qt.threading import thread_worker
-
 
         try:
             scan = scan_for_layer(image, "CT")
@@ -251,7 +272,15 @@ class ViewsPanel(QWidget):
             # threshold by the contrast limits (0, 1) only, so the shader compared 1/255 with
             # 0.5 and the surface drew nothing. A float texture is not normalised: 0 and 1 on
             # either side of 0.5.
-            self.viewer.add_image(mask.astype(np.float32), name=f"{image_name} lungs", rendering="iso",
-                                  iso_threshold=0.5, contrast_limits=(0, 1), colormap="bop blue", opacity=0.4,
-                                  blending="translucent",
-                                  metadata={"resmtnet_3d": "lungs", "image_layer": image_name}, **geo)
+            self.viewer.add_image(
+                mask.astype(np.float32),
+                name=f"{image_name} lungs",
+                rendering="iso",
+                iso_threshold=0.5,
+                contrast_limits=(0, 1),
+                colormap="bop blue",
+                opacity=0.4,
+                blending="translucent",
+                metadata={"resmtnet_3d": "lungs", "image_layer": image_name},
+                **geo,
+            )

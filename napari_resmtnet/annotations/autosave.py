@@ -16,6 +16,7 @@ variable ``RESMTNET_AUTOSAVE_DIR`` names another folder. ``RESMTNET_AUTOSAVE_RES
 (``ask`` (default), ``always`` or ``never``) decides what happens when an autosave exists,
 for scripted sessions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,19 @@ from .export import NoduleFileError, check_same_image, json_text, read_nodules_j
 from ..files import atomic_write_texts
 from .table import NoduleTable
 
-__all__ = ["ENV_DIR", "ENV_RESTORE", "AutosaveInfo", "autosave_dir", "image_key", "autosave_path",
-           "save", "peek", "load", "discard", "restore_policy"]
+__all__ = [
+    "ENV_DIR",
+    "ENV_RESTORE",
+    "AutosaveInfo",
+    "autosave_dir",
+    "image_key",
+    "autosave_path",
+    "save",
+    "peek",
+    "load",
+    "discard",
+    "restore_policy",
+]
 
 ENV_DIR = "RESMTNET_AUTOSAVE_DIR"
 ENV_RESTORE = "RESMTNET_AUTOSAVE_RESTORE"
@@ -154,7 +166,8 @@ def _tidy(folder: Path, keep: Path) -> None:
                 continue
             age = now - e.stat().st_mtime
             if (e.name.startswith(".") and e.name.endswith(".tmp") and age > STALE_TEMP_S) or (
-                    e.name.endswith(".json") and age > MAX_AGE_S):
+                e.name.endswith(".json") and age > MAX_AGE_S
+            ):
                 os.unlink(e.path)
         except OSError:
             continue

@@ -21,6 +21,7 @@ Source headers come from the files (`source_headers`) or the PACS
 (`napari_resmtnet.io.pacs.Pacs.series_headers`); the table must belong to that series (the CT's
 SeriesInstanceUID and geometry are checked). Failures are one `DicomExportError` line.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,14 @@ from ..errors import InputError
 from ..paths import escape_text
 from ..boxes import voxel_to_world_points, world_to_voxel_points
 
-__all__ = ["DicomExportError", "report_objects", "source_headers", "nodule_ellipsoids", "write_dicom_report",
-           "MANUFACTURER"]
+__all__ = [
+    "DicomExportError",
+    "report_objects",
+    "source_headers",
+    "nodule_ellipsoids",
+    "write_dicom_report",
+    "MANUFACTURER",
+]
 
 MANUFACTURER = "napari-resmtnet"
 #: Local codes (a "99" coding scheme is the DICOM way to name concepts no standard one has).
@@ -104,8 +111,10 @@ def _slice_index(headers, table) -> list[int]:
     pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])  # x, y, z
     idx = world_to_voxel_points(pos[:, ::-1], table.geometry)  # -> (z, y, x) voxels
     if np.abs(idx[:, 1:]).max() > 0.01 or np.abs(idx[:, 0] - np.round(idx[:, 0])).max() > 0.01:
-        raise DicomExportError("the source series' slice positions do not match the image the nodules were marked "
-                               "on (another series, or resampled?)")
+        raise DicomExportError(
+            "the source series' slice positions do not match the image the nodules were marked "
+            "on (another series, or resampled?)"
+        )
     k = np.round(idx[:, 0]).astype(int)
     nz = int(table.shape[0])
     if k.min() < 0 or k.max() >= nz or len(set(k.tolist())) != len(k):
@@ -122,11 +131,11 @@ def _masks(table, index, nz_ny_nx) -> np.ndarray:
         c, r = (b[:3] + b[3:]) / 2, np.maximum((b[3:] - b[:3]) / 2, 0.5)
         lo = np.clip(np.floor(c - r).astype(int), 0, [nz - 1, ny - 1, nx - 1])
         hi = np.clip(np.ceil(c + r).astype(int) + 1, 1, [nz, ny, nx])
-        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        zz, yy, xx = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         inside = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1.0
         if not inside.any():  # a box smaller than a voxel: its centre voxel
             inside[tuple(np.clip(np.round(c).astype(int) - lo, 0, np.array(inside.shape) - 1))] = True
-        out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2], j] = inside
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2], j] = inside
     return out
 
 
@@ -154,36 +163,56 @@ def report_objects(table, headers, include_unreviewed: bool = False, series_numb
     ks = [ks[i] for i in order]
     info = table.model_info or {}
     algo = hd.AlgorithmIdentificationSequence(
-        name=str(info.get("name") or "Res-MTNet"), version=str(info.get("version") or "?"),
-        family=codes.cid7162.ArtificialIntelligence)
+        name=str(info.get("name") or "Res-MTNet"),
+        version=str(info.get("version") or "?"),
+        family=codes.cid7162.ArtificialIntelligence,
+    )
     shape = tuple(int(s) for s in table.shape)
     masks = _masks(table, index, shape)[ks]  # frames in source order
     tracking = [(f"nodule {int(table.ids[i])}", hd.UID()) for i in index]
     segments = []
     for j, i in enumerate(index):
-        segments.append(hd.seg.SegmentDescription(
-            segment_number=j + 1,
-            segment_label=f"nodule {int(table.ids[i])} ({table.label[i]}; ellipsoid in detection box)",
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Nodule,
-            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if table.reviewed[i]
-                            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
-            algorithm_identification=algo,
-            tracking_id=tracking[j][0], tracking_uid=tracking[j][1],
-            anatomic_regions=[codes.SCT.Lung]))
+        segments.append(
+            hd.seg.SegmentDescription(
+                segment_number=j + 1,
+                segment_label=f"nodule {int(table.ids[i])} ({table.label[i]}; ellipsoid in detection box)",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Nodule,
+                algorithm_type=(
+                    hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC
+                    if table.reviewed[i]
+                    else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+                ),
+                algorithm_identification=algo,
+                tracking_id=tracking[j][0],
+                tracking_uid=tracking[j][1],
+                anatomic_regions=[codes.SCT.Lung],
+            )
+        )
     try:
         seg = hd.seg.Segmentation(
-            source_images=headers, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=series_number,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-            manufacturer_model_name="Res-MTNet", software_versions=str(info.get("version") or "?"),
-            device_serial_number="0", series_description="Lung nodules (Res-MTNet)")
+            source_images=headers,
+            pixel_array=masks,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name="Res-MTNet",
+            software_versions=str(info.get("version") or "?"),
+            device_serial_number="0",
+            series_description="Lung nodules (Res-MTNet)",
+        )
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise DicomExportError(f"cannot make the DICOM SEG: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        raise DicomExportError(
+            f"cannot make the DICOM SEG: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
-    sr_algo = hd.sr.AlgorithmIdentification(name=str(info.get("name") or "Res-MTNet"),
-                                            version=str(info.get("version") or "?"))
+    sr_algo = hd.sr.AlgorithmIdentification(
+        name=str(info.get("name") or "Res-MTNet"), version=str(info.get("version") or "?")
+    )
     frame_uid = str(headers[0].FrameOfReferenceUID)
     source_series = hd.sr.SourceSeriesForSegmentation(str(headers[0].SeriesInstanceUID))
     unity = CodedConcept("1", "UCUM", "no units")
@@ -192,65 +221,111 @@ def report_objects(table, headers, include_unreviewed: bool = False, series_numb
     sizes = table.sizes_mm()
     for j, i in enumerate(index):
         ell = nodule_ellipsoids(table, i).reshape(6, 3)
-        surface = hd.sr.VolumeSurface(graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID, graphic_data=ell,
-                                      frame_of_reference_uid=frame_uid, source_series=source_series)
+        surface = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
+            graphic_data=ell,
+            frame_of_reference_uid=frame_uid,
+            source_series=source_series,
+        )
         f = table.findings[i] if i < len(table.findings) else {}
         measured = "volume_mm3" in f
         volume = float(f["volume_mm3"]) if measured else float(np.pi / 6 * np.prod(sizes[i]))
         measurements = []
         for key, code in (("long_axis_mm", codes.SCT.LongAxis), ("short_axis_mm", codes.SCT.ShortAxis)):
             if key in f:
-                measurements.append(hd.sr.Measurement(name=code, value=float(f[key]), unit=codes.UCUM.Millimeter,
-                                                      algorithm_id=sr_algo))
+                measurements.append(
+                    hd.sr.Measurement(name=code, value=float(f[key]), unit=codes.UCUM.Millimeter, algorithm_id=sr_algo)
+                )
         measurements += [
-            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(diam[i]),
-                              unit=codes.UCUM.Millimeter, algorithm_id=sr_algo),
-            hd.sr.Measurement(name=codes.SCT.Volume, value=volume, unit=codes.UCUM.CubicMillimeter,
-                              algorithm_id=sr_algo),
-            hd.sr.Measurement(name=CodedConcept("detection-p", _SCHEME, "Probability of nodule (detection)"),
-                              value=float(table.probability[i]), unit=unity, algorithm_id=sr_algo),
-            hd.sr.Measurement(name=CodedConcept("malignancy-p", _SCHEME, "Probability of malignancy"),
-                              value=float(table.malignancy[i]), unit=unity, algorithm_id=sr_algo),
+            hd.sr.Measurement(
+                name=codes.SCT.Diameter, value=float(diam[i]), unit=codes.UCUM.Millimeter, algorithm_id=sr_algo
+            ),
+            hd.sr.Measurement(
+                name=codes.SCT.Volume, value=volume, unit=codes.UCUM.CubicMillimeter, algorithm_id=sr_algo
+            ),
+            hd.sr.Measurement(
+                name=CodedConcept("detection-p", _SCHEME, "Probability of nodule (detection)"),
+                value=float(table.probability[i]),
+                unit=unity,
+                algorithm_id=sr_algo,
+            ),
+            hd.sr.Measurement(
+                name=CodedConcept("malignancy-p", _SCHEME, "Probability of malignancy"),
+                value=float(table.malignancy[i]),
+                unit=unity,
+                algorithm_id=sr_algo,
+            ),
         ]
         label = str(table.label[i])
-        evaluations = [hd.sr.QualitativeEvaluation(
-            name=CodedConcept("label", _SCHEME, "Nodule assessment"),
-            value=CodedConcept(label, _SCHEME, label.capitalize()))]
+        evaluations = [
+            hd.sr.QualitativeEvaluation(
+                name=CodedConcept("label", _SCHEME, "Nodule assessment"),
+                value=CodedConcept(label, _SCHEME, label.capitalize()),
+            )
+        ]
         g = table.grade(i)
         if g.nodule_type:
-            evaluations.append(hd.sr.QualitativeEvaluation(
-                name=CodedConcept("type", _SCHEME, f"Nodule type ({g.type_from})"),
-                value=CodedConcept(g.nodule_type, _SCHEME, g.nodule_type.capitalize())))
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=CodedConcept("type", _SCHEME, f"Nodule type ({g.type_from})"),
+                    value=CodedConcept(g.nodule_type, _SCHEME, g.nodule_type.capitalize()),
+                )
+            )
         if g.category:
-            evaluations.append(hd.sr.QualitativeEvaluation(
-                name=CodedConcept("lungrads", _SCHEME, "Lung-RADS v2022 category (decision support)"),
-                value=CodedConcept(f"lungrads-{g.category}", _SCHEME, f"Lung-RADS {g.category}")))
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=CodedConcept("lungrads", _SCHEME, "Lung-RADS v2022 category (decision support)"),
+                    value=CodedConcept(f"lungrads-{g.category}", _SCHEME, f"Lung-RADS {g.category}"),
+                )
+            )
         review = "accepted by reader" if table.reviewed[i] else "unreviewed model finding"
-        evaluations.append(hd.sr.QualitativeEvaluation(
-            name=CodedConcept("review", _SCHEME, "Review state"),
-            value=CodedConcept(review.split()[0], _SCHEME, review.capitalize())))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking[j][1], identifier=tracking[j][0]),
-            referenced_volume_surface=surface, finding_type=codes.SCT.Nodule, algorithm_id=sr_algo,
-            finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], measurements=measurements,
-            qualitative_evaluations=evaluations))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=CodedConcept("review", _SCHEME, "Review state"),
+                value=CodedConcept(review.split()[0], _SCHEME, review.capitalize()),
+            )
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking[j][1], identifier=tracking[j][0]),
+                referenced_volume_surface=surface,
+                finding_type=codes.SCT.Nodule,
+                algorithm_id=sr_algo,
+                finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+            )
+        )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name="Res-MTNet"))
+            uid=hd.UID(), name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name="Res-MTNet"
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport)
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
     try:
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*headers, seg], content=report, series_instance_uid=hd.UID(),
-            series_number=series_number + 1, sop_instance_uid=hd.UID(), instance_number=1,
-            manufacturer=MANUFACTURER, series_description="Lung nodule report (Res-MTNet)",
-            is_complete=True, is_final=False, is_verified=False)
+            evidence=[*headers, seg],
+            content=report,
+            series_instance_uid=hd.UID(),
+            series_number=series_number + 1,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            series_description="Lung nodule report (Res-MTNet)",
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+        )
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise DicomExportError(f"cannot make the DICOM SR: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
+        raise DicomExportError(
+            f"cannot make the DICOM SR: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return [seg, sr]
 
 

@@ -2,10 +2,37 @@
 
 CSV (one row per nodule shown at the table's threshold; world millimetres, LPS, x/y/z order
 as in LUNA16's ``annotations.csv``; ``coordZ`` is empty for radiographs)::
-    seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label,id,source,reviewed,
-    texture,texture_model,texture_override,p_solid,p_part_solid,p_ground_glass,p_calcified,
-    p_spiculated,p_ill_defined_margin,long_axis_mm,short_axis_mm,mean_diameter_mm,volume_mm3,
-    solid_mean_diameter_mm,lungrads,lungrads_size_from,lungrads_note,lungrads_reason
+    (
+        seriesuid,
+        coordX,
+        coordY,
+        coordZ,
+        diameter_mm,
+        probability,
+        malignancy,
+        label,
+        id,
+        source,
+        reviewed,
+    )
+    (
+        texture,
+        texture_model,
+        texture_override,
+        p_solid,
+        p_part_solid,
+        p_ground_glass,
+        p_calcified,
+    )
+    (
+        p_spiculated,
+        p_ill_defined_margin,
+        long_axis_mm,
+        short_axis_mm,
+        mean_diameter_mm,
+        volume_mm3,
+    )
+    solid_mean_diameter_mm, lungrads, lungrads_size_from, lungrads_note, lungrads_reason
 
 The findings columns (after ``reviewed``) are empty where the model gave nothing: ``texture``
 is the effective nodule type (the reader's ``texture_override`` if set, else the model's
@@ -45,6 +72,7 @@ allowed, and the image identity is checked on every field the file has (seriesui
 spacing, origin, direction; CSV rows: seriesuid and a centre inside the image). Every
 failure is one `NoduleFileError` line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,7 +87,15 @@ import numpy as np
 from .. import boxes as B
 from .. import lungrads as LR
 from .table import (
-    FLAT_FINDINGS, LABELS, REVIEW_STATES, SOURCES, NoduleTable, clean_findings, clean_override, findings_from_flat, flat_findings,
+    FLAT_FINDINGS,
+    LABELS,
+    REVIEW_STATES,
+    SOURCES,
+    NoduleTable,
+    clean_findings,
+    clean_override,
+    findings_from_flat,
+    flat_findings,
 )
 from ..files import NoduleFileError, atomic_write_texts
 from ..paths import escape_text, file_kind, shown
@@ -68,11 +104,30 @@ from ..scan import geometry_dict
 FORMAT = "resmtnet-nodules"
 FORMAT_VERSION = 1
 #: the LUNA16-style columns every version wrote
-BASE_CSV_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability",
-                    "malignancy", "label", "id", "source", "reviewed"]
+BASE_CSV_COLUMNS = [
+    "seriesuid",
+    "coordX",
+    "coordY",
+    "coordZ",
+    "diameter_mm",
+    "probability",
+    "malignancy",
+    "label",
+    "id",
+    "source",
+    "reviewed",
+]
 #: findings and the Lung-RADS grade (decision support), after the base columns
-FINDINGS_CSV_COLUMNS = ["texture", "texture_model", "texture_override", *FLAT_FINDINGS,
-                        "lungrads", "lungrads_size_from", "lungrads_note", "lungrads_reason"]
+FINDINGS_CSV_COLUMNS = [
+    "texture",
+    "texture_model",
+    "texture_override",
+    *FLAT_FINDINGS,
+    "lungrads",
+    "lungrads_size_from",
+    "lungrads_note",
+    "lungrads_reason",
+]
 CSV_COLUMNS = BASE_CSV_COLUMNS + FINDINGS_CSV_COLUMNS
 
 
@@ -112,10 +167,22 @@ def csv_text(table: NoduleTable) -> str:
     uid = table.image.get("seriesuid", "")
     for i in np.flatnonzero(vis):
         c = centres[i]
-        w.writerow([safe_cell(uid), _num(c[0]), _num(c[1]), _num(c[2]) if table.ndim == 3 else "",
-                    _num(diam[i]), _num(table.probability[i]), _num(table.malignancy[i]),
-                    safe_cell(table.label[i]), int(table.ids[i]), safe_cell(table.source[i]),
-                    "true" if table.reviewed[i] else "false", *_findings_cells(table, i)])
+        w.writerow(
+            [
+                safe_cell(uid),
+                _num(c[0]),
+                _num(c[1]),
+                _num(c[2]) if table.ndim == 3 else "",
+                _num(diam[i]),
+                _num(table.probability[i]),
+                _num(table.malignancy[i]),
+                safe_cell(table.label[i]),
+                int(table.ids[i]),
+                safe_cell(table.source[i]),
+                "true" if table.reviewed[i] else "false",
+                *_findings_cells(table, i),
+            ]
+        )
     return out.getvalue()
 
 
@@ -123,17 +190,32 @@ def _findings_cells(table: NoduleTable, i: int) -> list:
     f = table.findings[i]
     g = table.grade(i)
     flat = [("" if math.isnan(v) else _num(v)) for v in flat_findings(f).values()]
-    return [table.texture_of(i), f.get("texture", ""), table.texture_override[i], *flat, g.category, g.size_from,
-            LR.DECISION_SUPPORT, safe_cell(g.reason)]
+    return [
+        table.texture_of(i),
+        f.get("texture", ""),
+        table.texture_override[i],
+        *flat,
+        g.category,
+        g.size_from,
+        LR.DECISION_SUPPORT,
+        safe_cell(g.reason),
+    ]
 
 
 def grade_dict(table: NoduleTable, i: int) -> dict:
     """The Lung-RADS grade of nodule ``i`` as the JSON stores it (derived; marked decision support)."""
     g = table.grade(i)
-    return {"category": g.category or None, "reason": g.reason, "nodule_type": g.nodule_type or None,
-            "type_from": g.type_from or None, "mean_diameter_mm": g.mean_diameter_mm,
-            "size_from": g.size_from or None, "calcified_probability": g.calcified,
-            "note": LR.DECISION_SUPPORT, "version": LR.VERSION}
+    return {
+        "category": g.category or None,
+        "reason": g.reason,
+        "nodule_type": g.nodule_type or None,
+        "type_from": g.type_from or None,
+        "mean_diameter_mm": g.mean_diameter_mm,
+        "size_from": g.size_from or None,
+        "calcified_probability": g.calcified,
+        "note": LR.DECISION_SUPPORT,
+        "version": LR.VERSION,
+    }
 
 
 def _nodule_dict(table: NoduleTable, i: int, centres, sizes, diam) -> dict:
@@ -171,9 +253,11 @@ def json_dict(table: NoduleTable, exported_at: str | None = None) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "exported_at": exported_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "box_convention": ("box_voxel: min corner then max corner in voxel indices of the image "
-                           "array, array order (z, y, x) / (y, x), voxel centres at integers; "
-                           "world: LPS millimetres, x/y/z order"),
+        "box_convention": (
+            "box_voxel: min corner then max corner in voxel indices of the image "
+            "array, array order (z, y, x) / (y, x), voxel centres at integers; "
+            "world: LPS millimetres, x/y/z order"
+        ),
         "image": dict(table.image),
         "model": dict(table.model_info) if table.model_info else None,
         "threshold": float(table.threshold),
@@ -208,6 +292,7 @@ def export_nodules(path, table: NoduleTable, exported_at: str | None = None) -> 
 # One schema for JSON and CSV. Every check is a plain pass over the values (linear time);
 # every failure is a `NoduleFileError` naming the file (and the nodule or row) and the problem.
 
+
 def _read_text(path, what: str) -> str:
     """The text of a nodule file: a regular file of at most `MAX_FILE_BYTES`, UTF-8 with or
     without a BOM (as spreadsheet programs save it)."""
@@ -220,8 +305,9 @@ def _read_text(path, what: str) -> str:
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise NoduleFileError(f"{shown(p)}: {size} bytes is more than a nodule {what} may hold "
-                                  f"({MAX_FILE_BYTES} bytes); refused")
+            raise NoduleFileError(
+                f"{shown(p)}: {size} bytes is more than a nodule {what} may hold ({MAX_FILE_BYTES} bytes); refused"
+            )
         data = p.read_bytes()
     except OSError as exc:
         raise NoduleFileError(f"cannot read {shown(p)}: {exc.strerror or exc}") from None
@@ -278,8 +364,11 @@ def _checked_image(image, where: str) -> dict:
         if k not in image:
             raise NoduleFileError(f"{w}: missing field '{k}'")
     shape = image["shape"]
-    if not isinstance(shape, list) or len(shape) not in (2, 3) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**6 for v in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (2, 3)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**6 for v in shape)
+    ):
         raise NoduleFileError(f"{w}: shape must be 2 or 3 whole numbers from 1 to 1000000, got {_brief(shape)}")
     nd = len(shape)
     out = {
@@ -321,8 +410,9 @@ def _checked_model(model, where: str) -> dict | None:
         raise NoduleFileError(f"{where}: model must be an object, got {_brief(model)}")
     for k, v in model.items():
         if not _plain(v, 1):
-            raise NoduleFileError(f"{where}: model field {_brief(k)} must be text, finite numbers or "
-                                  "short lists/objects of them")
+            raise NoduleFileError(
+                f"{where}: model field {_brief(k)} must be text, finite numbers or short lists/objects of them"
+            )
     return dict(model)
 
 
@@ -336,11 +426,13 @@ def _checked_box(box, where: str, nd: int) -> list[float]:
 def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
     """A nodule table from a parsed nodule JSON, checked against the schema (one line on failure)."""
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise NoduleFileError(f"{where}: not a nodule file (expected \"format\": \"{FORMAT}\")")
+        raise NoduleFileError(f'{where}: not a nodule file (expected "format": "{FORMAT}")')
     ver = d.get("format_version", FORMAT_VERSION)
     if isinstance(ver, bool) or not isinstance(ver, int) or ver > FORMAT_VERSION:
-        raise NoduleFileError(f"{where}: format_version {_brief(ver)} is not one this version reads "
-                              f"(up to {FORMAT_VERSION}); update the plugin")
+        raise NoduleFileError(
+            f"{where}: format_version {_brief(ver)} is not one this version reads "
+            f"(up to {FORMAT_VERSION}); update the plugin"
+        )
     if "image" not in d:
         raise NoduleFileError(f"{where}: missing field 'image'")
     image = _checked_image(d["image"], where)
@@ -357,8 +449,21 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         raise NoduleFileError(f"{where}: {len(rows)} nodules, more than {MAX_NODULES}; refused")
     threshold = _number(d.get("threshold", 0.5), where, "threshold", lo=0.0, hi=1.0)
     model = _checked_model(d.get("model"), where)
-    cols = {k: [] for k in ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review",
-                            "findings", "texture_override")}
+    cols = {
+        k: []
+        for k in (
+            "boxes",
+            "ids",
+            "probability",
+            "malignancy",
+            "label",
+            "source",
+            "reviewed",
+            "review",
+            "findings",
+            "texture_override",
+        )
+    }
     seen: set[int] = set()
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
@@ -395,11 +500,21 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
     order = np.argsort(np.asarray(cols["ids"], np.int64), kind="stable")  # the table lists nodules by id
     pick = lambda v: [v[i] for i in order]  # noqa: E731
     try:
-        return NoduleTable(np.asarray(pick(cols["boxes"]), float).reshape(-1, 2 * nd), pick(cols["ids"]),
-                           pick(cols["probability"]), pick(cols["malignancy"]), pick(cols["label"]),
-                           pick(cols["source"]), pick(cols["reviewed"]), image=image,
-                           threshold=threshold, model_info=model, review=pick(cols["review"]),
-                           findings=pick(cols["findings"]), texture_override=pick(cols["texture_override"]))
+        return NoduleTable(
+            np.asarray(pick(cols["boxes"]), float).reshape(-1, 2 * nd),
+            pick(cols["ids"]),
+            pick(cols["probability"]),
+            pick(cols["malignancy"]),
+            pick(cols["label"]),
+            pick(cols["source"]),
+            pick(cols["reviewed"]),
+            image=image,
+            threshold=threshold,
+            model_info=model,
+            review=pick(cols["review"]),
+            findings=pick(cols["findings"]),
+            texture_override=pick(cols["texture_override"]),
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise NoduleFileError(f"{where}: {exc}") from None
 
@@ -455,8 +570,9 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
     nd = len(image["shape"])
     need = {"coordX", "coordY", "diameter_mm"} | ({"coordZ"} if nd == 3 else set())
     if not fields or not need <= set(fields):
-        raise NoduleFileError(f"{name}: expected columns {sorted(need)} (LUNA16 style), got "
-                              f"{_brief(list(fields or []))}")
+        raise NoduleFileError(
+            f"{name}: expected columns {sorted(need)} (LUNA16 style), got {_brief(list(fields or []))}"
+        )
     uid = image.get("seriesuid", "")
     rows, others = [], set()
     try:
@@ -472,14 +588,32 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
         raise NoduleFileError(f"{name} line {reader.line_num}: not a valid CSV row ({exc})") from None
     if others and not rows:
         shown_uids = ", ".join(escape_text(u)[:80] for u in sorted(others)[:3])
-        raise NoduleFileError(f"{name} belongs to another image: it has seriesuid(s) {shown_uids}, "
-                              f"this image is '{uid}'")
-    cols = {k: [] for k in ("centre", "diameter", "lines", "ids", "probability", "malignancy", "label",
-                            "source", "reviewed", "findings", "texture_override")}
+        raise NoduleFileError(
+            f"{name} belongs to another image: it has seriesuid(s) {shown_uids}, this image is '{uid}'"
+        )
+    cols = {
+        k: []
+        for k in (
+            "centre",
+            "diameter",
+            "lines",
+            "ids",
+            "probability",
+            "malignancy",
+            "label",
+            "source",
+            "reviewed",
+            "findings",
+            "texture_override",
+        )
+    }
     # the findings columns this file has (none in older files: nothing to read per row)
     texture_is_override = "texture" in fields and not {"texture_model", "texture_override"} & set(fields)
-    finding_cols = ([c for c in FLAT_FINDINGS if c in fields] + [c for c in ("texture_model",) if c in fields]
-                    + [c for c in ("texture" if texture_is_override else "texture_override",) if c in fields])
+    finding_cols = (
+        [c for c in FLAT_FINDINGS if c in fields]
+        + [c for c in ("texture_model",) if c in fields]
+        + [c for c in ("texture" if texture_is_override else "texture_override",) if c in fields]
+    )
     used: set[int] = set()
     top = 0
     for line, r in rows:
@@ -532,19 +666,32 @@ def read_nodules_csv(path, image: dict, threshold: float = 0.5) -> NoduleTable:
     n = len(cols["ids"])
     centres = np.asarray(cols["centre"], float).reshape(n, nd)
     sizes = np.repeat(np.asarray(cols["diameter"], float).reshape(n, 1), nd, axis=1)
-    boxes = B.world_to_voxel_boxes(centres, sizes, geometry_dict(image)).reshape(n, 2 * nd) if n else \
-        np.zeros((0, 2 * nd))
+    boxes = (
+        B.world_to_voxel_boxes(centres, sizes, geometry_dict(image)).reshape(n, 2 * nd) if n else np.zeros((0, 2 * nd))
+    )
     mid = (boxes[:, :nd] + boxes[:, nd:]) / 2
     outside = np.flatnonzero(~np.all((mid >= -0.5) & (mid <= np.asarray(image["shape"], float) - 0.5), axis=1))
     if outside.size:
         i = int(outside[0])
         xyz = ", ".join(f"{v:g}" for v in centres[i][::-1])
-        raise NoduleFileError(f"{name} line {cols['lines'][i]}: the nodule at ({xyz}) mm lies outside this "
-                              "image; the file belongs to another image or another coordinate system")
+        raise NoduleFileError(
+            f"{name} line {cols['lines'][i]}: the nodule at ({xyz}) mm lies outside this "
+            "image; the file belongs to another image or another coordinate system"
+        )
     try:
-        return NoduleTable(boxes, cols["ids"], cols["probability"], cols["malignancy"], cols["label"],
-                           cols["source"], cols["reviewed"], image=dict(image), threshold=threshold,
-                           findings=cols["findings"], texture_override=cols["texture_override"])
+        return NoduleTable(
+            boxes,
+            cols["ids"],
+            cols["probability"],
+            cols["malignancy"],
+            cols["label"],
+            cols["source"],
+            cols["reviewed"],
+            image=dict(image),
+            threshold=threshold,
+            findings=cols["findings"],
+            texture_override=cols["texture_override"],
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise NoduleFileError(f"{name}: {exc}") from None
 
@@ -590,8 +737,11 @@ def check_same_image(file_image: dict, image: dict, path) -> None:
     if fshape != [int(s) for s in image["shape"]]:
         diffs.append(f"shape {fshape} vs {list(image['shape'])}")
     else:
-        for key, tol in (("spacing", dict(rtol=1e-4, atol=1e-6)), ("origin", dict(rtol=1e-6, atol=1e-3)),
-                         ("direction", dict(rtol=0, atol=1e-4))):
+        for key, tol in (
+            ("spacing", dict(rtol=1e-4, atol=1e-6)),
+            ("origin", dict(rtol=1e-6, atol=1e-3)),
+            ("direction", dict(rtol=0, atol=1e-4)),
+        ):
             if key not in file_image or key not in image:
                 continue
             fa, ia = np.asarray(file_image[key], float), np.asarray(image[key], float)

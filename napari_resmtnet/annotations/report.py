@@ -13,6 +13,7 @@ and the model's calcification flag (any pattern: never category 1 by itself).
 Research use only: the report says so, and which model and threshold produced the
 candidates.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,7 +41,7 @@ def _window(img: np.ndarray, modality: str) -> np.ndarray:
         lo, hi = LUNG_WINDOW
     else:
         finite = img[np.isfinite(img)]
-        lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
         if hi <= lo:
             hi = lo + 1
     return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -69,7 +70,7 @@ def key_image(array: np.ndarray, table: NoduleTable, i: int, size_px: int = 256)
     pad = ((max(0, -r0), max(0, r1 - plane.shape[0])), (max(0, -c0), max(0, c1 - plane.shape[1])))
     fill = LUNG_WINDOW[0] if modality == "CT" else float(np.min(plane))
     padded = np.pad(plane.astype(np.float32), pad, constant_values=fill)
-    crop = padded[r0 + pad[0][0]:r1 + pad[0][0], c0 + pad[1][0]:c1 + pad[1][0]]
+    crop = padded[r0 + pad[0][0] : r1 + pad[0][0], c0 + pad[1][0] : c1 + pad[1][0]]
     gray = _window(crop, modality)
     out = resize(gray, (size_px, size_px), order=1, preserve_range=True, anti_aliasing=True).astype(np.uint8)
     rgb = np.repeat(out[..., None], 3, axis=2)
@@ -79,14 +80,18 @@ def key_image(array: np.ndarray, table: NoduleTable, i: int, size_px: int = 256)
     bx0, bx1 = int(round((x0 - 0.5 - c0) * sx)), int(round((x1 + 0.5 - c0) * sx))
     color = (np.asarray(nodule_colors(table, i)[1][:3]) * 255).astype(np.uint8)
     for t in range(2):
-        for (a, b, fixed, horizontal) in ((bx0, bx1, by0 - t, True), (bx0, bx1, by1 + t, True),
-                                          (by0, by1, bx0 - t, False), (by0, by1, bx1 + t, False)):
+        for a, b, fixed, horizontal in (
+            (bx0, bx1, by0 - t, True),
+            (bx0, bx1, by1 + t, True),
+            (by0, by1, bx0 - t, False),
+            (by0, by1, bx1 + t, False),
+        ):
             lo, hi = max(min(a, b), 0), min(max(a, b), size_px - 1)
             if 0 <= fixed < size_px and lo <= hi:
                 if horizontal:
-                    rgb[fixed, lo:hi + 1] = color
+                    rgb[fixed, lo : hi + 1] = color
                 else:
-                    rgb[lo:hi + 1, fixed] = color
+                    rgb[lo : hi + 1, fixed] = color
     return rgb
 
 
@@ -119,8 +124,9 @@ def _caption_findings(table: NoduleTable, i: int) -> str:
     return ("<br>" + html.escape(", ".join(parts))) if parts else ""
 
 
-def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("accepted",),
-                      title: str = "Lung nodule reading report") -> Path:
+def write_html_report(
+    path, table: NoduleTable, array: np.ndarray, states=("accepted",), title: str = "Lung nodule reading report"
+) -> Path:
     """Write the report for ``table`` on the image ``array`` to ``path`` (atomically);
     returns the path. ``states``: which review states to include (default: accepted)."""
     path = Path(path)
@@ -139,8 +145,7 @@ def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("acce
         ".warn{color:#a00}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         "<p class='warn'><b>Research use only. Not a medical device.</b> Findings were proposed by a "
-        "model and reviewed by the reader; only the nodules listed were "
-        + esc(" or ".join(states)) + ".</p>",
+        "model and reviewed by the reader; only the nodules listed were " + esc(" or ".join(states)) + ".</p>",
         "<p>",
         f"Image: {esc(str(table.image.get('seriesuid') or ''))} ({esc(str(table.image.get('modality', '')))}, "
         f"shape {esc(str(list(table.shape)))}, spacing {esc(', '.join(f'{s:g}' for s in table.spacing))} mm)<br>",
@@ -153,18 +158,36 @@ def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("acce
         parts.append("<p>No nodules to report.</p>")
     else:
         with_findings = any(table.findings[i] or table.texture_override[i] for i in rows)
-        head = ["#", "id", "label", "malignancy", "detection", "diameter (mm)", "size (mm)",
-                "centre x, y, z (mm, LPS)", "slice", "review", "source"]
+        head = [
+            "#",
+            "id",
+            "label",
+            "malignancy",
+            "detection",
+            "diameter (mm)",
+            "size (mm)",
+            "centre x, y, z (mm, LPS)",
+            "slice",
+            "review",
+            "source",
+        ]
         if with_findings:
             head += ["type", "long × short (mm)", "volume (mm³)", f"Lung-RADS* ({DECISION_SUPPORT})"]
         parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
         for n, i in enumerate(rows, 1):
-            cells = [n, int(table.ids[i]), esc(str(table.label[i])), f"{table.malignancy[i]:.2f}",
-                     f"{table.probability[i]:.2f}", f"{diam[i]:.1f}",
-                     " × ".join(f"{v:.1f}" for v in sizes[i][::-1]),
-                     ", ".join(f"{v:.1f}" for v in centres[i]),
-                     table.center_slice(i) if table.ndim == 3 else "-", esc(str(table.review[i])),
-                     esc(str(table.source[i]))]
+            cells = [
+                n,
+                int(table.ids[i]),
+                esc(str(table.label[i])),
+                f"{table.malignancy[i]:.2f}",
+                f"{table.probability[i]:.2f}",
+                f"{diam[i]:.1f}",
+                " × ".join(f"{v:.1f}" for v in sizes[i][::-1]),
+                ", ".join(f"{v:.1f}" for v in centres[i]),
+                table.center_slice(i) if table.ndim == 3 else "-",
+                esc(str(table.review[i])),
+                esc(str(table.source[i])),
+            ]
             if with_findings:
                 cells += [esc(c) for c in findings_cells(table, i)]
             parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -172,19 +195,23 @@ def write_html_report(path, table: NoduleTable, array: np.ndarray, states=("acce
         if with_findings:
             parts.append(
                 f"<p class='note'>* Lung-RADS: {esc(VERSION)} category from the nodule type and mean diameter, "
-                f"<b>{esc(DECISION_SUPPORT)}</b> only: the reader confirms type and size. \"measured\": the model's "
-                "caliper measurement; \"box\": the box's diameter (no measurement). A calcification found by the "
+                f'<b>{esc(DECISION_SUPPORT)}</b> only: the reader confirms type and size. "measured": the model\'s '
+                'caliper measurement; "box": the box\'s diameter (no measurement). A calcification found by the '
                 "model (any pattern) is shown beside the category and never makes it 1: only a benign pattern "
                 "(complete, central, popcorn, concentric) or fat does, which the reader judges. Growth, prior "
-                "scans and the S modifier are left to the reader.</p>")
+                "scans and the S modifier are left to the reader.</p>"
+            )
         parts.append("<h2>Key images</h2>")
         for n, i in enumerate(rows, 1):
             uri = _png_data_uri(key_image(array, table, i))
             where = f"slice {table.center_slice(i)}, " if table.ndim == 3 else ""
-            parts.append(f"<div class='nodule'><img src='{uri}' width='256' height='256' "
-                         f"alt='nodule {int(table.ids[i])}'><br>#{n} (id {int(table.ids[i])}): "
-                         f"{esc(str(table.label[i]))}, {diam[i]:.1f} mm, {where}malignancy {table.malignancy[i]:.2f}"
-                         + _caption_findings(table, i) + "</div>")
+            parts.append(
+                f"<div class='nodule'><img src='{uri}' width='256' height='256' "
+                f"alt='nodule {int(table.ids[i])}'><br>#{n} (id {int(table.ids[i])}): "
+                f"{esc(str(table.label[i]))}, {diam[i]:.1f} mm, {where}malignancy {table.malignancy[i]:.2f}"
+                + _caption_findings(table, i)
+                + "</div>"
+            )
     parts.append("</body></html>")
     text = "\n".join(parts)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Review states: every nodule is ``unreviewed`` (a candidate), ``accepted`` (the r
 confirms it) or ``rejected`` (the reader dismisses it; kept and shown grey, so that a new
 detection run does not bring it back). Files store ``reviewed`` = accepted.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class History:
 
     def push(self, old) -> None:
         self._undo.append(old)
-        del self._undo[:-self.depth]
+        del self._undo[: -self.depth]
         self._redo.clear()
 
     def undo(self, current):
@@ -80,13 +81,11 @@ def reading_order(table: NoduleTable) -> list[int]:
     """Ids of the shown nodules in the order a reader goes through them (and the widget's
     table lists them): highest detection probability first."""
     vis = table.visible_mask()
-    order = sorted((i for i in range(len(table)) if vis[i]),
-                   key=lambda i: (-table.probability[i], int(table.ids[i])))
+    order = sorted((i for i in range(len(table)) if vis[i]), key=lambda i: (-table.probability[i], int(table.ids[i])))
     return [int(table.ids[i]) for i in order]
 
 
-def next_nodule(table: NoduleTable, current: int | None, step: int = 1,
-                unreviewed_only: bool = True) -> int | None:
+def next_nodule(table: NoduleTable, current: int | None, step: int = 1, unreviewed_only: bool = True) -> int | None:
     """The id of the next (``step`` +1) or previous (-1) shown nodule after ``current`` in
     reading order, wrapping around; only unreviewed ones when ``unreviewed_only``. None
     when there is none (e.g. everything is reviewed)."""
@@ -113,15 +112,17 @@ def next_nodule(table: NoduleTable, current: int | None, step: int = 1,
 class MergeSummary:
     """What `merge_detections` did, for the question asked before and the message after."""
 
-    kept: int = 0          # reviewed (accepted/rejected) or drawn nodules kept as they are
-    replaced: int = 0      # unreviewed model candidates of the old table dropped
-    added: int = 0         # new candidates added
-    duplicates: int = 0    # new candidates dropped because they overlap a kept nodule
+    kept: int = 0  # reviewed (accepted/rejected) or drawn nodules kept as they are
+    replaced: int = 0  # unreviewed model candidates of the old table dropped
+    added: int = 0  # new candidates added
+    duplicates: int = 0  # new candidates dropped because they overlap a kept nodule
 
     def text(self) -> str:
-        return (f"{self.kept} reviewed or drawn nodule(s) kept, {self.replaced} unreviewed "
-                f"candidate(s) replaced by {self.added} new one(s)"
-                + (f" ({self.duplicates} already marked)" if self.duplicates else ""))
+        return (
+            f"{self.kept} reviewed or drawn nodule(s) kept, {self.replaced} unreviewed "
+            f"candidate(s) replaced by {self.added} new one(s)"
+            + (f" ({self.duplicates} already marked)" if self.duplicates else "")
+        )
 
 
 def reader_work(table: NoduleTable | None) -> int:
@@ -162,14 +163,18 @@ def merge_detections(old: NoduleTable | None, new: NoduleTable, iou: float = MER
     start = max(int(old.ids.max()) + 1 if len(old) else 1, 1)
     fresh.ids = np.arange(start, start + len(fresh), dtype=np.int64)
     out = NoduleTable(
-        np.concatenate([kept.boxes, fresh.boxes]), np.concatenate([kept.ids, fresh.ids]),
+        np.concatenate([kept.boxes, fresh.boxes]),
+        np.concatenate([kept.ids, fresh.ids]),
         np.concatenate([kept.probability, fresh.probability]),
         np.concatenate([kept.malignancy, fresh.malignancy]),
-        list(kept.label) + list(fresh.label), list(kept.source) + list(fresh.source),
-        np.concatenate([kept.reviewed, fresh.reviewed]), dict(new.image),
-        threshold=new.threshold, model_info=new.model_info,
+        list(kept.label) + list(fresh.label),
+        list(kept.source) + list(fresh.source),
+        np.concatenate([kept.reviewed, fresh.reviewed]),
+        dict(new.image),
+        threshold=new.threshold,
+        model_info=new.model_info,
         review=list(kept.review) + list(fresh.review),
         findings=list(kept.findings) + list(fresh.findings),
-        texture_override=list(kept.texture_override) + list(fresh.texture_override))
-    return out, MergeSummary(kept=len(kept), replaced=int(np.sum(~keep)), added=len(fresh),
-                             duplicates=int(dup.sum()))
+        texture_override=list(kept.texture_override) + list(fresh.texture_override),
+    )
+    return out, MergeSummary(kept=len(kept), replaced=int(np.sum(~keep)), added=len(fresh), duplicates=int(dup.sum()))

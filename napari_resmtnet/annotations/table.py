@@ -39,6 +39,7 @@ set, else the model's) and the size, and is always decision support:
   reason, for the reader to judge;
 * radiographs are not graded (Lung-RADS is for screening CT).
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,9 +84,23 @@ FLAT_FINDINGS = {
 #: the category (never making it 1: see the module docstring)
 CALCIFIED_FLAG = 0.5
 #: Per-shape feature columns of a nodule layer.
-FEATURE_COLUMNS = ("id", "probability", "malignancy", "label", "diameter_mm", "source",
-                   "reviewed", "review", "mark", "slice",
-                   "texture", "texture_model", "texture_override", "lungrads", *FLAT_FINDINGS)
+FEATURE_COLUMNS = (
+    "id",
+    "probability",
+    "malignancy",
+    "label",
+    "diameter_mm",
+    "source",
+    "reviewed",
+    "review",
+    "mark",
+    "slice",
+    "texture",
+    "texture_model",
+    "texture_override",
+    "lungrads",
+    *FLAT_FINDINGS,
+)
 #: Key in ``layer.metadata`` marking a layer made by this module; the value is the table.
 META_KEY = "nodules"
 DEFAULT_THRESHOLD = 0.5
@@ -111,6 +126,7 @@ def confidence_alpha(probability: float) -> float:
 
 
 # --- findings --------------------------------------------------------------------------------
+
 
 def _finite(value, name: str, lo: float, hi: float) -> float:
     if isinstance(value, (bool, np.bool_)):
@@ -138,8 +154,9 @@ def _plain_value(value, name: str, depth: int = 0):
         return [_plain_value(v, name, depth + 1) for v in value]
     if depth < 3 and isinstance(value, dict) and len(value) <= 100 and all(isinstance(k, str) for k in value):
         return {k: _plain_value(v, name, depth + 1) for k, v in value.items()}
-    raise ValueError(f"finding {name} must be text, a finite number or a short list/object of them, "
-                     f"got {type(value).__name__}")
+    raise ValueError(
+        f"finding {name} must be text, a finite number or a short list/object of them, got {type(value).__name__}"
+    )
 
 
 def clean_findings(findings) -> dict:
@@ -206,8 +223,11 @@ def findings_from_flat(row: dict, texture_model=None) -> dict:
     """The reverse of `flat_findings` (plus the model's texture): missing, empty and NaN
     cells are no finding. The result is not yet checked (`clean_findings` does that)."""
     out: dict = {}
-    if texture_model is not None and not (isinstance(texture_model, float) and math.isnan(texture_model)) \
-            and str(texture_model).strip():
+    if (
+        texture_model is not None
+        and not (isinstance(texture_model, float) and math.isnan(texture_model))
+        and str(texture_model).strip()
+    ):
         out["texture"] = texture_model
     for col, (key, sub) in FLAT_FINDINGS.items():
         v = row.get(col)
@@ -263,8 +283,9 @@ def grade_text(table: "NoduleTable", i: int) -> str:
         return "-"
     g = table.grade(i)
     if g.category:
-        text = g.category + (f" ({g.size_from} {g.mean_diameter_mm:.1f} mm)"
-                             if g.mean_diameter_mm is not None and g.size_from else "")
+        text = g.category + (
+            f" ({g.size_from} {g.mean_diameter_mm:.1f} mm)" if g.mean_diameter_mm is not None and g.size_from else ""
+        )
     else:
         text = "undetermined" if g.nodule_type else ""
     if g.calcified is not None and g.calcified >= CALCIFIED_FLAG:
@@ -285,6 +306,7 @@ def volume_text(findings: dict) -> str:
 
 # --- image identity --------------------------------------------------------------------------
 
+
 def image_identity(scan) -> dict:
     """What identifies the image nodules belong to: path, seriesuid, modality, geometry."""
     return {
@@ -299,6 +321,7 @@ def image_identity(scan) -> dict:
 
 
 # --- the nodule table ------------------------------------------------------------------------
+
 
 @dataclass
 class NoduleTable:
@@ -379,13 +402,18 @@ class NoduleTable:
         return cls(np.zeros((0, 2 * nd)), [], [], [], [], [], [], image, threshold, model_info)
 
     @classmethod
-    def from_detections(cls, detections: Detections, image: dict, threshold: float | None = None,
-                        model_info: dict | None = None, start_id: int = 1) -> "NoduleTable":
+    def from_detections(
+        cls,
+        detections: Detections,
+        image: dict,
+        threshold: float | None = None,
+        model_info: dict | None = None,
+        start_id: int = 1,
+    ) -> "NoduleTable":
         n = len(detections)
         nd = len(image["shape"])
         if detections.ndim != nd:
-            raise ValueError(f"detections are {detections.ndim}D but the image is {nd}D "
-                             f"(shape {image['shape']})")
+            raise ValueError(f"detections are {detections.ndim}D but the image is {nd}D (shape {image['shape']})")
         info = model_info if model_info is not None else detections.meta.get("model_info")
         thr = threshold if threshold is not None else detections.meta.get("threshold", DEFAULT_THRESHOLD)
         return cls(
@@ -406,18 +434,38 @@ class NoduleTable:
         """The nodules as `Detections`; ``findings`` are the model's, the reader's texture
         overrides are in ``meta["texture_override"]`` ("" for none)."""
         k = self.visible_mask() if visible_only else np.ones(len(self), bool)
-        return Detections(self.boxes[k], self.probability[k], self.malignancy[k], self.geometry,
-                          {"ids": self.ids[k].tolist(), "labels": self.label[k].tolist(),
-                           "texture_override": self.texture_override[k].tolist(),
-                           "model_info": self.model_info, "threshold": self.threshold},
-                          copy.deepcopy(list(self.findings[k])))
+        return Detections(
+            self.boxes[k],
+            self.probability[k],
+            self.malignancy[k],
+            self.geometry,
+            {
+                "ids": self.ids[k].tolist(),
+                "labels": self.label[k].tolist(),
+                "texture_override": self.texture_override[k].tolist(),
+                "model_info": self.model_info,
+                "threshold": self.threshold,
+            },
+            copy.deepcopy(list(self.findings[k])),
+        )
 
     def copy(self) -> "NoduleTable":
-        return NoduleTable(self.boxes.copy(), self.ids.copy(), self.probability.copy(),
-                           self.malignancy.copy(), self.label.copy(), self.source.copy(),
-                           self.reviewed.copy(), copy.deepcopy(self.image), self.threshold,
-                           copy.deepcopy(self.model_info), copy.deepcopy(self.meta), self.review.copy(),
-                           list(self.findings), self.texture_override.copy())  # findings are copied when checked
+        return NoduleTable(
+            self.boxes.copy(),
+            self.ids.copy(),
+            self.probability.copy(),
+            self.malignancy.copy(),
+            self.label.copy(),
+            self.source.copy(),
+            self.reviewed.copy(),
+            copy.deepcopy(self.image),
+            self.threshold,
+            copy.deepcopy(self.model_info),
+            copy.deepcopy(self.meta),
+            self.review.copy(),
+            list(self.findings),
+            self.texture_override.copy(),
+        )  # findings are copied when checked
 
     def equals(self, other: "NoduleTable") -> bool:
         """Same nodules (exactly), same image, threshold and model."""
@@ -541,14 +589,22 @@ class NoduleTable:
         kind = self.texture_of(i)
         type_from = "reader" if self.texture_override[i] else ("model" if kind else "")
         if self.ndim != 3:
-            return Grade("", "not graded: Lung-RADS is for screening CT, not radiographs", kind, type_from,
-                         None, "", calc)
+            return Grade(
+                "", "not graded: Lung-RADS is for screening CT, not radiographs", kind, type_from, None, "", calc
+            )
         if not kind:
             if "lungrads" in f:  # the model's category without its type: shown, said to be the model's
                 m = f.get("mean_diameter_mm")
-                return Grade(f["lungrads"], f"the model's category, without a nodule type: "
-                             f"{f.get('lungrads_reason', '')} [{LR.DECISION_SUPPORT}]", "", "",
-                             LR.round_mm(m) if m else None, "measured" if m else "", calc)
+                return Grade(
+                    f["lungrads"],
+                    f"the model's category, without a nodule type: "
+                    f"{f.get('lungrads_reason', '')} [{LR.DECISION_SUPPORT}]",
+                    "",
+                    "",
+                    LR.round_mm(m) if m else None,
+                    "measured" if m else "",
+                    calc,
+                )
             return Grade("", "undetermined: no nodule type (set it in the table)", "", "", None, "", calc)
         mean, size_from = None, ""
         m, lo, sh = f.get("mean_diameter_mm"), f.get("long_axis_mm"), f.get("short_axis_mm")
@@ -558,24 +614,30 @@ class NoduleTable:
             mean, size_from = LR.mean_diameter(max(lo, sh), min(lo, sh)), "measured"
         else:
             b = self.boxes[i]  # the box's equivalent diameter, as `diameter_mm` (of this box only)
-            mean, size_from = float(np.mean((b[self.ndim:] - b[:self.ndim]) * self.spacing)), "box"
+            mean, size_from = float(np.mean((b[self.ndim :] - b[: self.ndim]) * self.spacing)), "box"
         mean_r = LR.round_mm(mean) if mean > 0 else None
-        where = ("the model's measurement" if size_from == "measured"
-                 else "the box's diameter (no measurement)")
+        where = "the model's measurement" if size_from == "measured" else "the box's diameter (no measurement)"
         solid = f.get("solid_mean_diameter_mm") if kind == "part-solid" else None
         solid = solid if solid else None
         try:
             category, reason = LR.lung_rads(kind, mean, solid)
         except ValueError as exc:
             if kind == "part-solid" and solid is None and mean_r is not None:
-                category, reason = "", (f"undetermined: part-solid nodule of {mean_r:.1f} mm whose solid "
-                                        "component was not measured (the reader measures it)")
+                category, reason = (
+                    "",
+                    (
+                        f"undetermined: part-solid nodule of {mean_r:.1f} mm whose solid "
+                        "component was not measured (the reader measures it)"
+                    ),
+                )
             else:
                 category, reason = "", f"undetermined: {exc}"
         reason += f"; type from the {'reader' if type_from == 'reader' else 'model'}, size from {where}"
         if calc is not None and calc >= CALCIFIED_FLAG:
-            reason += (f"; the model finds calcification (p {calc:.2f}, any pattern): category 1 only for a "
-                       "benign pattern or fat, which the reader must confirm")
+            reason += (
+                f"; the model finds calcification (p {calc:.2f}, any pattern): category 1 only for a "
+                "benign pattern or fat, which the reader must confirm"
+            )
         return Grade(category, reason, kind, type_from, mean_r, size_from, calc)
 
     def grades(self) -> list[Grade]:
@@ -594,8 +656,9 @@ class NoduleTable:
         """``t`` with the model's size measurements of nodule ``i`` dropped when its box size
         changed from this table's (a move keeps them)."""
         j = self.index_of(int(t.ids[i]))
-        if not np.allclose(np.diff(t.boxes[i].reshape(2, -1), axis=0),
-                           np.diff(self.boxes[j].reshape(2, -1), axis=0), rtol=0, atol=1e-3):
+        if not np.allclose(
+            np.diff(t.boxes[i].reshape(2, -1), axis=0), np.diff(self.boxes[j].reshape(2, -1), axis=0), rtol=0, atol=1e-3
+        ):
             t.findings[i] = _without_sizes(t.findings[i])
         return t
 
@@ -688,10 +751,19 @@ class NoduleTable:
             b[:] = (y0, x0, y1, x1)
         return self._resized(t, i)
 
-    def added(self, box, label: str = "benign", probability: float = 1.0,
-              malignancy: float | None = None, source: str = "user", reviewed: bool = False,
-              nodule_id: int | None = None, review: str | None = None, findings: dict | None = None,
-              texture_override: str | None = None) -> tuple["NoduleTable", int]:
+    def added(
+        self,
+        box,
+        label: str = "benign",
+        probability: float = 1.0,
+        malignancy: float | None = None,
+        source: str = "user",
+        reviewed: bool = False,
+        nodule_id: int | None = None,
+        review: str | None = None,
+        findings: dict | None = None,
+        texture_override: str | None = None,
+    ) -> tuple["NoduleTable", int]:
         """A new nodule; a user's has probability 1 and malignancy 1/0 from its label, and no
         findings unless given (a drawn box has no model measurements)."""
         if label not in LABELS:
@@ -733,8 +805,18 @@ class NoduleTable:
 
 
 #: the per-nodule fields of a `NoduleTable` (all indexed alike by `removed` and `taken`)
-ROW_FIELDS = ("boxes", "ids", "probability", "malignancy", "label", "source", "reviewed", "review", "findings",
-              "texture_override")
+ROW_FIELDS = (
+    "boxes",
+    "ids",
+    "probability",
+    "malignancy",
+    "label",
+    "source",
+    "reviewed",
+    "review",
+    "findings",
+    "texture_override",
+)
 
 
 def _object_array(items: list) -> np.ndarray:
@@ -758,6 +840,7 @@ def box_slices(box, nz: int) -> range:
 
 
 # --- table -> napari layer -------------------------------------------------------------------
+
 
 def _rect(yx_box, z: int | None) -> np.ndarray:
     y0, x0, y1, x1 = yx_box

@@ -18,6 +18,7 @@ Output, written atomically (temporary file + ``os.replace``) by `napari_resmtnet
 
 The default threshold is the operating point recorded with the weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,18 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Detect and grade lung nodules in chest CT scans and radiographs; write a "
-                    "LUNA16-style CSV (and optionally JSON).",
-        epilog="Exit status: 0 all inputs done, 1 some inputs failed, 2 usage error.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image file or DICOM folder (.mhd, .mha, .nrrd, .nii[.gz], DICOM, JSRT .IMG, PNG, JPEG...)")
+        "LUNA16-style CSV (and optionally JSON).",
+        epilog="Exit status: 0 all inputs done, 1 some inputs failed, 2 usage error.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image file or DICOM folder (.mhd, .mha, .nrrd, .nii[.gz], DICOM, JSRT .IMG, PNG, JPEG...)",
+    )
     p.add_argument("--out", required=True, metavar="CSV", help="CSV file to write (one row per nodule)")
-    p.add_argument("--json", metavar="JSON", help="also write all results (incl. candidates below the threshold) as JSON")
-    p.add_argument("--threshold", type=float, metavar="T",
-                   help="detection probability threshold for the CSV (default: the operating point of the weights)")
-    p.add_argument("--device", default="auto", metavar="DEV", help="auto (default: CUDA when available), cpu or cuda[:N]")
-    p.add_argument("--spacing", type=float, metavar="MM",
-                   help="pixel spacing (mm) of radiographs, replacing the file's or the assumed one "
-                        "(e.g. for PNG/JPEG without a pixel size); CT volumes keep their own")
+    p.add_argument(
+        "--json", metavar="JSON", help="also write all results (incl. candidates below the threshold) as JSON"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="detection probability threshold for the CSV (default: the operating point of the weights)",
+    )
+    p.add_argument(
+        "--device", default="auto", metavar="DEV", help="auto (default: CUDA when available), cpu or cuda[:N]"
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        metavar="MM",
+        help="pixel spacing (mm) of radiographs, replacing the file's or the assumed one "
+        "(e.g. for PNG/JPEG without a pixel size); CT volumes keep their own",
+    )
     p.add_argument("--weights", metavar="PATH", help="weights file (default: the bundled weights for each modality)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of --weights (default: read from PATH.sha256)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the network (default: torch's choice)")
@@ -142,8 +160,9 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
                 kw = {"threads": args.threads} if args.threads else {}
                 if args.threshold is not None:  # keep candidates down to a lower --threshold
                     kw["score_floor"] = min(0.05, float(args.threshold))
-                predictors[modality] = Predictor(modality, weights=args.weights, sha256=args.sha256, device=device,
-                                                 **kw)
+                predictors[modality] = Predictor(
+                    modality, weights=args.weights, sha256=args.sha256, device=device, **kw
+                )
             except (WeightsError, ValueError, OSError, RuntimeError) as e:
                 predictors[modality] = f"cannot load the {modality} model: {one_line(e)}"
         return predictors[modality]
@@ -167,8 +186,9 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
                     raise RuntimeError(pred)
                 det = pred.predict(scan)
                 thr = pred.threshold if args.threshold is None else float(args.threshold)
-                table = NoduleTable.from_detections(det, image_identity(scan), threshold=thr,
-                                                    model_info=pred.model_info)
+                table = NoduleTable.from_detections(
+                    det, image_identity(scan), threshold=thr, model_info=pred.model_info
+                )
                 text = csv_text(table)
                 csv_parts.append(text if not csv_parts else text.split("\n", 1)[1])
                 d = json_dict(table)
@@ -213,8 +233,9 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
     except KeyboardInterrupt:  # the temporary files are gone; no output was replaced
         return _interrupted(len(scans_json), len(args.inputs))
     done = len(scans_json)
-    summary = (f"{done} of {len(args.inputs)} scan(s) done, {n_rows} nodule(s) at or above the threshold "
-               f"-> {shown(out_csv)}")
+    summary = (
+        f"{done} of {len(args.inputs)} scan(s) done, {n_rows} nodule(s) at or above the threshold -> {shown(out_csv)}"
+    )
     if out_json is not None:
         summary += f", {shown(out_json)}"
     if failed:

@@ -32,6 +32,7 @@ PACS error, model error) is one line in the summary and never stops the batch. A
 
 Exit status: 0 all studies done, 1 some failed, 2 usage error, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,22 +77,44 @@ def file_study(path) -> dict:
 
 
 def dicomweb_study(base: str, study_uid: str, series_uid: str, patient_id: str = "") -> dict:
-    return {"kind": "dicomweb", "source": series_address(base, study_uid, series_uid), "url": base,
-            "study_uid": study_uid, "series_uid": series_uid, "patient_id": patient_id,
-            "key": _safe(study_uid, 70)}
+    return {
+        "kind": "dicomweb",
+        "source": series_address(base, study_uid, series_uid),
+        "url": base,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "patient_id": patient_id,
+        "key": _safe(study_uid, 70),
+    }
 
 
-def studies_from_query(pacs, patient_id=None, patient_name=None, date_from=None, date_to=None,
-                       modality=None, limit=10000) -> tuple[list[dict], list[dict]]:
+def studies_from_query(
+    pacs, patient_id=None, patient_name=None, date_from=None, date_to=None, modality=None, limit=10000
+) -> tuple[list[dict], list[dict]]:
     """(studies to run, studies without an image series) for a QIDO query."""
     found, without = [], []
-    for st in pacs.search_studies(patient_id=patient_id, patient_name=patient_name, date_from=date_from,
-                                  date_to=date_to, modality=modality, limit=limit):
-        series = [s for s in pacs.search_series(st.study_uid) if s.is_image
-                  and (not modality or s.modality.upper() == modality.upper())]
+    for st in pacs.search_studies(
+        patient_id=patient_id,
+        patient_name=patient_name,
+        date_from=date_from,
+        date_to=date_to,
+        modality=modality,
+        limit=limit,
+    ):
+        series = [
+            s
+            for s in pacs.search_series(st.study_uid)
+            if s.is_image and (not modality or s.modality.upper() == modality.upper())
+        ]
         if not series:
-            without.append({"key": _safe(st.study_uid, 70), "source": st.study_uid, "status": "failed",
-                            "error": f"study {st.study_uid}: no image series ({', '.join(st.modalities) or 'none'})"})
+            without.append(
+                {
+                    "key": _safe(st.study_uid, 70),
+                    "source": st.study_uid,
+                    "status": "failed",
+                    "error": f"study {st.study_uid}: no image series ({', '.join(st.modalities) or 'none'})",
+                }
+            )
             continue
         best = max(series, key=lambda s: (s.n_instances or 0, -(s.number or 0)))
         found.append(dicomweb_study(pacs.url, st.study_uid, best.series_uid, st.patient_id))
@@ -121,8 +144,9 @@ def _predictor(modality: str, opts: dict):
         kw = {"threads": opts["threads"]} if opts.get("threads") else {}
         if opts.get("threshold") is not None:
             kw["score_floor"] = min(0.05, float(opts["threshold"]))
-        _PREDICTORS[key] = Predictor(modality, weights=opts.get("weights"), sha256=opts.get("sha256"),
-                                     device=opts.get("device", "cpu"), **kw)
+        _PREDICTORS[key] = Predictor(
+            modality, weights=opts.get("weights"), sha256=opts.get("sha256"), device=opts.get("device", "cpu"), **kw
+        )
     return _PREDICTORS[key]
 
 
@@ -167,11 +191,20 @@ def screen_one(study: dict, out_dir: str, opts: dict) -> dict:
         _write(csv_path, csv_text(table))
         _write(json_path, json.dumps(d, indent=2, allow_nan=False) + "\n")  # last: marks the study done
         n = int(table.visible_mask().sum())
-        return {**rec, "status": "done", "nodules": n, "seconds": round(time.perf_counter() - t0, 3),
-                **({"sent": sent} if sent is not None else {})}
+        return {
+            **rec,
+            "status": "done",
+            "nodules": n,
+            "seconds": round(time.perf_counter() - t0, 3),
+            **({"sent": sent} if sent is not None else {}),
+        }
     except MemoryError:
-        return {**rec, "status": "failed", "error": f"{study['source']}: not enough memory",
-                "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            **rec,
+            "status": "failed",
+            "error": f"{study['source']}: not enough memory",
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
     except Exception as e:  # noqa: BLE001 -- any failure of one study is one line in the summary
         line = _one_line(e)
         if study["source"] not in line and study.get("study_uid", "@") not in line:
@@ -184,8 +217,13 @@ def _write(path: Path, text: str) -> None:
 
 
 def _pacs(opts: dict, url: str):
-    return Pacs(url, token_file=opts.get("token_file"), verify=opts.get("verify"),
-                timeout=tuple(opts.get("timeout") or (5.0, 60.0)), retries=int(opts.get("retries", 3)))
+    return Pacs(
+        url,
+        token_file=opts.get("token_file"),
+        verify=opts.get("verify"),
+        timeout=tuple(opts.get("timeout") or (5.0, 60.0)),
+        retries=int(opts.get("retries", 3)),
+    )
 
 
 def _load(study: dict, opts: dict):
@@ -222,9 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Detect and grade lung nodules in many studies (files, DICOM folders, DICOMweb) on a Dask "
-                    "cluster; one CSV + JSON per study in --out; resumable.",
+        "cluster; one CSV + JSON per study in --out; resumable.",
         epilog="Exit status: 0 all studies done, 1 some failed, 2 usage error, 130 interrupted. "
-               "PACS credentials: $RESMTNET_PACS_TOKEN_FILE or $RESMTNET_PACS_TOKEN (never on the command line).")
+        "PACS credentials: $RESMTNET_PACS_TOKEN_FILE or $RESMTNET_PACS_TOKEN (never on the command line).",
+    )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="scan file, DICOM folder or DICOMweb series address")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the per-study results and summary.json")
     q = p.add_argument_group("studies from a PACS (DICOMweb QIDO-RS)")
@@ -236,21 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modality", default=None, help="CT, CR or DX (default: any image series)")
     q.add_argument("--limit", type=int, default=10000, help="most studies a query returns (default: %(default)s)")
     q.add_argument("--send", action="store_true", help="store the findings as DICOM SR + SEG in the PACS")
-    q.add_argument("--send-unreviewed", action="store_true",
-                   help="with --send: also send candidates no reader accepted (screening findings are unreviewed)")
+    q.add_argument(
+        "--send-unreviewed",
+        action="store_true",
+        help="with --send: also send candidates no reader accepted (screening findings are unreviewed)",
+    )
     q.add_argument("--send-to", metavar="URL", help="DICOMweb address to send to (default: where the study came from)")
     q.add_argument("--ca-bundle", metavar="PEM", help="CA certificates for the PACS's HTTPS (default: the system's)")
     q.add_argument("--timeout", type=float, default=60.0, metavar="S", help="PACS read timeout, seconds (default 60)")
     q.add_argument("--retries", type=int, default=3, help="PACS retries per request (default 3)")
     c = p.add_argument_group("cluster")
-    c.add_argument("--scheduler", metavar="ADDRESS", help="a running dask scheduler (tcp://HOST:8786); default: "
-                                                          "a local cluster")
-    c.add_argument("--workers", type=int, default=None,
-                   help="local cluster: worker processes (default: CPU cores // 2, at least 1); 0: no cluster")
+    c.add_argument(
+        "--scheduler", metavar="ADDRESS", help="a running dask scheduler (tcp://HOST:8786); default: a local cluster"
+    )
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local cluster: worker processes (default: CPU cores // 2, at least 1); 0: no cluster",
+    )
     c.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     c.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker (default: auto)")
-    c.add_argument("--allowed-failures", type=int, default=3,
-                   help="times a study may take a worker down with it before it is given up (default 3)")
+    c.add_argument(
+        "--allowed-failures",
+        type=int,
+        default=3,
+        help="times a study may take a worker down with it before it is given up (default 3)",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--threshold", type=float, metavar="T", help="detection threshold (default: the weights')")
     m.add_argument("--weights", metavar="PATH", help="weights file (default: bundled); must be readable by workers")
@@ -296,10 +347,19 @@ def _main(argv=None) -> int:
         return _fail(f"cannot make --out {out}: {e.strerror or e}")
     if not os.access(out, os.W_OK):
         return _fail(f"--out {out} is not writable")
-    opts = {"threshold": args.threshold, "weights": args.weights, "sha256": args.sha256, "device": args.device,
-            "threads": args.threads, "verify": args.ca_bundle or None, "timeout": (5.0, args.timeout),
-            "retries": args.retries, "send": args.send, "send_unreviewed": args.send_unreviewed,
-            "send_url": args.send_to}
+    opts = {
+        "threshold": args.threshold,
+        "weights": args.weights,
+        "sha256": args.sha256,
+        "device": args.device,
+        "threads": args.threads,
+        "verify": args.ca_bundle or None,
+        "timeout": (5.0, args.timeout),
+        "retries": args.retries,
+        "send": args.send,
+        "send_unreviewed": args.send_unreviewed,
+        "send_url": args.send_to,
+    }
     if args.weights is not None:
         try:
             load_checkpoint(args.weights, args.sha256)
@@ -321,8 +381,15 @@ def _main(argv=None) -> int:
             studies.append(file_study(inp))
     if args.pacs:
         try:
-            found, without = studies_from_query(_pacs(opts, args.pacs), args.patient_id, args.patient_name,
-                                                args.date_from, args.date_to, args.modality, args.limit)
+            found, without = studies_from_query(
+                _pacs(opts, args.pacs),
+                args.patient_id,
+                args.patient_name,
+                args.date_from,
+                args.date_to,
+                args.modality,
+                args.limit,
+            )
         except PacsError as e:
             return _fail(str(e), 1)
         studies += found
@@ -341,8 +408,11 @@ def _run(args, opts: dict, out: Path, studies: list[dict], pre_failed: list[dict
     from tqdm import tqdm
 
     todo = [s for s in studies if not is_done(out, s["key"])]
-    records = {s["key"]: {"key": s["key"], "source": s["source"], "status": "skipped", "seconds": 0.0}
-               for s in studies if s not in todo}
+    records = {
+        s["key"]: {"key": s["key"], "source": s["source"], "status": "skipped", "seconds": 0.0}
+        for s in studies
+        if s not in todo
+    }
     bar = tqdm(total=len(todo), desc=PROG, unit="study", disable=True if args.quiet else None, file=sys.stderr)
     t0 = time.perf_counter()
     n_workers = 0
@@ -376,27 +446,39 @@ def _run_dask(args, opts, out: Path, todo: list[dict], records: dict, bar) -> in
     from tqdm import tqdm
 
     cluster = None
-    with dask.config.set({"distributed.scheduler.allowed-failures": args.allowed_failures,
-                          "distributed.worker.daemon": False}):
+    with dask.config.set(
+        {"distributed.scheduler.allowed-failures": args.allowed_failures, "distributed.worker.daemon": False}
+    ):
         try:
             if args.scheduler:
                 client = Client(args.scheduler, timeout="20s")
             else:
                 n = args.workers or max(1, (os.cpu_count() or 2) // 2)
-                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                       memory_limit=args.memory_limit, dashboard_address="127.0.0.1:0",
-                                       silence_logs=50, env={"OMP_NUM_THREADS": str(args.threads)})
+                cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    memory_limit=args.memory_limit,
+                    dashboard_address="127.0.0.1:0",
+                    silence_logs=50,
+                    env={"OMP_NUM_THREADS": str(args.threads)},
+                )
                 client = Client(cluster)
         except (OSError, TimeoutError, ValueError) as e:
-            print(f"{PROG}: error: cannot reach the Dask scheduler {args.scheduler or ''}: {_one_line(e)}",
-                  file=sys.stderr)
+            print(
+                f"{PROG}: error: cannot reach the Dask scheduler {args.scheduler or ''}: {_one_line(e)}",
+                file=sys.stderr,
+            )
             return -1
         try:
             n_workers = len(client.scheduler_info().get("workers", {}))
             import importlib.util
 
-            board = (f"dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") is not None
-                     else "no dashboard (install bokeh for Dask's dashboard)")
+            board = (
+                f"dashboard {client.dashboard_link}"
+                if importlib.util.find_spec("bokeh") is not None
+                else "no dashboard (install bokeh for Dask's dashboard)"
+            )
             tqdm.write(f"{PROG}: {len(todo)} study(ies) on {n_workers} Dask worker(s); {board}", file=sys.stderr)
             futures = {}
             run = uuid.uuid4().hex[:8]  # keys of this run only: a shared scheduler may remember older ones
@@ -408,8 +490,12 @@ def _run_dask(args, opts, out: Path, todo: list[dict], records: dict, bar) -> in
                 try:
                     rec = f.result()
                 except Exception as e:  # noqa: BLE001 -- e.g. KilledWorker: the study took workers down
-                    rec = {"key": s["key"], "source": s["source"], "status": "failed",
-                           "error": f"{s['source']}: {type(e).__name__}: {_one_line(e)}"}
+                    rec = {
+                        "key": s["key"],
+                        "source": s["source"],
+                        "status": "failed",
+                        "error": f"{s['source']}: {type(e).__name__}: {_one_line(e)}",
+                    }
                 if rec.get("status") == "skipped":  # an earlier attempt wrote it, then its worker died
                     rec = {**rec, "status": "done", "note": "finished by an earlier attempt"}
                 records[s["key"]] = rec
@@ -434,14 +520,23 @@ def _finish(out: Path, studies, records: dict, pre_failed: list[dict], wall: flo
             text = p.read_text(encoding="utf-8")
             csv_parts.append(text.split("\n", 1)[1] if "\n" in text else "")
     summary = {
-        "format": SUMMARY_FORMAT, "format_version": 1,
+        "format": SUMMARY_FORMAT,
+        "format_version": 1,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "studies": len(ordered), "done": len(done), "skipped": len(skipped), "failed": len(failed),
-        "wall_seconds": round(wall, 2), "workers": n_workers, "studies_per_hour": round(rate, 1),
+        "studies": len(ordered),
+        "done": len(done),
+        "skipped": len(skipped),
+        "failed": len(failed),
+        "wall_seconds": round(wall, 2),
+        "workers": n_workers,
+        "studies_per_hour": round(rate, 1),
         "results": ordered,
     }
-    atomic_write_texts({out / "summary.json": json.dumps(summary, indent=2) + "\n",
-                        out / "nodules.csv": "".join(csv_parts)})
-    print(f"{len(done)} done, {len(skipped)} already done, {len(failed)} failed of {len(ordered)} study(ies) in "
-          f"{wall:.1f} s on {n_workers} worker(s): {rate:.0f} studies/hour -> {out / 'summary.json'}")
+    atomic_write_texts(
+        {out / "summary.json": json.dumps(summary, indent=2) + "\n", out / "nodules.csv": "".join(csv_parts)}
+    )
+    print(
+        f"{len(done)} done, {len(skipped)} already done, {len(failed)} failed of {len(ordered)} study(ies) in "
+        f"{wall:.1f} s on {n_workers} worker(s): {rate:.0f} studies/hour -> {out / 'summary.json'}"
+    )
     return 1 if failed else 0

@@ -16,6 +16,7 @@ confusion matrix on the labelled nodules that are hit at the operating threshold
 without a detection head is read at the true centres instead. Baselines on the same split:
 the diameter-only rule (threshold chosen on the train split) and the majority class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import (
-    detection_f1, diameter_rule, froc, malignancy_metrics, match_detections, roc_auc,
+    detection_f1,
+    diameter_rule,
+    froc,
+    malignancy_metrics,
+    match_detections,
+    roc_auc,
     threshold_at_fp,
 )
 from ..io.preprocess import normalize_ct
@@ -40,6 +46,7 @@ from ..inference.weights import build_model, bundled_entry, load_checkpoint, sha
 from ..files import NoduleFileError, atomic_write_texts
 
 # --- running a model over records ------------------------------------------------------------
+
 
 def _spacing(rec) -> float:
     return float(getattr(rec, "spacing", 1.0))
@@ -91,8 +98,17 @@ def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool 
                         mal[sel] = probs[: len(sel)]
                         if truth is not None:
                             mal_truth = float(probs[-1])
-                outs.append({"centres": c, "sizes": sizes, "scores": d["scores"].numpy(), "malignancy": mal, "stages": stages,
-                             "mal_map": mal_map, "mal_truth": mal_truth})
+                outs.append(
+                    {
+                        "centres": c,
+                        "sizes": sizes,
+                        "scores": d["scores"].numpy(),
+                        "malignancy": mal,
+                        "stages": stages,
+                        "mal_map": mal_map,
+                        "mal_truth": mal_truth,
+                    }
+                )
     return outs
 
 
@@ -101,7 +117,9 @@ def mal_at(mal_map, centre_vox, stride=4):
     return float(mal_map[tuple(cell)])
 
 
-def evaluate_model(model, cfg_net: dict, records, modality: str, threshold: float | None = None, tta: bool = False) -> dict:
+def evaluate_model(
+    model, cfg_net: dict, records, modality: str, threshold: float | None = None, tta: bool = False
+) -> dict:
     """Detection and malignancy metrics of one model on ``records``."""
     outs = model_outputs(model, records, modality, tta=tta)
     res: dict = {"n_images": len(records)}
@@ -147,8 +165,10 @@ def _malignancy_on_hits(records, outs, per_image, threshold: float, label: str) 
     res = malignancy_metrics(ys, ps)
     res["labelled_missed"] = n_missed
     res["read_at"] = "detected nodules (hits at the operating threshold)"
-    res["labels"] = {"label": "LIDC max vote, 1-2 benign vs 4-5 malignant",
-                     "label_mean": "every reader's mean, < 3 benign vs > 3 malignant"}[label]
+    res["labels"] = {
+        "label": "LIDC max vote, 1-2 benign vs 4-5 malignant",
+        "label_mean": "every reader's mean, < 3 benign vs > 3 malignant",
+    }[label]
     return res
 
 
@@ -170,9 +190,12 @@ def size_errors(records, outs, per_image, threshold: float) -> dict:
         if ext is not None and r.mask is not None:
             axis_err.append(np.abs(sz - ext))
     ae = np.asarray(axis_err).reshape(-1, 3) if axis_err else np.zeros((0, 3))
-    return {"n": len(rel), "median_rel_diameter_error": float(np.median(rel)) if rel else float("nan"),
-            "within_20pct": float(np.mean(np.asarray(rel) <= 0.2)) if rel else float("nan"),
-            "median_abs_extent_error_mm_zyx": np.median(ae, 0).round(2).tolist() if len(ae) else []}
+    return {
+        "n": len(rel),
+        "median_rel_diameter_error": float(np.median(rel)) if rel else float("nan"),
+        "within_20pct": float(np.mean(np.asarray(rel) <= 0.2)) if rel else float("nan"),
+        "median_abs_extent_error_mm_zyx": np.median(ae, 0).round(2).tolist() if len(ae) else [],
+    }
 
 
 def findings_metrics(model, records, data=None, tta: bool = False) -> dict | None:
@@ -205,12 +228,17 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
         if cfg.attributes and r.attributes is not None:
             truth_att.append(r.attributes[r.main])
             head = f.get("texture_head", f["texture"])
-            pred_att.append([TEXTURE_CLASSES.index(f["texture"])] + [f[k] for k in BINARY_ATTRIBUTES]
-                            + [TEXTURE_CLASSES.index(head)])
+            pred_att.append(
+                [TEXTURE_CLASSES.index(f["texture"])]
+                + [f[k] for k in BINARY_ATTRIBUTES]
+                + [TEXTURE_CLASSES.index(head)]
+            )
         if nodules is not None and r.mask is not None:
             pm = nodules[0]
             # the cube's mask on the same patch grid (outside the cube: not nodule)
-            truth = centre_patches(torch.from_numpy((r.mask > 0).astype(np.float32)), [c], pad_value=0.0)[0, 0].numpy() > 0
+            truth = (
+                centre_patches(torch.from_numpy((r.mask > 0).astype(np.float32)), [c], pad_value=0.0)[0, 0].numpy() > 0
+            )
             if not truth.any():
                 continue
             dices.append(dice(pm, truth))
@@ -222,28 +250,49 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
         t, pr = np.asarray(truth_att, float), np.asarray(pred_att, float)
         heads = {}
         k = t[:, 0] >= 0
-        heads["texture_head"] = {"n": int(k.sum()), "accuracy": float((pr[k, 4] == t[k, 0]).mean()),
-                                 "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax())),
-                                 "note": "the texture head's own call; 'texture' is the plugin's (from the mask's solid fraction "
-                                         "where the model segments)"}
-        heads["texture"] = {"n": int(k.sum()), "accuracy": float((pr[k, 0] == t[k, 0]).mean()),
-                            "confusion": [[int(((t[k, 0] == i) & (pr[k, 0] == j)).sum()) for j in range(3)]
-                                          for i in range(3)], "classes": list(TEXTURE_CLASSES),
-                            "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax()))}
+        heads["texture_head"] = {
+            "n": int(k.sum()),
+            "accuracy": float((pr[k, 4] == t[k, 0]).mean()),
+            "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax())),
+            "note": "the texture head's own call; 'texture' is the plugin's (from the mask's solid fraction "
+            "where the model segments)",
+        }
+        heads["texture"] = {
+            "n": int(k.sum()),
+            "accuracy": float((pr[k, 0] == t[k, 0]).mean()),
+            "confusion": [[int(((t[k, 0] == i) & (pr[k, 0] == j)).sum()) for j in range(3)] for i in range(3)],
+            "classes": list(TEXTURE_CLASSES),
+            "majority_class_accuracy": float(np.mean(t[k, 0] == np.bincount(t[k, 0].astype(int)).argmax())),
+        }
         for j, name in enumerate(BINARY_ATTRIBUTES):
             k = t[:, 1 + j] >= 0
             y, p = t[k, 1 + j], pr[k, 1 + j]
             yh = p >= 0.5
-            heads[name] = {"n": int(k.sum()), "positives": int(y.sum()), "accuracy": float((yh == (y > 0.5)).mean()),
-                           "balanced_accuracy": float(np.nanmean([np.mean(yh[y > 0.5]) if (y > 0.5).any() else np.nan,
-                                                                  np.mean(~yh[y < 0.5]) if (y < 0.5).any() else np.nan])),
-                           "auc": roc_auc(y, p), "majority_class_accuracy": float(max(y.mean(), 1 - y.mean()))}
+            heads[name] = {
+                "n": int(k.sum()),
+                "positives": int(y.sum()),
+                "accuracy": float((yh == (y > 0.5)).mean()),
+                "balanced_accuracy": float(
+                    np.nanmean(
+                        [
+                            np.mean(yh[y > 0.5]) if (y > 0.5).any() else np.nan,
+                            np.mean(~yh[y < 0.5]) if (y < 0.5).any() else np.nan,
+                        ]
+                    )
+                ),
+                "auc": roc_auc(y, p),
+                "majority_class_accuracy": float(max(y.mean(), 1 - y.mean())),
+            }
         out["characteristics"] = heads
         out["inter_reader_agreement"] = _agreement_on(records, data)
     if dices:
-        out["segmentation"] = {"n": len(dices), "median_dice": float(np.median(dices)), "mean_dice": float(np.mean(dices)),
-                               "median_volume_error": float(np.median(vol_err)),
-                               "median_rel_diameter_error_mask_extent": float(np.median(diam_err)) if diam_err else None}
+        out["segmentation"] = {
+            "n": len(dices),
+            "median_dice": float(np.median(dices)),
+            "mean_dice": float(np.mean(dices)),
+            "median_volume_error": float(np.median(vol_err)),
+            "median_rel_diameter_error_mask_extent": float(np.median(diam_err)) if diam_err else None,
+        }
     return out
 
 
@@ -257,10 +306,12 @@ def _agreement_on(records, data) -> dict | None:
     cubes = R.read_reader_ratings(path)
     names = {r.name for r in records}
     sub = {k: v for k, v in cubes.items() if k in names}
-    tasks = (R.Task("texture", "texture", R.texture_class),
-             R.Task("calcified", "calcification", lambda v: v != R.CALCIFICATION_ABSENT),
-             R.Task("spiculated", "spiculation", lambda v: v >= 3),
-             R.Task("ill_defined_margin", "margin", lambda v: v <= 3))
+    tasks = (
+        R.Task("texture", "texture", R.texture_class),
+        R.Task("calcified", "calcification", lambda v: v != R.CALCIFICATION_ABSENT),
+        R.Task("spiculated", "spiculation", lambda v: v >= 3),
+        R.Task("ill_defined_margin", "margin", lambda v: v <= 3),
+    )
     return {k: round(a.rate, 4) for k, a in R.agreement_rates(sub, tasks).items()}
 
 
@@ -284,16 +335,25 @@ def baselines(train_recs, val_recs, label: str = "label") -> dict:
     labels in attribute ``label`` (see `_malignancy_on_hits`)."""
     tr = [r for r in train_recs if getattr(r, label, -1) in (0, 1)]
     va = [r for r in val_recs if getattr(r, label, -1) in (0, 1)]
-    out = {"diameter_rule": diameter_rule([r.diameter for r in tr], [getattr(r, label) for r in tr],
-                                          [r.diameter for r in va], [getattr(r, label) for r in va])}
+    out = {
+        "diameter_rule": diameter_rule(
+            [r.diameter for r in tr],
+            [getattr(r, label) for r in tr],
+            [r.diameter for r in va],
+            [getattr(r, label) for r in va],
+        )
+    }
     maj = int(np.mean([getattr(r, label) for r in tr]) >= 0.5) if tr else 0
     yv = np.array([getattr(r, label) for r in va])
-    out["majority_class"] = {"predicts": "malignant" if maj else "benign",
-                             "accuracy": float((yv == maj).mean()) if len(yv) else float("nan")}
+    out["majority_class"] = {
+        "predicts": "malignant" if maj else "benign",
+        "accuracy": float((yv == maj).mean()) if len(yv) else float("nan"),
+    }
     return out
 
 
 # --- report ----------------------------------------------------------------------------------
+
 
 def _fmt(v, pct=False):
     if v is None or (isinstance(v, float) and np.isnan(v)):
@@ -302,47 +362,71 @@ def _fmt(v, pct=False):
 
 
 def markdown_table(result: dict) -> str:
-    rows = ["| model | sens @1/8 | @1/4 | @1/2 | @1 | @2 | @4 | @8 FP | CPM | det. F1 | mal. acc | mal. AUC | n mal. |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | sens @1/8 | @1/4 | @1/2 | @1 | @2 | @4 | @8 FP | CPM | det. F1 | mal. acc | mal. AUC | n mal. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["models"].items():
         d = r.get("detection")
         m = r.get("malignancy")
         sens = [_fmt(s) for s in d["sensitivity"]] if d else ["–"] * 7
-        rows.append(f"| {name} | " + " | ".join(sens) + f" | {_fmt(d['cpm']) if d else '–'} | "
-                    f"{_fmt(d['operating_point']['f1']) if d else '–'} | {_fmt(m['accuracy'], True) if m else '–'} | "
-                    f"{_fmt(m['auc']) if m else '–'} | {m['n'] if m else '–'} |")
+        rows.append(
+            f"| {name} | " + " | ".join(sens) + f" | {_fmt(d['cpm']) if d else '–'} | "
+            f"{_fmt(d['operating_point']['f1']) if d else '–'} | {_fmt(m['accuracy'], True) if m else '–'} | "
+            f"{_fmt(m['auc']) if m else '–'} | {m['n'] if m else '–'} |"
+        )
     b = result["baselines"]
     dr = b["diameter_rule"]
-    rows.append(f"| diameter rule (≥ {dr['threshold_mm']:g} mm) | – | – | – | – | – | – | – | – | – | "
-                f"{_fmt(dr['accuracy'], True)} | {_fmt(dr['auc'])} | {dr['n']} |")
-    rows.append(f"| majority class ({b['majority_class']['predicts']}) | – | – | – | – | – | – | – | – | – | "
-                f"{_fmt(b['majority_class']['accuracy'], True)} | – | – |")
+    rows.append(
+        f"| diameter rule (≥ {dr['threshold_mm']:g} mm) | – | – | – | – | – | – | – | – | – | "
+        f"{_fmt(dr['accuracy'], True)} | {_fmt(dr['auc'])} | {dr['n']} |"
+    )
+    rows.append(
+        f"| majority class ({b['majority_class']['predicts']}) | – | – | – | – | – | – | – | – | – | "
+        f"{_fmt(b['majority_class']['accuracy'], True)} | – | – |"
+    )
     rm = result.get("baselines_readers_mean")
     for name, r in result["models"].items():
         m = r.get("malignancy_readers_mean")
         if m and rm:
             dr = rm["diameter_rule"]
-            rows += ["", f"Malignancy by the readers' mean (< 3 benign, > 3 malignant), {name}: accuracy "
-                     f"{_fmt(m['accuracy'], True)}, AUC {_fmt(m['auc'])} (n {m['n']}); diameter rule "
-                     f"(≥ {dr['threshold_mm']:g} mm, chosen on train) {_fmt(dr['accuracy'], True)}, AUC {_fmt(dr['auc'])}."]
+            rows += [
+                "",
+                f"Malignancy by the readers' mean (< 3 benign, > 3 malignant), {name}: accuracy "
+                f"{_fmt(m['accuracy'], True)}, AUC {_fmt(m['auc'])} (n {m['n']}); diameter rule "
+                f"(≥ {dr['threshold_mm']:g} mm, chosen on train) {_fmt(dr['accuracy'], True)}, AUC {_fmt(dr['auc'])}.",
+            ]
         f = r.get("findings")
         if f and f.get("characteristics"):
             agree = f.get("inter_reader_agreement") or {}
-            rows += ["", f"| {name}: characteristic (readers' majority) | n | accuracy | balanced acc. | AUC | "
-                     "majority class | inter-reader agreement |", "|---|---|---|---|---|---|---|"]
+            rows += [
+                "",
+                f"| {name}: characteristic (readers' majority) | n | accuracy | balanced acc. | AUC | "
+                "majority class | inter-reader agreement |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for k, h in f["characteristics"].items():
-                rows.append(f"| {k} | {h['n']} | {_fmt(h['accuracy'], True)} | {_fmt(h.get('balanced_accuracy'), True)} | "
-                            f"{_fmt(h.get('auc'))} | {_fmt(h['majority_class_accuracy'], True)} | "
-                            f"{_fmt(agree.get(k), True)} |")
+                rows.append(
+                    f"| {k} | {h['n']} | {_fmt(h['accuracy'], True)} | {_fmt(h.get('balanced_accuracy'), True)} | "
+                    f"{_fmt(h.get('auc'))} | {_fmt(h['majority_class_accuracy'], True)} | "
+                    f"{_fmt(agree.get(k), True)} |"
+                )
         if f and f.get("segmentation"):
             sg = f["segmentation"]
-            rows += ["", f"Segmentation ({name}, {sg['n']} validation nodules): median Dice {_fmt(sg['median_dice'])}, "
-                     f"median volume error {_fmt(sg['median_volume_error'], True)}, diameter from the mask's extent: "
-                     f"median error {_fmt(sg.get('median_rel_diameter_error_mask_extent'), True)}."]
+            rows += [
+                "",
+                f"Segmentation ({name}, {sg['n']} validation nodules): median Dice {_fmt(sg['median_dice'])}, "
+                f"median volume error {_fmt(sg['median_volume_error'], True)}, diameter from the mask's extent: "
+                f"median error {_fmt(sg.get('median_rel_diameter_error_mask_extent'), True)}.",
+            ]
     ws = [(name, r["whole_scans"]) for name, r in result["models"].items() if r.get("whole_scans")]
     if ws:
-        rows += ["", "| model | whole scan | split | lesions found | other detections | best hit (rank, score) | "
-                 "box size x/y/z mm (lesion) |", "|---|---|---|---|---|---|---|"]
+        rows += [
+            "",
+            "| model | whole scan | split | lesions found | other detections | best hit (rank, score) | "
+            "box size x/y/z mm (lesion) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, w in ws:
             thr = result["models"][name]["threshold"]
             for part in ("val", "test"):
@@ -351,12 +435,21 @@ def markdown_table(result: dict) -> str:
                 for f, e in w[part]["scans"].items():
                     at = e.get(f"at_{thr:.4f}", {})
                     bh = e.get("best_hit")
-                    rows.append(f"| {name} | {f} | {part} | {at.get('found', 0)}/{e['n_lesions']} | {at.get('other', 0)} | "
-                                + (f"{bh['rank']}, {bh['score']:.3f} | {'/'.join(f'{v:g}' for v in bh['size_xyz_mm'])} "
-                                   f"({'/'.join(f'{v:g}' for v in bh['lesion_size_xyz_mm'])}) |" if bh else "– | – |"))
+                    rows.append(
+                        f"| {name} | {f} | {part} | {at.get('found', 0)}/{e['n_lesions']} | {at.get('other', 0)} | "
+                        + (
+                            f"{bh['rank']}, {bh['score']:.3f} | {'/'.join(f'{v:g}' for v in bh['size_xyz_mm'])} "
+                            f"({'/'.join(f'{v:g}' for v in bh['lesion_size_xyz_mm'])}) |"
+                            if bh
+                            else "– | – |"
+                        )
+                    )
             fr = w["val"]["froc_per_scan"]
-            rows.append(f"| {name} | FROC per scan (val, {fr['n_lesions']} lesions in {fr['n_scans']} scans) | | "
-                        + " / ".join(f"{s:.2f}@{r:g}" for s, r in zip(fr["sensitivity"], fr["fp_rates"])) + " | | | |")
+            rows.append(
+                f"| {name} | FROC per scan (val, {fr['n_lesions']} lesions in {fr['n_scans']} scans) | | "
+                + " / ".join(f"{s:.2f}@{r:g}" for s, r in zip(fr["sensitivity"], fr["fp_rates"]))
+                + " | | | |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -372,8 +465,12 @@ def _per_image(records, outs):
     per_image, n_truth = [], 0
     for r, o in zip(records, outs):
         sp = _spacing(r)
-        per_image.append((o["scores"], match_detections(o["centres"] * sp, o["scores"], r.centers * sp,
-                                                         np.asarray(r.diameters) * sp)))
+        per_image.append(
+            (
+                o["scores"],
+                match_detections(o["centres"] * sp, o["scores"], r.centers * sp, np.asarray(r.diameters) * sp),
+            )
+        )
         n_truth += len(r.centers)
     return per_image, n_truth
 
@@ -392,31 +489,51 @@ def _load_val(ck, data, modality):
 MIN_CUBE_SENSITIVITY = 0.915
 
 
-def choose_threshold(cube_per_image, n_truth: int, scan_result: dict, max_fp_per_scan: float = 1.0,
-                     min_sensitivity: float = MIN_CUBE_SENSITIVITY) -> dict:
+def choose_threshold(
+    cube_per_image,
+    n_truth: int,
+    scan_result: dict,
+    max_fp_per_scan: float = 1.0,
+    min_sensitivity: float = MIN_CUBE_SENSITIVITY,
+) -> dict:
     """The operating point: the lowest threshold at which the whole validation scans have at
     most ``max_fp_per_scan`` false positives per scan, provided the validation cubes keep a
     sensitivity of at least ``min_sensitivity`` there; otherwise the highest threshold that
     keeps that sensitivity (and the per-scan target is reported as missed)."""
 
-    cands = np.unique(np.concatenate([np.asarray(scan_result["curve"]["scores"], float),
-                                      np.concatenate([s for s, _ in cube_per_image]) if cube_per_image else []]))
+    cands = np.unique(
+        np.concatenate(
+            [
+                np.asarray(scan_result["curve"]["scores"], float),
+                np.concatenate([s for s, _ in cube_per_image]) if cube_per_image else [],
+            ]
+        )
+    )
     cands = cands[(cands >= 0.05) & (cands < 1.0)]
     best = None
     for t in np.sort(cands):
         if fp_per_scan_at(scan_result, t) <= max_fp_per_scan:
             best = float(t)
             break
-    sens = (lambda t: detection_f1(cube_per_image, n_truth, t)["recall"])
+    sens = lambda t: detection_f1(cube_per_image, n_truth, t)["recall"]
     if best is not None and sens(best) >= min_sensitivity:
-        return {"threshold": best, "rule": f"lowest threshold with <= {max_fp_per_scan:g} false positives per whole "
-                f"validation scan", "cube_sensitivity": sens(best), "fp_per_scan": fp_per_scan_at(scan_result, best),
-                "met": True}
+        return {
+            "threshold": best,
+            "rule": f"lowest threshold with <= {max_fp_per_scan:g} false positives per whole validation scan",
+            "cube_sensitivity": sens(best),
+            "fp_per_scan": fp_per_scan_at(scan_result, best),
+            "met": True,
+        }
     ok = [float(t) for t in np.sort(cands) if sens(t) >= min_sensitivity]
     t = ok[-1] if ok else 0.05
-    return {"threshold": t, "rule": f"highest threshold keeping cube sensitivity >= {min_sensitivity:g} (the "
-            f"<= {max_fp_per_scan:g} FP per scan target is not reachable there)", "cube_sensitivity": sens(t),
-            "fp_per_scan": fp_per_scan_at(scan_result, t), "met": False}
+    return {
+        "threshold": t,
+        "rule": f"highest threshold keeping cube sensitivity >= {min_sensitivity:g} (the "
+        f"<= {max_fp_per_scan:g} FP per scan target is not reachable there)",
+        "cube_sensitivity": sens(t),
+        "fp_per_scan": fp_per_scan_at(scan_result, t),
+        "met": False,
+    }
 
 
 def evaluate_whole_scans(model, info: dict, split: dict, scans_dir, threshold: float, splits=("val", "test")) -> dict:
@@ -425,12 +542,17 @@ def evaluate_whole_scans(model, info: dict, split: dict, scans_dir, threshold: f
     scans = whole_scans(scans_dir, split, splits=splits)
     pred = Predictor("CT", model=model, info={**info, "threshold": threshold}, device="cpu")
     val = evaluate_scans(pred, [s for s in scans if s.split == "val"], thresholds=[threshold])
-    test = evaluate_scans(pred, [s for s in scans if s.split == "test"], thresholds=[threshold]) if "test" in splits else None
+    test = (
+        evaluate_scans(pred, [s for s in scans if s.split == "test"], thresholds=[threshold])
+        if "test" in splits
+        else None
+    )
     return {"val": val, "test": test}
 
 
-def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, slice_mm=None, scans=None,
-             choose: bool = False) -> dict:
+def evaluate(
+    weights_list, modality="CT", data=None, threshold=None, tta=None, slice_mm=None, scans=None, choose: bool = False
+) -> dict:
     entries = []
     if not weights_list:
         e = bundled_entry(modality)
@@ -445,19 +567,38 @@ def evaluate(weights_list, modality="CT", data=None, threshold=None, tta=None, s
         if modality != "CT":
             raise ValueError("--slice-mm applies to CT only")
         val_recs = [thick_slices(r, slice_mm) for r in val_recs]
-    result = {"modality": modality, "data": data or first["train_config"]["data"], "n_val_images": len(val_recs),
-              "n_val_series": len(first["split"]["val"]), "slice_mm": slice_mm, "models": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result = {
+        "modality": modality,
+        "data": data or first["train_config"]["data"],
+        "n_val_images": len(val_recs),
+        "n_val_series": len(first["split"]["val"]),
+        "slice_mm": slice_mm,
+        "models": {},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     for name, ck, thr in entries:
         if ck["split"]["val"] != first["split"]["val"]:
             raise ValueError(f"{ck['path']}: its validation split differs from {first['path']}'s")
         model = build_model(ck)
-        r = evaluate_model(model, ck["network"], val_recs, modality, threshold=threshold if threshold is not None else thr,
-                           tta=bool(tta))
+        r = evaluate_model(
+            model,
+            ck["network"],
+            val_recs,
+            modality,
+            threshold=threshold if threshold is not None else thr,
+            tta=bool(tta),
+        )
         r["malignancy_tta"] = bool(tta)
-        scans_dir = _scans_dir(scans, data or first["train_config"]["data"]) if modality == "CT" and not slice_mm else None
+        scans_dir = (
+            _scans_dir(scans, data or first["train_config"]["data"]) if modality == "CT" and not slice_mm else None
+        )
         if scans_dir is not None:
-            info = {"name": ck.get("name"), "version": ck.get("version"), "sha256": ck["sha256"],
-                    "spacing_mm": ck.get("spacing_mm", 1.0)}
+            info = {
+                "name": ck.get("name"),
+                "version": ck.get("version"),
+                "sha256": ck["sha256"],
+                "spacing_mm": ck.get("spacing_mm", 1.0),
+            }
             if choose:
                 ws = evaluate_whole_scans(model, info, ck["split"], scans_dir, r["threshold"], splits=("val",))
                 outs = model_outputs(model, val_recs, modality)
@@ -485,14 +626,24 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="*", default=[], help="weights files, optionally NAME=PATH (default: bundled)")
     p.add_argument("--data", help="data folder (default: the one recorded in the weights)")
     p.add_argument("--threshold", type=float, help="operating threshold (default: recorded, else 0.25 FP/image on val)")
-    p.add_argument("--tta", dest="tta", action="store_true", default=False,
-                   help="flip-averaged malignancy at each detection (an analysis; the plugin does not use it)")
+    p.add_argument(
+        "--tta",
+        dest="tta",
+        action="store_true",
+        default=False,
+        help="flip-averaged malignancy at each detection (an analysis; the plugin does not use it)",
+    )
     p.add_argument("--no-tta", dest="tta", action="store_false")
-    p.add_argument("--slice-mm", type=float, help="CT: evaluate on the validation cubes re-sampled through this slice thickness")
+    p.add_argument(
+        "--slice-mm", type=float, help="CT: evaluate on the validation cubes re-sampled through this slice thickness"
+    )
     p.add_argument("--scans", help="CT: folder of whole scans (default: ct_scans beside the cube folder, if present)")
-    p.add_argument("--choose-threshold", action="store_true",
-                   help="CT: choose the operating point on the whole validation scans (<= 1 FP per scan, cube "
-                        "sensitivity >= 0.90) instead of using the recorded one")
+    p.add_argument(
+        "--choose-threshold",
+        action="store_true",
+        help="CT: choose the operating point on the whole validation scans (<= 1 FP per scan, cube "
+        "sensitivity >= 0.90) instead of using the recorded one",
+    )
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--markdown", help="write the Markdown table here")
     a = p.parse_args(argv)
@@ -504,7 +655,10 @@ def main(argv=None) -> int:
     table = markdown_table(res)
     print(table)
     for name, r in res["models"].items():
-        print(f"{name}: threshold={r.get('threshold')}, " + json.dumps({k: r[k] for k in ('detection', 'malignancy') if k in r})[:600])
+        print(
+            f"{name}: threshold={r.get('threshold')}, "
+            + json.dumps({k: r[k] for k in ("detection", "malignancy") if k in r})[:600]
+        )
 
     files = {Path(a.json): json.dumps(res, indent=1)} if a.json else {}
     if a.markdown:

@@ -39,6 +39,7 @@ Progress is reported through ``progress(fraction, stage)``; ``cancel`` (a
 `threading.Event` or a callable returning True) is checked between windows and raises
 `Cancelled`. Results on the CPU are deterministic (no randomness anywhere).
 """
+
 from __future__ import annotations
 
 import time
@@ -50,13 +51,29 @@ from ..detections import Detections
 from ..errors import Cancelled, InputError
 from ..scan import Scan
 from .weights import load_model
-from ..io.preprocess import CT_WINDOW, MODEL_SPACING_MM, normalize_ct, normalize_cxr, preprocess_radiograph, resample_to_spacing
+from ..io.preprocess import (
+    CT_WINDOW,
+    MODEL_SPACING_MM,
+    normalize_ct,
+    normalize_cxr,
+    preprocess_radiograph,
+    resample_to_spacing,
+)
 from .. import boxes as B
 from .characterise import MAX_CHARACTERISED, characterise
 from ..io.formats import load_scan
 
-__all__ = ["Predictor", "predict", "Cancelled", "PredictionError", "DeviceError", "resolve_device",
-           "lung_mask_cells", "scan_lung_mask", "window_starts"]
+__all__ = [
+    "Predictor",
+    "predict",
+    "Cancelled",
+    "PredictionError",
+    "DeviceError",
+    "resolve_device",
+    "lung_mask_cells",
+    "scan_lung_mask",
+    "window_starts",
+]
 
 #: Largest model grid (bytes) a CT may need after resampling; a whole-body CT at 1 mm
 #: (500 x 500 x 2000 mm) needs about 2.4 GB, so this only refuses absurd spacings.
@@ -111,8 +128,9 @@ class DeviceError(PredictionError):
 
 # --- device --------------------------------------------------------------------------------
 
+
 def resolve_device(device="auto"):
-    """"auto" -> CUDA when available, else CPU; "cpu", "cuda", "cuda:N" checked; -> torch.device."""
+    """ "auto" -> CUDA when available, else CPU; "cpu", "cuda", "cuda:N" checked; -> torch.device."""
     import torch
 
     if device is None or (isinstance(device, str) and device.lower() == "auto"):
@@ -124,8 +142,10 @@ def resolve_device(device="auto"):
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise DeviceError(f"device {device!r} requested but CUDA is not available here "
-                              f"(torch {torch.__version__}, {build}); use --device cpu / device='cpu' or 'auto'")
+            raise DeviceError(
+                f"device {device!r} requested but CUDA is not available here "
+                f"(torch {torch.__version__}, {build}); use --device cpu / device='cpu' or 'auto'"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif dev.type not in ("cpu", "mps"):
@@ -136,6 +156,7 @@ def resolve_device(device="auto"):
 
 
 # --- windows -------------------------------------------------------------------------------
+
 
 def window_starts(size: int, window: int, overlap: int, lo: int = 0, hi: int | None = None) -> tuple[list[int], int]:
     """Windows along one axis covering voxels [lo, hi) of an axis of ``size`` voxels (all
@@ -175,8 +196,15 @@ def _core_bounds(starts: list[int], w: int, lo_cell: int, hi_cell: int) -> list[
 
 # --- lung mask -----------------------------------------------------------------------------
 
-def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: int = 0, head_last: bool | None = None,
-                    lr_axis: int | None = None) -> tuple[np.ndarray | None, dict]:
+
+def lung_mask_cells(
+    hu_cells: np.ndarray,
+    cell_mm,
+    in_plane_fov_mm,
+    axial_axis: int = 0,
+    head_last: bool | None = None,
+    lr_axis: int | None = None,
+) -> tuple[np.ndarray | None, dict]:
     """Lung mask on a coarse 3D grid of HU values, or None where the scan does not show a
     whole thorax; returns (mask or None, info dict with ``used``, ``reason``, ``volume_ml``).
     ``axial_axis``: the array axis closest to the patient's head-feet axis; air touching the
@@ -199,8 +227,10 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     cell_mm = np.broadcast_to(np.asarray(cell_mm, float), (3,))
     info = {"used": False, "volume_ml": 0.0, "reason": ""}
     if min(in_plane_fov_mm) <= MIN_THORAX_FOV_MM:
-        info["reason"] = (f"in-plane field of view {min(in_plane_fov_mm):.0f} mm <= {MIN_THORAX_FOV_MM:.0f} mm: "
-                          "not a whole thorax, whole image searched")
+        info["reason"] = (
+            f"in-plane field of view {min(in_plane_fov_mm):.0f} mm <= {MIN_THORAX_FOV_MM:.0f} mm: "
+            "not a whole thorax, whole image searched"
+        )
         return None, info
     air = hu_cells < LUNG_HU
     lab = measure.label(air, connectivity=1)
@@ -223,8 +253,10 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
     vol = float(sum(counts[k] for k in keep)) * cell_ml
     info["volume_ml"] = round(vol, 1)
     if not (LUNG_VOLUME_ML[0] <= vol <= LUNG_VOLUME_ML[1]):
-        info["reason"] = (f"lung volume {vol:.0f} mL outside {LUNG_VOLUME_ML[0]:.0f}..{LUNG_VOLUME_ML[1]:.0f} mL: "
-                          "whole image searched")
+        info["reason"] = (
+            f"lung volume {vol:.0f} mL outside {LUNG_VOLUME_ML[0]:.0f}..{LUNG_VOLUME_ML[1]:.0f} mL: "
+            "whole image searched"
+        )
         return None, info
     lung_air = np.isin(lab, keep)
     del lab
@@ -252,14 +284,22 @@ def lung_mask_cells(hu_cells: np.ndarray, cell_mm, in_plane_fov_mm, axial_axis: 
         lung &= ndimage.distance_transform_edt(~airways, sampling=cell_mm) > AIRWAY_MARGIN_MM
         info["airways_ml"] = round(float(airways.sum()) * cell_ml, 1)
     info["used"] = True
-    info["reason"] = (f"lung mask ({vol:.0f} mL), closed {LUNG_CLOSING_MM:.0f} mm in-plane, "
-                      f"margin {LUNG_MARGIN_MM:.0f} mm; {airway_note}")
+    info["reason"] = (
+        f"lung mask ({vol:.0f} mL), closed {LUNG_CLOSING_MM:.0f} mm in-plane, "
+        f"margin {LUNG_MARGIN_MM:.0f} mm; {airway_note}"
+    )
     info["mask_ml"] = round(float(lung.sum()) * cell_ml, 1)
     return lung, info
 
 
-def large_airways(hu_cells: np.ndarray, lung_air: np.ndarray, cell_mm, axial_axis: int = 0,
-                  head_last: bool | None = None, lr_axis: int | None = None) -> tuple[np.ndarray | None, str]:
+def large_airways(
+    hu_cells: np.ndarray,
+    lung_air: np.ndarray,
+    cell_mm,
+    axial_axis: int = 0,
+    head_last: bool | None = None,
+    lr_axis: int | None = None,
+) -> tuple[np.ndarray | None, str]:
     """The trachea and the main bronchi down to where they enter the lungs, or None; returns
     (mask or None, a note saying what was found).
 
@@ -290,7 +330,7 @@ def large_airways(hu_cells: np.ndarray, lung_air: np.ndarray, cell_mm, axial_axi
     lo, hi = (TRACHEA_AREA_MM2[0] / cell_area, TRACHEA_AREA_MM2[1] / cell_area)
     depth = max(1, int(round(20.0 / cell_mm[axial_axis])))
     best, best_n = None, 0
-    for last in ([True, False] if head_last is None else [bool(head_last)]):
+    for last in [True, False] if head_last is None else [bool(head_last)]:
         order = zs[::-1] if last else zs
         step = -1 if last else 1
         for k in order[:depth]:
@@ -339,7 +379,9 @@ def large_airways(hu_cells: np.ndarray, lung_air: np.ndarray, cell_mm, axial_axi
     ml = best_n * float(np.prod(cell_mm)) / 1000.0
     if best is None or ml < 1.0:
         return None, "no trachea at the head end: airways not excluded"
-    return np.moveaxis(best, 0, axial_axis), f"large airways ({ml:.0f} mL) and {AIRWAY_MARGIN_MM:.0f} mm around them excluded"
+    return np.moveaxis(
+        best, 0, axial_axis
+    ), f"large airways ({ml:.0f} mL) and {AIRWAY_MARGIN_MM:.0f} mm around them excluded"
 
 
 def scan_lung_mask(scan: Scan, hu_cells: np.ndarray, cell_mm: float) -> tuple[np.ndarray | None, dict]:
@@ -399,6 +441,7 @@ def _resample(img, spacing_arr, size_arr):
 
 # --- the predictor -------------------------------------------------------------------------
 
+
 class _torch_threads:
     """Run a block with ``n`` torch CPU threads (None: unchanged), restoring them after."""
 
@@ -453,11 +496,24 @@ class Predictor:
         thread saves little when the CPU is idle and costs up to 100x when it is busy).
     """
 
-    def __init__(self, modality: str = "CT", weights=None, device="auto", model=None, info=None,
-                 window: int | None = None, overlap: int | None = None, batch_size: int | None = None,
-                 sha256: str | None = None, lung_mask: bool = True, score_floor: float = 0.05,
-                 max_detections: int = 100, nms_iou: float = 0.1, threads: int | None = None,
-                 detector_only: bool = False):
+    def __init__(
+        self,
+        modality: str = "CT",
+        weights=None,
+        device="auto",
+        model=None,
+        info=None,
+        window: int | None = None,
+        overlap: int | None = None,
+        batch_size: int | None = None,
+        sha256: str | None = None,
+        lung_mask: bool = True,
+        score_floor: float = 0.05,
+        max_detections: int = 100,
+        nms_iou: float = 0.1,
+        threads: int | None = None,
+        detector_only: bool = False,
+    ):
         m = str(modality).upper()
         if m not in DEFAULTS:
             raise PredictionError(f"modality must be 'CT' or 'CXR', got {modality!r}")
@@ -543,16 +599,18 @@ class Predictor:
         det = self._postprocess(maps, mask, scan, to_scan, vol)
         del vol
         timings["postprocessing"] = time.perf_counter() - t
-        det.meta.update({
-            "model_info": self.model_info,
-            "threshold": self.threshold,
-            "modality": self.modality,
-            "model_spacing_mm": self.spacing_mm,
-            "device": str(self.device),
-            "windows": win_info,
-            "lung_mask": mask_info,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-        })
+        det.meta.update(
+            {
+                "model_info": self.model_info,
+                "threshold": self.threshold,
+                "modality": self.modality,
+                "model_spacing_mm": self.spacing_mm,
+                "device": str(self.device),
+                "windows": win_info,
+                "lung_mask": mask_info,
+                "timings": {k: round(v, 4) for k, v in timings.items()},
+            }
+        )
         report(1.0, "done")
         return det
 
@@ -599,7 +657,8 @@ class Predictor:
             raise PredictionError(
                 f"{scan.path or scan.name}: at the model's {self.spacing_mm:g} mm the scan is a "
                 f"{' x '.join(str(int(v)) for v in n)} grid ({need / 1e9:.1f} GB), more than the "
-                f"{MAX_GRID_BYTES / 1e9:.0f} GB limit; check the voxel spacing {tuple(round(v, 3) for v in sp)} mm")
+                f"{MAX_GRID_BYTES / 1e9:.0f} GB limit; check the voxel spacing {tuple(round(v, 3) for v in sp)} mm"
+            )
         img = _sitk_image(scan.array, sp)
         res = _resample(img, model_sp, n)
         hu_cells = None
@@ -620,8 +679,9 @@ class Predictor:
 
         a = scan.array
         if not np.all(np.isfinite(a)):
-            a = np.nan_to_num(a.astype(np.float32), nan=float(np.nanmin(a)) if np.isfinite(a).any() else 0.0,
-                              posinf=0.0, neginf=0.0)
+            a = np.nan_to_num(
+                a.astype(np.float32), nan=float(np.nanmin(a)) if np.isfinite(a).any() else 0.0, posinf=0.0, neginf=0.0
+            )
         if abs(self.spacing_mm - MODEL_SPACING_MM) < 1e-9:
             img, zoom = preprocess_radiograph(a, tuple(sp))
         else:
@@ -641,8 +701,10 @@ class Predictor:
         size = vol.shape
         cells = [s // 4 for s in size]
         if mask is not None:  # tile only the bounding box of the lungs
-            nz = np.nonzero(mask.any(axis=tuple(range(1, nd))))[0], \
-                *[np.nonzero(mask.any(axis=tuple(a for a in range(nd) if a != ax)))[0] for ax in range(1, nd)]
+            nz = (
+                np.nonzero(mask.any(axis=tuple(range(1, nd))))[0],
+                *[np.nonzero(mask.any(axis=tuple(a for a in range(nd) if a != ax)))[0] for ax in range(1, nd)],
+            )
             region = [(int(ix[0]) * 4, (int(ix[-1]) + 1) * 4) for ix in nz]
         else:
             region = [(0, s) for s in size]
@@ -663,8 +725,14 @@ class Predictor:
             "offset": torch.zeros((1, nd, *cells), dtype=torch.float32),
             "malignancy": torch.zeros((1, 1, *cells), dtype=torch.float32),
         }
-        info = {"run": len(todo), "total": int(len(grid)), "window": wshape, "overlap": self.overlap,
-                "grid": [int(s) for s in size], "region": [[int(a), int(b)] for a, b in region]}
+        info = {
+            "run": len(todo),
+            "total": int(len(grid)),
+            "window": wshape,
+            "overlap": self.overlap,
+            "grid": [int(s) for s in size],
+            "region": [[int(a), int(b)] for a, b in region],
+        }
         dev = self.device
         gpu = dev.type == "cuda"
         report(0.1, "network")
@@ -688,8 +756,10 @@ class Predictor:
                     for name, t in maps.items():
                         o = out[name]
                         if o.shape[2:] != tuple(w // 4 for w in wshape):
-                            raise PredictionError(f"the model's {name} map has shape {tuple(o.shape[2:])} for a "
-                                                  f"window of {tuple(wshape)}; expected stride 4")
+                            raise PredictionError(
+                                f"the model's {name} map has shape {tuple(o.shape[2:])} for a "
+                                f"window of {tuple(wshape)}; expected stride 4"
+                            )
                         t[(0, slice(None)) + core] = o[(k, slice(None)) + local].float().cpu()
                 done += len(batch)
                 report(0.1 + 0.85 * done / max(1, len(todo)), "network")
@@ -751,8 +821,9 @@ class Predictor:
             a, b = to_scan
             centres, sizes = B.boxes_to_centers_sizes(bx)
             bx = B.centers_sizes_to_boxes(centres * a + b, sizes * a)
-        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {},
-                          findings)
+        return Detections(
+            bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {}, findings
+        )
 
 
 def sitk_view(img):
@@ -773,8 +844,13 @@ _CACHE: dict = {}
 
 
 def _cached_predictor(modality, weights, device, sha256, **kw) -> Predictor:
-    key = (modality.upper(), str(weights) if weights is not None else None, sha256, str(resolve_device(device)),
-           tuple(sorted(kw.items())))
+    key = (
+        modality.upper(),
+        str(weights) if weights is not None else None,
+        sha256,
+        str(resolve_device(device)),
+        tuple(sorted(kw.items())),
+    )
     p = _CACHE.get(key)
     if p is None:
         if len(_CACHE) > 4:
@@ -783,8 +859,19 @@ def _cached_predictor(modality, weights, device, sha256, **kw) -> Predictor:
     return p
 
 
-def predict(scan_or_path, *, modality: str | None = None, weights=None, device="auto", model=None, info=None,
-            progress=None, cancel=None, sha256: str | None = None, **kw) -> Detections:
+def predict(
+    scan_or_path,
+    *,
+    modality: str | None = None,
+    weights=None,
+    device="auto",
+    model=None,
+    info=None,
+    progress=None,
+    cancel=None,
+    sha256: str | None = None,
+    **kw,
+) -> Detections:
     """Detect nodules in a `Scan` or an image path (anything `napari_resmtnet.io.formats.load_scan`
     reads). Keyword arguments go to `Predictor`; the predictor for bundled or file weights
     is reused between calls."""

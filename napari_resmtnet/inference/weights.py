@@ -7,6 +7,7 @@ the ``.sha256`` file beside it, or the hash given by the caller), and only with
 ``torch.load(weights_only=True)``, which refuses pickled code. The file's ``format`` and
 network config are validated before a model is built.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,8 +74,10 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
         side = path.with_name(path.name + ".sha256")
         side_kind = file_kind(side)
         if side_kind == "missing":
-            raise WeightsError(f"{shown(path)}: no expected sha256 given and no {shown(side.name)} beside it; "
-                               "refusing unverified weights")
+            raise WeightsError(
+                f"{shown(path)}: no expected sha256 given and no {shown(side.name)} beside it; "
+                "refusing unverified weights"
+            )
         if side_kind != "file":  # a FIFO would block forever
             raise WeightsError(f"{shown(side)}: is a {side_kind}, not a file holding the expected sha256")
         try:
@@ -89,7 +92,9 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
     if actual != sha256.lower():
-        raise WeightsError(f"{path}: sha256 mismatch (expected {sha256[:12]}..., got {actual[:12]}...); the file is altered or truncated")
+        raise WeightsError(
+            f"{path}: sha256 mismatch (expected {sha256[:12]}..., got {actual[:12]}...); the file is altered or truncated"
+        )
     with open(path, "rb") as f:
         head = f.read(4)
     if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":  # torch.save: zip, or legacy pickle
@@ -103,9 +108,11 @@ def load_checkpoint(path, sha256: str | None = None) -> dict:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         family = WEIGHTS_FORMAT.split("/")[0] + "/"
         if isinstance(got, str) and got.startswith(family):
-            raise WeightsError(f"{path}: weights format {got!r} is not supported by this version of "
-                               f"napari-resmtnet (it reads {WEIGHTS_FORMAT!r}); update the plugin or "
-                               "export the weights again")
+            raise WeightsError(
+                f"{path}: weights format {got!r} is not supported by this version of "
+                f"napari-resmtnet (it reads {WEIGHTS_FORMAT!r}); update the plugin or "
+                "export the weights again"
+            )
         raise WeightsError(f"{path}: unknown weights format {got!r}, expected {WEIGHTS_FORMAT!r}")
     for key in ("network", "state_dict", "modality"):
         if key not in obj:
@@ -150,16 +157,23 @@ def _check_metadata(path, obj: dict) -> None:
         sp = _number(obj["spacing_mm"])
         lo, hi = SPACING_RANGE_MM
         if sp is None or not math.isfinite(sp) or not lo <= sp <= hi:
-            raise WeightsError(f"{path}: spacing_mm must be a number of mm in [{lo:g}, {hi:g}], "
-                               f"got {obj['spacing_mm']!r}")
+            raise WeightsError(
+                f"{path}: spacing_mm must be a number of mm in [{lo:g}, {hi:g}], got {obj['spacing_mm']!r}"
+            )
     for key in ("name", "version"):
         if key in obj and not isinstance(obj[key], str):
             raise WeightsError(f"{path}: {key} must be text, got {type(obj[key]).__name__}")
 
 
 #: bounds of the network config's whole numbers (checked before any network is built)
-CONFIG_INT_RANGE = {"in_channels": (1, 16), "widths": (1, 2048), "blocks": (0, 64), "head_width": (1, 2048),
-                    "fpr_patch": (4, 512), "fpr_width": (1, 2048)}
+CONFIG_INT_RANGE = {
+    "in_channels": (1, 16),
+    "widths": (1, 2048),
+    "blocks": (0, 64),
+    "head_width": (1, 2048),
+    "fpr_patch": (4, 512),
+    "fpr_width": (1, 2048),
+}
 
 
 def _check_tensors(path, state) -> None:
@@ -182,8 +196,9 @@ def _check_config_ranges(path, net: dict) -> None:
             continue
         vals = net[key] if isinstance(net[key], (list, tuple)) else [net[key]]
         if len(vals) > 16 or not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in vals):
-            raise WeightsError(f"{path}: network {key} must be whole numbers from {lo} to {hi}, got "
-                               f"{str(net[key])[:80]}")
+            raise WeightsError(
+                f"{path}: network {key} must be whole numbers from {lo} to {hi}, got {str(net[key])[:80]}"
+            )
     for key, v in net.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise WeightsError(f"{path}: network {key} must be a finite number, got {v!r}")
@@ -197,7 +212,8 @@ def build_model(ckpt: dict):
     asks for an absurd network) is refused before anything is allocated."""
     import torch
 
-    from ..model import ResMTNet, ResMTNetConfig  # lazy: the model imports torch; registry and metadata checks stay light
+    # the registry and metadata checks stay light: the model (torch) only here
+    from ..model import ResMTNet, ResMTNetConfig  # lazy: the model imports torch
 
     where = ckpt.get("path", "weights")
     try:
@@ -210,8 +226,13 @@ def build_model(ckpt: dict):
             missing = sorted(set(layout) - set(given))
             extra = sorted(set(given) - set(layout))
             wrong = sorted(k for k in set(layout) & set(given) if layout[k] != given[k])
-            what = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
-                    else f"{wrong[0]} is {list(given[wrong[0]])}, the network's is {list(layout[wrong[0]])}")
+            what = (
+                f"missing {missing[:2]}"
+                if missing
+                else f"unexpected {extra[:2]}"
+                if extra
+                else f"{wrong[0]} is {list(given[wrong[0]])}, the network's is {list(layout[wrong[0]])}"
+            )
             raise ValueError(f"the config and the tensors disagree: {what}")
         model = ResMTNet(cfg)
         model.load_state_dict(ckpt["state_dict"])
@@ -248,8 +269,9 @@ def load_model(modality: str = "CT", weights=None, sha256: str | None = None, de
     return model, info
 
 
-def bundle(src, modality: str, threshold: float, metrics: dict | None = None, half: bool = False,
-           extra: dict | None = None) -> dict:
+def bundle(
+    src, modality: str, threshold: float, metrics: dict | None = None, half: bool = False, extra: dict | None = None
+) -> dict:
     """Copy trained weights into resources/weights and record them in the registry.
 
     ``half`` stores floating tensors as float16 (half the size; they are cast back to the
@@ -275,7 +297,14 @@ def bundle(src, modality: str, threshold: float, metrics: dict | None = None, ha
     reg_path = dst_dir / "registry.json"
     reg = json.loads(reg_path.read_text()) if reg_path.exists() else {}
     ck = load_checkpoint(dst_dir / name, sha256_of(dst_dir / name))
-    reg[m] = {"file": name, "sha256": ck["sha256"], "version": ck.get("version"), "name": ck.get("name"),
-              "spacing_mm": ck.get("spacing_mm"), "threshold": float(threshold), "metrics": metrics or {}}
+    reg[m] = {
+        "file": name,
+        "sha256": ck["sha256"],
+        "version": ck.get("version"),
+        "name": ck.get("name"),
+        "spacing_mm": ck.get("spacing_mm"),
+        "threshold": float(threshold),
+        "metrics": metrics or {},
+    }
     atomic_write_texts({reg_path: json.dumps(reg, indent=2, sort_keys=True) + "\n"})
     return reg[m]

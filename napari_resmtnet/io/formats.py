@@ -26,6 +26,7 @@ picture is a full-resolution radiograph (2048 px -> 0.171 mm, JSRT's true 0.175 
 downsampled copy (224 px -> 1.56 mm, JSRT's true 1.6 mm), which a fixed mm/px default
 could not. The assumption is stated in ``scan.warnings``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -110,9 +111,18 @@ _PROJECTION_MODALITIES = ("CR", "DX", "DR", "RF", "XA", "MG", "PX", "IO")
 _RASTER_KINDS = ("png", "jpeg", "tiff")
 # MetaIO element sizes (bytes).
 _MET_SIZES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
-    "MET_FLOAT": 4, "MET_DOUBLE": 8,
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
 }
 
 
@@ -257,13 +267,17 @@ def can_read(path) -> bool:
 def _one_line_itk(err: Exception, path=None) -> str:
     """SimpleITK's multi-line C++ exception -> one informative line (no source paths)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")
-             and not ((".cxx:" in ln or ".hxx:" in ln or ".h:" in ln) and ln.endswith(":"))]
+    lines = [
+        ln
+        for ln in lines
+        if not ln.startswith("Exception thrown in SimpleITK")
+        and not ((".cxx:" in ln or ".hxx:" in ln or ".h:" in ln) and ln.endswith(":"))
+    ]
     msg = ""
     for i, line in enumerate(lines):
         if "ITK ERROR" in line:
             msg = line.split("):", 1)[-1].strip()
-            rest = lines[i + 1:]
+            rest = lines[i + 1 :]
             if rest and (not msg or msg.endswith(":")):
                 msg = f"{msg} {rest[-1]}".strip()  # the innermost cause comes last
             break
@@ -318,8 +332,10 @@ def _check_size(path, size_xyz, ncomp: int, bytes_per_comp: int, what: str = "im
     if nbytes > MAX_IMAGE_BYTES:
         why = f"more than the {_gb(MAX_IMAGE_BYTES)} GB limit"
     elif avail is not None and peak > 0.8 * avail:
-        why = (f"reading it needs about {_gb(peak)} GB with its copies, more than {_gb(int(0.8 * avail))} "
-               "GB, 80 % of the free memory")
+        why = (
+            f"reading it needs about {_gb(peak)} GB with its copies, more than {_gb(int(0.8 * avail))} "
+            "GB, 80 % of the free memory"
+        )
     if why:
         dims = " x ".join(str(s) for s in size)
         raise ScanReadError(
@@ -347,9 +363,7 @@ def _check_spacing(path, spacing_xyz, warnings: list):
             f"from {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm",
         )
     if any(s < 0 for s in sp):
-        warnings.append(
-            f"negative voxel spacing {tuple(sp[::-1])} mm in the file was read as a flipped axis"
-        )
+        warnings.append(f"negative voxel spacing {tuple(sp[::-1])} mm in the file was read as a flipped axis")
 
 
 # --------------------------------------------------------------------------- format checks
@@ -408,8 +422,9 @@ def _parse_metaimage_header(path: Path) -> tuple[dict, int]:
         if pos > MAX_HEADER_BYTES:
             break
     if len(raw) > MAX_HEADER_BYTES:
-        raise ScanReadError(path, f"MetaImage header longer than {MAX_HEADER_BYTES} bytes without an "
-                                  "ElementDataFile field; refused")
+        raise ScanReadError(
+            path, f"MetaImage header longer than {MAX_HEADER_BYTES} bytes without an ElementDataFile field; refused"
+        )
     return fields, pos
 
 
@@ -430,7 +445,8 @@ def _check_data_file(header: Path, name: str, what: str = "data file") -> Path:
         inside = inside and os.path.realpath(os.path.join(header.parent, name)) == target
     if not inside:
         raise ScanReadError(
-            header, f"{what} '{name}' named in the header is outside the header's folder (it "
+            header,
+            f"{what} '{name}' named in the header is outside the header's folder (it "
             "resolves elsewhere, links followed); refused for safety (put the data file next "
             "to the header and name it without a folder)",
         )
@@ -445,16 +461,21 @@ def _check_data_file(header: Path, name: str, what: str = "data file") -> Path:
 def _expand_pattern(header: Path, pattern: str, first: int, last: int, step: int, fmt: str) -> list[str]:
     """File names of a printf-style slice pattern, or a refusal (bounded, integers only)."""
     specs = list(_PATTERN_SPEC.finditer(pattern))
-    if pattern.count("%") != sum(m.group(0).count("%") for m in specs) or \
-            sum(m.group(1) != "%" for m in specs) != 1:
-        raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} must hold exactly one integer field "
-                                    "(%d, %03d...) and no other % conversions; refused")
+    if pattern.count("%") != sum(m.group(0).count("%") for m in specs) or sum(m.group(1) != "%" for m in specs) != 1:
+        raise ScanReadError(
+            header,
+            f"{fmt} slice pattern {pattern!r} must hold exactly one integer field "
+            "(%d, %03d...) and no other % conversions; refused",
+        )
     if step == 0:
         raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} has a step of 0")
     count = (last - first) // step + 1
     if count < 1 or count > MAX_DATA_FILES:
-        raise ScanReadError(header, f"{fmt} slice pattern {pattern!r} from {first} to {last} step {step} "
-                                    f"names {max(count, 0)} files (1 to {MAX_DATA_FILES} allowed)")
+        raise ScanReadError(
+            header,
+            f"{fmt} slice pattern {pattern!r} from {first} to {last} step {step} "
+            f"names {max(count, 0)} files (1 to {MAX_DATA_FILES} allowed)",
+        )
     return [pattern % i for i in range(first, first + count * step, step)]
 
 
@@ -555,7 +576,8 @@ def _check_compressed_metaimage(path: Path, datafile: str, data_paths: list, csi
         avail, source = _file_size(data_paths[0]), f"'{datafile}'"
     if avail < csize:
         raise ScanReadError(
-            path, f"image data is truncated: {source} holds {max(avail, 0)} bytes of compressed data, "
+            path,
+            f"image data is truncated: {source} holds {max(avail, 0)} bytes of compressed data, "
             f"the header's CompressedDataSize is {csize}",
         )
 
@@ -574,7 +596,7 @@ def _gzip_payload_size(path: Path) -> int | None:
 
 def _nifti_affines(head: bytes, order: str):
     """(qform_code, qform 3x4, sform_code, sform 3x4) of a NIfTI-1 header, RAS millimetres."""
-    f4 = lambda off, n=1: np.frombuffer(head[off:off + 4 * n], order + "f4").astype(float)  # noqa: E731
+    f4 = lambda off, n=1: np.frombuffer(head[off : off + 4 * n], order + "f4").astype(float)  # noqa: E731
     qcode = int(np.frombuffer(head[252:254], order + "i2")[0])
     scode = int(np.frombuffer(head[254:256], order + "i2")[0])
     pixdim = f4(76, 8)
@@ -582,9 +604,13 @@ def _nifti_affines(head: bytes, order: str):
     qoff = f4(268, 3)
     a2 = 1.0 - (b * b + c * c + d * d)
     a = math.sqrt(a2) if a2 > 0 else 0.0
-    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    r = np.array(
+        [
+            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+            [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ]
+    )
     qfac = -1.0 if pixdim[0] < 0 else 1.0
     scale = np.array([pixdim[1], pixdim[2], pixdim[3] * qfac])
     q = np.hstack([r * scale[None, :], qoff[:, None]])
@@ -604,8 +630,12 @@ def _nifti_form_note(head: bytes, order: str) -> dict | None:
     if np.allclose(q[:, :3], s[:, :3], atol=1e-3 * scale) and np.allclose(q[:, 3], s[:, 3], atol=0.1):
         return None
     lps = np.array([-1.0, -1.0, 1.0])
-    return {"qform_origin": (q[:, 3] * lps).tolist(), "sform_origin": (s[:, 3] * lps).tolist(),
-            "qform": q.tolist(), "sform": s.tolist()}
+    return {
+        "qform_origin": (q[:, 3] * lps).tolist(),
+        "sform_origin": (s[:, 3] * lps).tolist(),
+        "qform": q.tolist(),
+        "sform": s.tolist(),
+    }
 
 
 def _check_nifti(path: Path) -> dict | None:
@@ -616,7 +646,9 @@ def _check_nifti(path: Path) -> dict | None:
             with gzip.open(path, "rb") as f:
                 head = f.read(348)
         except (OSError, EOFError, zlib.error):
-            raise ScanReadError(path, "not a valid gzip-compressed NIfTI file (the compressed stream is corrupt)") from None
+            raise ScanReadError(
+                path, "not a valid gzip-compressed NIfTI file (the compressed stream is corrupt)"
+            ) from None
     else:
         head = _head(path, 348)
     if len(head) < 348:
@@ -654,14 +686,16 @@ def _check_nifti(path: Path) -> dict | None:
             raise ScanReadError(path, "image data is truncated: the gzip stream ends early or is corrupt")
         if size < expected:
             raise ScanReadError(
-                path, f"image data is truncated: {size} bytes after decompression, the NIfTI header "
+                path,
+                f"image data is truncated: {size} bytes after decompression, the NIfTI header "
                 f"(dim {dims}, {bitpix} bits) needs {expected}",
             )
         return note
     size = _file_size(path)
     if size < expected:
         raise ScanReadError(
-            path, f"image data is truncated: file has {size} bytes, the NIfTI header (dim {dims}, "
+            path,
+            f"image data is truncated: file has {size} bytes, the NIfTI header (dim {dims}, "
             f"{bitpix} bits) needs {expected}",
         )
     return note
@@ -680,8 +714,7 @@ def _check_nrrd(path: Path):
         if i >= 0:
             end = min(end, i)
     if end == len(data) and len(data) > MAX_HEADER_BYTES:
-        raise ScanReadError(path, f"NRRD header longer than {MAX_HEADER_BYTES} bytes (no blank line "
-                                  "ends it); refused")
+        raise ScanReadError(path, f"NRRD header longer than {MAX_HEADER_BYTES} bytes (no blank line ends it); refused")
     lines = data[:end].decode("latin-1").splitlines()
     found = [(i, m.group(1).strip()) for i, ln in enumerate(lines) if (m := _NRRD_DATAFILE.match(ln))]
     if len(found) > 1:
@@ -693,14 +726,15 @@ def _check_nrrd(path: Path):
     if words and words[0].upper() == "LIST":
         if len(data) > MAX_HEADER_BYTES:
             raise ScanReadError(path, f"NRRD LIST longer than {MAX_HEADER_BYTES} bytes; refused")
-        rest = "\n".join(data.decode("latin-1").splitlines()[i + 1:])
+        rest = "\n".join(data.decode("latin-1").splitlines()[i + 1 :])
         names = _list_names(path, rest.encode("latin-1"), "NRRD")
     elif len(words) >= 4 and all(re.fullmatch(r"[-+]?\d+", w) for w in words[1:4]):
         first, last, step = (int(w) for w in words[1:4])
         names = _expand_pattern(path, words[0], first, last, step, "NRRD")
     elif "%" in value:
-        raise ScanReadError(path, f"NRRD data file {value!r} looks like a slice pattern without "
-                                  "'<first> <last> <step>'; refused")
+        raise ScanReadError(
+            path, f"NRRD data file {value!r} looks like a slice pattern without '<first> <last> <step>'; refused"
+        )
     else:
         names = [value]
     for name in names:
@@ -827,7 +861,8 @@ def _check_info(p: Path, reader, warnings: list):
         raise ScanReadError(p, f"1D data (size {tuple(size)}): expected a 2D radiograph or a 3D volume")
     if dim >= 4 and any(s > 1 for s in size[3:]):
         raise ScanReadError(
-            p, f"{dim}D data (size {tuple(size)} in x, y, z, t order): expected a 2D radiograph or a "
+            p,
+            f"{dim}D data (size {tuple(size)} in x, y, z, t order): expected a 2D radiograph or a "
             "3D volume, not a time series or multi-volume file",
         )
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())
@@ -840,15 +875,19 @@ def _check_info(p: Path, reader, warnings: list):
         d = d.reshape(n, n)
         if not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
             raise ScanReadError(
-                p, f"direction matrix {np.round(d, 4).tolist()} (x, y, z order) is singular: the "
+                p,
+                f"direction matrix {np.round(d, 4).tolist()} (x, y, z order) is singular: the "
                 "image axes are not independent",
             )
 
 
 def _check_pixel_type(p, pixel: str) -> None:
     if "complex" in pixel.lower():
-        raise ScanReadError(p, f"voxels are complex numbers ({pixel}); a CT or radiograph has real "
-                               "values (the imaginary part would be lost); refused")
+        raise ScanReadError(
+            p,
+            f"voxels are complex numbers ({pixel}); a CT or radiograph has real "
+            "values (the imaginary part would be lost); refused",
+        )
 
 
 def _execute(reader, p: Path, kind: str):
@@ -906,10 +945,24 @@ def _load_jsrt(p: Path) -> Scan:
         warnings.append(f"{over} pixels above the 12-bit maximum 4095 were clipped")
     # JSRT stores optical density (lungs bright); invert to the usual display (lungs dark).
     arr = (4095 - np.minimum(raw, 4095)).astype(np.uint16)
-    meta = {"format": "jsrt", "original_dtype": ">u2", "bits_stored": 12, "inverted": True,
-            "photometric": "MONOCHROME1"}
-    return Scan(arr, (JSRT_SPACING_MM, JSRT_SPACING_MM), (0.0, 0.0), np.eye(2), "CXR",
-                path=str(p), seriesuid=strip_image_suffix(p.name), warnings=warnings, metadata=meta)
+    meta = {
+        "format": "jsrt",
+        "original_dtype": ">u2",
+        "bits_stored": 12,
+        "inverted": True,
+        "photometric": "MONOCHROME1",
+    }
+    return Scan(
+        arr,
+        (JSRT_SPACING_MM, JSRT_SPACING_MM),
+        (0.0, 0.0),
+        np.eye(2),
+        "CXR",
+        path=str(p),
+        seriesuid=strip_image_suffix(p.name),
+        warnings=warnings,
+        metadata=meta,
+    )
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -996,8 +1049,9 @@ def _gdcm_series_files(root: Path, uid: str, top: Path) -> list[str]:
             return []
 
 
-def _dicom_series_in(folder: Path, max_dirs: int = 500,
-                     skipped: list | None = None) -> list[tuple[Path, str, list[str]]]:
+def _dicom_series_in(
+    folder: Path, max_dirs: int = 500, skipped: list | None = None
+) -> list[tuple[Path, str, list[str]]]:
     """All DICOM series in ``folder`` and below: (folder, series uid, files sorted by position).
 
     Entries that are not plain files inside ``folder`` are left out and listed in ``skipped``."""
@@ -1079,7 +1133,8 @@ def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
         n = _count_dicom_files(folder)
         if n:
             raise ScanReadError(
-                folder, f"{n} DICOM file(s) found but none holds a readable image (no pixel data, "
+                folder,
+                f"{n} DICOM file(s) found but none holds a readable image (no pixel data, "
                 "damaged files, or non-image objects such as reports)",
             )
         raise ScanReadError(folder, "no DICOM series found in this folder or its sub-folders")
@@ -1088,8 +1143,9 @@ def _load_dicom_folder(folder: Path, opened_file: Path | None = None) -> Scan:
     warnings: list[str] = []
     if skipped:
         listed = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warnings.append(f"{len(skipped)} entries of the folder are not plain files inside it and were "
-                        f"not opened: {listed}")
+        warnings.append(
+            f"{len(skipped)} entries of the folder are not plain files inside it and were not opened: {listed}"
+        )
     left_out = _dicom_files_outside_series(root, series)
     if left_out:
         listed = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
@@ -1120,8 +1176,7 @@ def _read_dicom_files(where: Path, files: list[str], uid: str, warnings: list, o
     if len(files) > 1 and modality in _PROJECTION_MODALITIES:
         # a series of radiographs (e.g. PA + lateral) is not a volume
         warnings.append(
-            f"the {modality} series {uid} holds {len(files)} radiographs; opened the first, "
-            f"{Path(files[0]).name}"
+            f"the {modality} series {uid} holds {len(files)} radiographs; opened the first, {Path(files[0]).name}"
         )
         files = files[:1]
     if len(files) == 1:
@@ -1169,7 +1224,8 @@ def _one_orientation(where: Path, reader, files: list[str], uid: str, warnings: 
     key, kept = ranked[0]
     if len(kept) < 2 or len(kept) == len(ranked[1][1]) or not key:
         raise ScanReadError(
-            where, f"the DICOM series {uid} mixes slices of {len(groups)} orientations "
+            where,
+            f"the DICOM series {uid} mixes slices of {len(groups)} orientations "
             f"({', '.join(str(len(v)) for _, v in ranked)} slices) and none is the majority; "
             "refused (they cannot be stacked into one volume)",
         )
@@ -1229,7 +1285,8 @@ def _load_dicom_file(p: Path, warnings: list | None = None, path_for_scan: Path 
             )
             return _read_dicom_files(p.parent, names, uid, warnings, opened_file=p)
         raise ScanReadError(
-            path_for_scan or p, f"holds a single {modality} slice; a chest CT needs the whole series: "
+            path_for_scan or p,
+            f"holds a single {modality} slice; a chest CT needs the whole series: "
             "open the folder that holds all its slices",
         )
     return _load_dicom_single(p, warnings, path_for_scan=path_for_scan)
@@ -1279,9 +1336,9 @@ def _to_grey(img, p: Path, warnings: list):
     luma = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
     equal = True
     for r0 in range(0, view.shape[0], rows):
-        block = view[r0:r0 + rows]
+        block = view[r0 : r0 + rows]
         if nc == 2:
-            out[r0:r0 + rows] = block[..., 0]
+            out[r0 : r0 + rows] = block[..., 0]
             continue
         rgb = block[..., :3].astype(np.float32)
         same = np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 1], rgb[..., 2])
@@ -1290,7 +1347,7 @@ def _to_grey(img, p: Path, warnings: list):
         if is_int:
             info = np.iinfo(dtype)
             grey = np.clip(np.rint(grey), info.min, info.max)
-        out[r0:r0 + rows] = grey
+        out[r0 : r0 + rows] = grey
     kind = "RGBA" if nc == 4 else "RGB"
     if nc == 2:
         warnings.append("grey + alpha image: alpha channel ignored")
@@ -1378,8 +1435,9 @@ def _itk_inverts_monochrome1() -> bool:
     return ver >= (5, 3)
 
 
-def _scan_from_image(img, p: Path, kind: str, warnings: list, meta: dict, seriesuid: str,
-                     dicom_spacing: dict | None = None) -> Scan:
+def _scan_from_image(
+    img, p: Path, kind: str, warnings: list, meta: dict, seriesuid: str, dicom_spacing: dict | None = None
+) -> Scan:
     sitk = _sitk()
     dim = img.GetDimension()
     if dim == 4:
@@ -1439,11 +1497,23 @@ def _scan_from_image(img, p: Path, kind: str, warnings: list, meta: dict, series
         arr = _cxr_dtype(arr)
         spacing_a = _cxr_spacing(arr.shape, spacing_a, kind, warnings, meta, dicom_spacing)
     if wide and not np.all(np.isfinite(arr)):
-        raise ScanReadError(p, "voxel values exceed the float32 range (about +/-3.4e38) the plugin works "
-                               "in; refused rather than turned into infinities")
+        raise ScanReadError(
+            p,
+            "voxel values exceed the float32 range (about +/-3.4e38) the plugin works "
+            "in; refused rather than turned into infinities",
+        )
 
-    return Scan(arr, tuple(spacing_a), tuple(origin_a), direction_a, modality,
-                path=str(p), seriesuid=seriesuid, warnings=warnings, metadata=meta)
+    return Scan(
+        arr,
+        tuple(spacing_a),
+        tuple(origin_a),
+        direction_a,
+        modality,
+        path=str(p),
+        seriesuid=seriesuid,
+        warnings=warnings,
+        metadata=meta,
+    )
 
 
 def _cxr_spacing(shape, spacing_a, kind: str, warnings: list, meta: dict, dicom_spacing) -> np.ndarray:
@@ -1460,8 +1530,11 @@ def _cxr_spacing(shape, spacing_a, kind: str, warnings: list, meta: dict, dicom_
     if kind == "jpeg":
         why = "JPEG files carry no pixel size"
     elif np.allclose(sp, 1.0, rtol=0, atol=1e-9):
-        why = ("the file gives no pixel size" if kind in _RASTER_KINDS or kind == "dicom"
-               else "the file's pixel size of exactly 1.0 mm looks like a placeholder")
+        why = (
+            "the file gives no pixel size"
+            if kind in _RASTER_KINDS or kind == "dicom"
+            else "the file's pixel size of exactly 1.0 mm looks like a placeholder"
+        )
     elif kind in _RASTER_KINDS:
         for dpi in _SOFTWARE_DPI:
             if np.allclose(sp, 25.4 / dpi, rtol=1e-4):

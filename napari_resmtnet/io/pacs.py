@@ -33,6 +33,7 @@ certificate problems, a series that is not an image (SR, SEG, PR...). Connection
 timeouts and the answers 429/500/502/503/504 are retried ``retries`` times with exponential
 back-off (``backoff`` s, doubling) before they are reported.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -195,8 +196,10 @@ def parse_series_address(address: str) -> tuple[str, str, str]:
     """``BASE/studies/STUDY/series/SERIES`` -> (base, study_uid, series_uid)."""
     m = _ADDRESS.match(str(address).strip())
     if not m:
-        raise PacsError(f"{escape_text(str(address))[:200]} is not a DICOMweb series address "
-                        "(https://HOST/PATH/studies/STUDY_UID/series/SERIES_UID)")
+        raise PacsError(
+            f"{escape_text(str(address))[:200]} is not a DICOMweb series address "
+            "(https://HOST/PATH/studies/STUDY_UID/series/SERIES_UID)"
+        )
     return m["base"], m["study"], m["series"]
 
 
@@ -263,8 +266,10 @@ class Pacs:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise PacsError(f"{escape_text(url)[:200]} is not a DICOMweb address (http:// or https://HOST/PATH)")
         if parts.username or parts.password:
-            raise PacsError("the PACS address must not hold a user or password; give credentials in a file "
-                            f"(${TOKEN_FILE_ENV}) or ${TOKEN_ENV}")
+            raise PacsError(
+                "the PACS address must not hold a user or password; give credentials in a file "
+                f"(${TOKEN_FILE_ENV}) or ${TOKEN_ENV}"
+            )
         self.url = url
         self.where = f"PACS {parts.scheme}://{parts.netloc}{parts.path}"
         if isinstance(self.timeout, (int, float)):
@@ -276,8 +281,10 @@ class Pacs:
             raise PacsError("retries must be 0 or more")
         auth = read_credentials(self.token_file)
         if auth is not None and parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise PacsError(f"{self.where}: refusing to send credentials over plain HTTP to "
-                            f"{escape_text(parts.hostname)}; use https://")
+            raise PacsError(
+                f"{self.where}: refusing to send credentials over plain HTTP to "
+                f"{escape_text(parts.hostname)}; use https://"
+            )
         verify = self.verify
         if verify is None:
             # a private CA: ours first, then the one requests itself would use
@@ -297,10 +304,18 @@ class Pacs:
         from urllib3.util.retry import Retry
 
         s = requests.Session()
-        retry = Retry(total=self.retries, connect=self.retries, read=self.retries, status=self.retries,
-                      other=0, backoff_factor=self.backoff, status_forcelist=RETRY_STATUS,
-                      allowed_methods=frozenset({"GET", "POST", "HEAD"}), raise_on_status=False,
-                      respect_retry_after_header=True)
+        retry = Retry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            other=0,
+            backoff_factor=self.backoff,
+            status_forcelist=RETRY_STATUS,
+            allowed_methods=frozenset({"GET", "POST", "HEAD"}),
+            raise_on_status=False,
+            respect_retry_after_header=True,
+        )
         adapter = HTTPAdapter(max_retries=retry)
         s.mount("http://", adapter)
         s.mount("https://", adapter)
@@ -338,8 +353,10 @@ class Pacs:
         if isinstance(exc, requests.exceptions.SSLError):
             text = str(exc)
             if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                return ("the server's HTTPS certificate is not trusted (certificate verify failed); "
-                        f"give its CA with ${CA_BUNDLE_ENV}")
+                return (
+                    "the server's HTTPS certificate is not trusted (certificate verify failed); "
+                    f"give its CA with ${CA_BUNDLE_ENV}"
+                )
             return f"HTTPS failed ({_first(text)})"
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return f"no connection within {self.timeout[0]:g} s{tries}"
@@ -376,9 +393,15 @@ class Pacs:
         return f"{type(exc).__name__}: {_first(str(exc))}"
 
     # -- QIDO-RS ----------------------------------------------------------------------------
-    def search_studies(self, patient_id: str | None = None, patient_name: str | None = None,
-                       date_from: str | None = None, date_to: str | None = None,
-                       modality: str | None = None, limit: int = 200) -> list[StudyInfo]:
+    def search_studies(
+        self,
+        patient_id: str | None = None,
+        patient_name: str | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        modality: str | None = None,
+        limit: int = 200,
+    ) -> list[StudyInfo]:
         """Studies matching all the given filters (patient name: ``*`` wildcards allowed)."""
         filters: dict[str, str] = {}
         if patient_id:
@@ -390,20 +413,35 @@ class Pacs:
             filters["StudyDate"] = f"{d0 or ''}-{d1 or ''}"
         if modality:
             filters["ModalitiesInStudy"] = str(modality).strip().upper()
-        fields = ["PatientID", "PatientName", "StudyDate", "StudyDescription", "ModalitiesInStudy",
-                  "AccessionNumber", "NumberOfStudyRelatedSeries"]
-        found = self._call("study search", self.client.search_for_studies, search_filters=filters,
-                           fields=fields, limit=int(limit))
+        fields = [
+            "PatientID",
+            "PatientName",
+            "StudyDate",
+            "StudyDescription",
+            "ModalitiesInStudy",
+            "AccessionNumber",
+            "NumberOfStudyRelatedSeries",
+        ]
+        found = self._call(
+            "study search", self.client.search_for_studies, search_filters=filters, fields=fields, limit=int(limit)
+        )
         out = []
         for it in found or []:
             uid = str(_value(it, "0020000D"))
             if not uid:
                 continue
-            out.append(StudyInfo(
-                study_uid=uid, patient_id=str(_value(it, "00100020")), patient_name=str(_value(it, "00100010")),
-                date=str(_value(it, "00080020")), description=str(_value(it, "00081030")),
-                modalities=_values(it, "00080061"), accession=str(_value(it, "00080050")),
-                n_series=_int_or_none(_value(it, "00201206", None))))
+            out.append(
+                StudyInfo(
+                    study_uid=uid,
+                    patient_id=str(_value(it, "00100020")),
+                    patient_name=str(_value(it, "00100010")),
+                    date=str(_value(it, "00080020")),
+                    description=str(_value(it, "00081030")),
+                    modalities=_values(it, "00080061"),
+                    accession=str(_value(it, "00080050")),
+                    n_series=_int_or_none(_value(it, "00201206", None)),
+                )
+            )
         return sorted(out, key=lambda s: (s.date, s.study_uid), reverse=True)
 
     def search_series(self, study_uid: str, modality: str | None = None) -> list[SeriesInfo]:
@@ -411,20 +449,32 @@ class Pacs:
         study_uid = _check_uid(study_uid, "study UID")
         filters = {"Modality": str(modality).strip().upper()} if modality else None
         fields = ["Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"]
-        found = self._call("series search", self.client.search_for_series, study_instance_uid=study_uid,
-                           search_filters=filters, fields=fields)
+        found = self._call(
+            "series search",
+            self.client.search_for_series,
+            study_instance_uid=study_uid,
+            search_filters=filters,
+            fields=fields,
+        )
         out = []
         for it in found or []:
             uid = str(_value(it, "0020000E"))
             if uid:
-                out.append(SeriesInfo(
-                    study_uid=study_uid, series_uid=uid, modality=str(_value(it, "00080060")),
-                    description=str(_value(it, "0008103E")), number=_int_or_none(_value(it, "00200011", None)),
-                    n_instances=_int_or_none(_value(it, "00201209", None))))
+                out.append(
+                    SeriesInfo(
+                        study_uid=study_uid,
+                        series_uid=uid,
+                        modality=str(_value(it, "00080060")),
+                        description=str(_value(it, "0008103E")),
+                        number=_int_or_none(_value(it, "00200011", None)),
+                        n_instances=_int_or_none(_value(it, "00201209", None)),
+                    )
+                )
         return sorted(out, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
 
-    def search_instances(self, study_uid: str, series_uid: str | None = None,
-                         modality: str | None = None) -> list[dict]:
+    def search_instances(
+        self, study_uid: str, series_uid: str | None = None, modality: str | None = None
+    ) -> list[dict]:
         """QIDO instance records (DICOM JSON) of a study or one series."""
         study_uid = _check_uid(study_uid, "study UID")
         kw: dict = {"study_instance_uid": study_uid}
@@ -457,8 +507,9 @@ class Pacs:
                 raise PacsError(f"{self.where}: series metadata: unreadable instance ({_first(str(e))})") from None
         return out
 
-    def download_series(self, study_uid: str, series_uid: str, folder, progress=None, cancel=None,
-                        expected: int | None = None) -> int:
+    def download_series(
+        self, study_uid: str, series_uid: str, folder, progress=None, cancel=None, expected: int | None = None
+    ) -> int:
         """Stream a series' instances into ``folder`` (one file each); returns how many."""
         study_uid = _check_uid(study_uid, "study UID")
         series_uid = _check_uid(series_uid, "series UID")
@@ -481,8 +532,14 @@ class Pacs:
         self._call(f"series {series_uid}", run)
         return n
 
-    def load_series(self, study_uid: str, series_uid: str, progress: Callable[[float, str], None] | None = None,
-                    cancel: Callable[[], bool] | None = None, check_modality: bool = True):
+    def load_series(
+        self,
+        study_uid: str,
+        series_uid: str,
+        progress: Callable[[float, str], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        check_modality: bool = True,
+    ):
         """The series as a `Scan` read by ``load_scan`` (full geometry); ``scan.path`` is the
         series' DICOMweb address, ``scan.metadata["dicomweb"]`` names base, study and series.
 
@@ -495,12 +552,15 @@ class Pacs:
         info = self.series_info(study_uid, series_uid) if check_modality else None
         address = series_address(self.url, study_uid, series_uid)
         if info is not None and not info.is_image:
-            raise PacsError(f"{address}: the series is {info.modality or 'of no modality'}, not an image "
-                            f"({', '.join(IMAGE_MODALITIES)})")
+            raise PacsError(
+                f"{address}: the series is {info.modality or 'of no modality'}, not an image "
+                f"({', '.join(IMAGE_MODALITIES)})"
+            )
         tmp = tempfile.mkdtemp(prefix="resmtnet-wado-")
         try:
-            n = self.download_series(study_uid, series_uid, tmp, progress, cancel,
-                                     expected=info.n_instances if info else None)
+            n = self.download_series(
+                study_uid, series_uid, tmp, progress, cancel, expected=info.n_instances if info else None
+            )
             if n == 0:
                 raise PacsError(f"{address}: the series has no images")
             if cancel is not None and cancel():
@@ -527,8 +587,10 @@ class Pacs:
         if failed:
             f = failed[0]
             reason = getattr(f, "FailureReason", "?")
-            raise PacsError(f"{self.where}: store: {len(failed)} of {len(datasets)} object(s) refused "
-                            f"(first: {getattr(f, 'ReferencedSOPInstanceUID', '?')}, reason {reason})")
+            raise PacsError(
+                f"{self.where}: store: {len(failed)} of {len(datasets)} object(s) refused "
+                f"(first: {getattr(f, 'ReferencedSOPInstanceUID', '?')}, reason {reason})"
+            )
         return [str(ds.SOPInstanceUID) for ds in datasets]
 
     def confirm_stored(self, study_uid: str, sop_uids: Iterable[str]) -> list[str]:
@@ -550,8 +612,9 @@ def _file_format(ds):
     try:
         pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     except (ValueError, AttributeError, TypeError) as e:
-        raise PacsError(f"store: object {getattr(ds, 'SOPInstanceUID', '?')} is not a complete DICOM object "
-                        f"({_first(str(e))})") from None
+        raise PacsError(
+            f"store: object {getattr(ds, 'SOPInstanceUID', '?')} is not a complete DICOM object ({_first(str(e))})"
+        ) from None
     buf.seek(0)
     return pydicom.dcmread(buf)
 

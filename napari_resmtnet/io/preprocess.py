@@ -4,6 +4,7 @@ to the model's pixel spacing and normalisation, and the model <-> input pixel co
 Shared by inference (what the network is given) and training (what it learns from), so the
 two cannot drift apart. Light: no torch (a torch tensor is accepted where torch is loaded).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def normalize_ct(hu, window=CT_WINDOW, out=None):
     lo, hi = window
     torch = sys.modules.get("torch")  # a tensor implies torch is loaded; never import it here
     if torch is not None and isinstance(hu, torch.Tensor):
-        return ((hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1)
+        return (hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
     if out is None:
         out = np.empty(np.shape(hu), np.float32)
     np.clip(hu, lo, hi, out=out)
@@ -47,11 +48,12 @@ def normalize_cxr(img, lung_mask=None):
 
 # --- radiograph preprocessing ----------------------------------------------------------------
 
+
 def _lin_axis(n_in: int, n_out: int, zoom: float, k: int):
     """Source indices/weights (on a k-block-averaged axis) for output pixels of ``zoom``."""
     o = np.arange(n_out, dtype=np.float64)
-    src = (o + 0.5) / zoom - 0.5                 # input pixel coordinate of each output centre
-    b = (src - (k - 1) / 2) / k                  # coordinate on the block-averaged axis
+    src = (o + 0.5) / zoom - 0.5  # input pixel coordinate of each output centre
+    b = (src - (k - 1) / 2) / k  # coordinate on the block-averaged axis
     n_b = -(-n_in // k)
     b = np.clip(b, 0, n_b - 1)
     i0 = np.minimum(np.floor(b).astype(np.int64), max(n_b - 2, 0))

@@ -19,6 +19,7 @@ nodule's core, where the readers gave the characteristic: a target's ``attribute
 ``fine_segmentation`` (binary cross-entropy plus soft Dice between the full-resolution mask
 logit and the warped nodule mask, ``ignore`` left out). ``loss`` = sum of ``w_<term> * term`` over the enabled heads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,7 +83,9 @@ def attribute_targets(targets, grid_shape, cfg, device):
     return tex, flags
 
 
-def attribute_loss(logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor, texture_weights=None) -> torch.Tensor | None:
+def attribute_loss(
+    logits: torch.Tensor, tex: torch.Tensor, flags: torch.Tensor, texture_weights=None
+) -> torch.Tensor | None:
     terms = []
     lg = logits.float()
     known = tex >= 0
@@ -103,8 +106,9 @@ def _mask_targets(targets: list, device):
     if not have:
         return None
     mask = torch.stack([torch.as_tensor(targets[i]["mask"], dtype=torch.float32) for i in have])[:, None]
-    ign = torch.stack([torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32)
-                       for i in have])[:, None]
+    ign = torch.stack(
+        [torch.as_tensor(targets[i].get("ignore", torch.zeros_like(mask[0, 0])), dtype=torch.float32) for i in have]
+    )[:, None]
     return have, mask.to(device), ign.to(device)
 
 
@@ -142,7 +146,11 @@ def build_targets(targets, grid_shape, cfg, device):
         n = len(torch.as_tensor(t["diameters"]).reshape(-1))
         malig = torch.as_tensor(t.get("malignant", [-1] * n), dtype=torch.float32, device=device).reshape(-1)
         ext = t.get("extents")
-        ext = torch.as_tensor(ext, dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE if ext is not None else None
+        ext = (
+            torch.as_tensor(ext, dtype=torch.float32, device=device).reshape(-1, nd) / STRIDE
+            if ext is not None
+            else None
+        )
         for k, c, d, cell, g in _nodules_on_grid(t, grid, cfg):
             heat[b] = torch.maximum(heat[b], g)
             sel = (b,) + tuple(cell.tolist())
@@ -231,8 +239,11 @@ def compute_loss(maps: dict, targets: list, cfg, input_shape) -> dict:
         if seg is not None:
             losses["segmentation"] = seg
     if getattr(cfg, "attributes", False):
-        att = attribute_loss(maps["attributes"], *attribute_targets(targets, grid_shape, cfg, hm.device),
-                             texture_weights=cfg.texture_weights)
+        att = attribute_loss(
+            maps["attributes"],
+            *attribute_targets(targets, grid_shape, cfg, hm.device),
+            texture_weights=cfg.texture_weights,
+        )
         if att is not None:
             losses["attributes"] = att
     if getattr(cfg, "fine_segmentation", False) and "mask" in maps:

@@ -25,6 +25,7 @@ Training mode (``targets`` given) returns a dict of named losses (see `losses.py
 returns per image a dict with ``boxes`` (corner boxes, array order, voxels of the input, see
 `napari_resmtnet.boxes`), ``scores`` (detection probability) and ``malignancy`` (probability).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -54,21 +55,21 @@ class ResMTNetConfig:
 
     spatial_dims: int = 3
     in_channels: int = 1
-    widths: tuple = (16, 32, 64, 96)   # stem (s2), stage1 (s4), stage2 (s8), stage3 (s16)
-    blocks: tuple = (1, 2, 2)          # residual blocks in stage1..3
+    widths: tuple = (16, 32, 64, 96)  # stem (s2), stage1 (s4), stage2 (s8), stage3 (s16)
+    blocks: tuple = (1, 2, 2)  # residual blocks in stage1..3
     head_width: int = 32
-    detection: bool = True             # the detection head is trained/used
-    malignancy: bool = True            # the malignancy head is trained/used
-    cross_task: bool = True            # cross-task residual connections between branches
-    segmentation: bool = False         # auxiliary nodule-occupancy head on the malignancy branch
-    size_per_axis: bool = False        # size head gives one extent per axis (boxes follow the nodule)
-    attributes: bool = False           # reader-characteristic heads on the malignancy branch (ATTRIBUTES)
-    fine_segmentation: bool = False    # full-resolution nodule mask decoder on the malignancy branch
-    seg_detail: int = 0                # width of the decoder's full-resolution path on the input (0: none)
-    fpr: bool = False                  # second stage: candidate classifier on a patch around each peak
-    fpr_patch: int = 32                # its input side (voxels at the model spacing)
+    detection: bool = True  # the detection head is trained/used
+    malignancy: bool = True  # the malignancy head is trained/used
+    cross_task: bool = True  # cross-task residual connections between branches
+    segmentation: bool = False  # auxiliary nodule-occupancy head on the malignancy branch
+    size_per_axis: bool = False  # size head gives one extent per axis (boxes follow the nodule)
+    attributes: bool = False  # reader-characteristic heads on the malignancy branch (ATTRIBUTES)
+    fine_segmentation: bool = False  # full-resolution nodule mask decoder on the malignancy branch
+    seg_detail: int = 0  # width of the decoder's full-resolution path on the input (0: none)
+    fpr: bool = False  # second stage: candidate classifier on a patch around each peak
+    fpr_patch: int = 32  # its input side (voxels at the model spacing)
     fpr_width: int = 16
-    fpr_weight: float = 0.5            # final probability = p_det ** (1 - w) * p_fpr ** w
+    fpr_weight: float = 0.5  # final probability = p_det ** (1 - w) * p_fpr ** w
     # joint loss: weighted sum of the terms below
     w_heatmap: float = 1.0
     w_size: float = 0.5
@@ -80,7 +81,7 @@ class ResMTNetConfig:
     w_fine_segmentation: float = 1.0
     focal_alpha: float = 2.0
     focal_beta: float = 4.0
-    min_sigma: float = 0.75            # Gaussian sigma of the centre heatmap, in cells
+    min_sigma: float = 0.75  # Gaussian sigma of the centre heatmap, in cells
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,7 +140,9 @@ class Backbone(nn.Module):
         super().__init__()
         nd, w = cfg.spatial_dims, cfg.widths
         Conv = _conv(nd)
-        self.stem = nn.Sequential(Conv(cfg.in_channels, w[0], 3, 2, 1, bias=False), _norm(nd, w[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            Conv(cfg.in_channels, w[0], 3, 2, 1, bias=False), _norm(nd, w[0]), nn.ReLU(inplace=True)
+        )
         stages = []
         for i, nb in enumerate(cfg.blocks):
             layers = [ResBlock(nd, w[i], w[i + 1], stride=2)]
@@ -175,19 +178,30 @@ class SegmentationDecoder(nn.Module):
         super().__init__()
         Conv = _conv(nd)
         self.mode = "trilinear" if nd == 3 else "bilinear"
-        self.up1 = nn.Sequential(Conv(hw + stem_width, width, 3, 1, 1, bias=False), _norm(nd, width),
-                                 nn.ReLU(inplace=True))
+        self.up1 = nn.Sequential(
+            Conv(hw + stem_width, width, 3, 1, 1, bias=False), _norm(nd, width), nn.ReLU(inplace=True)
+        )
         # ``detail``: two 3x3 convolutions on the input at full resolution, so the last level
         # sees the nodule's edge in the image itself (a 5-voxel view), not only the
         # interpolated stride-2 features (an edge blurred over ~4 voxels)
         self.detail = None
         if detail:
-            self.detail = nn.Sequential(Conv(in_channels, detail, 3, 1, 1, bias=False), _norm(nd, detail),
-                                        nn.ReLU(inplace=True), Conv(detail, detail, 3, 1, 1, bias=False),
-                                        _norm(nd, detail), nn.ReLU(inplace=True))
-        self.up2 = nn.Sequential(Conv(width + in_channels + detail, width // 2, 3, 1, 1, bias=False), _norm(nd, width // 2),
-                                 nn.ReLU(inplace=True), Conv(width // 2, width // 2, 3, 1, 1, bias=False),
-                                 _norm(nd, width // 2), nn.ReLU(inplace=True))
+            self.detail = nn.Sequential(
+                Conv(in_channels, detail, 3, 1, 1, bias=False),
+                _norm(nd, detail),
+                nn.ReLU(inplace=True),
+                Conv(detail, detail, 3, 1, 1, bias=False),
+                _norm(nd, detail),
+                nn.ReLU(inplace=True),
+            )
+        self.up2 = nn.Sequential(
+            Conv(width + in_channels + detail, width // 2, 3, 1, 1, bias=False),
+            _norm(nd, width // 2),
+            nn.ReLU(inplace=True),
+            Conv(width // 2, width // 2, 3, 1, 1, bias=False),
+            _norm(nd, width // 2),
+            nn.ReLU(inplace=True),
+        )
         self.out = Conv(width // 2, 1, 1)
 
     def forward(self, m, stem, x):
@@ -377,7 +391,7 @@ def centre_patches(volume: torch.Tensor, centres_vox, pad_value: float = -1.0) -
     """(N, 1, 49, ...) patches of a normalised (1, *S) or (*S) volume around integer-rounded
     centres (array order, voxels); regions outside the volume are filled with ``pad_value``
     (air after CT normalisation)."""
-    vol = volume.reshape(volume.shape[-len(centres_vox[0]):]) if len(centres_vox) else volume
+    vol = volume.reshape(volume.shape[-len(centres_vox[0]) :]) if len(centres_vox) else volume
     nd = vol.dim()
     h = PATCH // 2
     padded = F.pad(vol[None, None], (h, h) * nd, value=pad_value)[0, 0]
@@ -403,8 +417,12 @@ class CandidateClassifier(nn.Module):
         Conv = _conv(nd)
         w = width
         self.stem = nn.Sequential(Conv(1, w, 3, 1, 1, bias=False), _norm(nd, w), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(ResBlock(nd, w, 2 * w, 2), ResBlock(nd, 2 * w, 4 * w, 2),
-                                    ResBlock(nd, 4 * w, 6 * w, 2), ResBlock(nd, 6 * w, 6 * w))
+        self.blocks = nn.Sequential(
+            ResBlock(nd, w, 2 * w, 2),
+            ResBlock(nd, 2 * w, 4 * w, 2),
+            ResBlock(nd, 4 * w, 6 * w, 2),
+            ResBlock(nd, 6 * w, 6 * w),
+        )
         self.head = nn.Sequential(nn.Linear(12 * w, 4 * w), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(4 * w, 1))
 
     def forward(self, x):

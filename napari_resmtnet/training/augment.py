@@ -6,6 +6,7 @@ is one random affine per sample (90° turns and flips in the axial plane, small 
 scaling, translation) applied with a single ``grid_sample``, then anisotropic-spacing
 simulation, intensity window jitter and noise. Deterministic under a ``torch.Generator``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,17 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 @dataclass
 class AugmentConfig:
-    out_size: int = 40            # side of the training crop, voxels/pixels
-    max_shift: float = 10.0       # random translation of the crop centre (voxels)
-    flip: bool = True             # flips in the axial plane (y, x)
-    rot90: bool = True            # 90° turns in the axial plane
-    rotate_deg: float = 10.0      # small rotation in the axial plane
-    scale: tuple = (0.9, 1.1)     # isotropic zoom
-    aniso_prob: float = 0.3       # CT: simulate a coarser slice spacing
+    out_size: int = 40  # side of the training crop, voxels/pixels
+    max_shift: float = 10.0  # random translation of the crop centre (voxels)
+    flip: bool = True  # flips in the axial plane (y, x)
+    rot90: bool = True  # 90° turns in the axial plane
+    rotate_deg: float = 10.0  # small rotation in the axial plane
+    scale: tuple = (0.9, 1.1)  # isotropic zoom
+    aniso_prob: float = 0.3  # CT: simulate a coarser slice spacing
     aniso_factor: tuple = (1.5, 2.5)
-    window_jitter: float = 0.05   # additive/multiplicative intensity jitter (normalised units)
+    window_jitter: float = 0.05  # additive/multiplicative intensity jitter (normalised units)
     noise_std: float = 0.03
 
     def to_dict(self):
@@ -110,7 +112,9 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
         nt = {
             "centers": c_out[inside].float(),
             "diameters": torch.as_tensor(np.asarray(tg["diameters"], dtype=np.float32).reshape(-1))[inside] * s,
-            "malignant": torch.as_tensor(np.asarray(tg.get("malignant", [-1] * len(c_in)), dtype=np.float32).reshape(-1))[inside],
+            "malignant": torch.as_tensor(
+                np.asarray(tg.get("malignant", [-1] * len(c_in)), dtype=np.float32).reshape(-1)
+            )[inside],
         }
         if tg.get("extents") is not None:  # per-axis extents follow the affine: |A^-1| e
             e = torch.as_tensor(np.asarray(tg["extents"], dtype=np.float64).reshape(-1, nd))
@@ -135,7 +139,9 @@ def augment_batch(images, targets, cfg: AugmentConfig, g: torch.Generator, modal
             if _rand(g) < cfg.aniso_prob:
                 f = _rand(g, *cfg.aniso_factor)
                 z = max(2, int(round(cfg.out_size / f)))
-                low = F.interpolate(out[i : i + 1], size=(z, cfg.out_size, cfg.out_size), mode="trilinear", align_corners=False)
+                low = F.interpolate(
+                    out[i : i + 1], size=(z, cfg.out_size, cfg.out_size), mode="trilinear", align_corners=False
+                )
                 out[i : i + 1] = F.interpolate(low, size=out.shape[2:], mode="trilinear", align_corners=False)
     if cfg.window_jitter:
         a = 1 + (torch.rand((N,) + (1,) * (nd + 1), generator=g) * 2 - 1) * cfg.window_jitter

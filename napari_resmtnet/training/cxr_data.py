@@ -24,6 +24,7 @@ over the surrounding lung, inside the nodule mask, summed along cube axis y), re
 gain calibrated on the real JSRT nodules. The implant carries the cube's LIDC malignancy
 (rating 1-2 benign, 4-5 malignant).
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,17 +48,18 @@ DEFAULT_GAIN = 0.012
 
 # --- records ---------------------------------------------------------------------------------
 
+
 @dataclass
 class CXRRecord:
     name: str
-    seriesuid: str                    # = name: each radiograph is its own patient
-    image: np.ndarray                 # (y, x) float32, normalised (`normalize_cxr`), model spacing
-    centers: np.ndarray               # (K, 2) nodule centres, pixels of ``image`` (row, col)
-    diameters: np.ndarray             # (K,) pixels of ``image``
-    malignant: np.ndarray             # (K,) 1 / 0 / -1
-    lung: np.ndarray | None = None    # (y, x) bool lung-field mask, or None
+    seriesuid: str  # = name: each radiograph is its own patient
+    image: np.ndarray  # (y, x) float32, normalised (`normalize_cxr`), model spacing
+    centers: np.ndarray  # (K, 2) nodule centres, pixels of ``image`` (row, col)
+    diameters: np.ndarray  # (K,) pixels of ``image``
+    malignant: np.ndarray  # (K,) 1 / 0 / -1
+    lung: np.ndarray | None = None  # (y, x) bool lung-field mask, or None
     spacing: float = MODEL_SPACING_MM  # mm per pixel of ``image``
-    subtlety: int = 0                 # JSRT 1 (extremely subtle) .. 5 (obvious); 0 no nodule
+    subtlety: int = 0  # JSRT 1 (extremely subtle) .. 5 (obvious); 0 no nodule
     main: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -87,6 +89,7 @@ def _state_to_label(state: str) -> int:
 
 
 # --- lung masks ------------------------------------------------------------------------------
+
 
 def lung_from_labels(mask) -> np.ndarray:
     """Lung-field mask from an SCR label image (150/200 lungs, 250 heart) or a binary mask."""
@@ -133,6 +136,7 @@ def rough_lung_mask(image) -> np.ndarray:
 
 
 # --- JSRT original distribution ----------------------------------------------------------------
+
 
 def read_jsrt_img(path) -> np.ndarray:
     """A JSRT ``.IMG`` file -> (2048, 2048) uint16 in display convention (lungs dark).
@@ -225,7 +229,9 @@ DEFAULT_NODULE_MM = 15.0  # JSRT median size, for the few rows whose size is unk
 def load_jsrt_img(root, limit: int | None = None) -> list[CXRRecord]:
     """The original JSRT distribution below ``root`` (``*.IMG`` + ``CLNDAT_EN.txt``)."""
     root = Path(root)
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() == ".img" and p.is_file()), key=lambda p: p.name.upper())
+    files = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() == ".img" and p.is_file()), key=lambda p: p.name.upper()
+    )
     if not files:
         raise FileNotFoundError(f"{root}: no JSRT .IMG files found")
     info = {}
@@ -255,15 +261,29 @@ def load_jsrt_img(root, limit: int | None = None) -> list[CXRRecord]:
             mal = np.array([_state_to_label(it["state"])])
         else:
             c, d, mal = np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=int)
-        records.append(CXRRecord(
-            name=stem, seriesuid=stem, image=img, centers=np.asarray(c, float), diameters=d, malignant=mal,
-            lung=lung, subtlety=int(it.get("subtlety", 0) or 0),
-            extra={"path": str(f), "layout": "img", "lung_source": lung_source, "size_known": bool(it.get("size_mm")) if it["has_nodule"] else None},
-        ))
+        records.append(
+            CXRRecord(
+                name=stem,
+                seriesuid=stem,
+                image=img,
+                centers=np.asarray(c, float),
+                diameters=d,
+                malignant=mal,
+                lung=lung,
+                subtlety=int(it.get("subtlety", 0) or 0),
+                extra={
+                    "path": str(f),
+                    "layout": "img",
+                    "lung_source": lung_source,
+                    "size_known": bool(it.get("size_mm")) if it["has_nodule"] else None,
+                },
+            )
+        )
     return records
 
 
 # --- downsampled PNG layout --------------------------------------------------------------------
+
 
 def load_jsrt_png(root, limit: int | None = None) -> list[CXRRecord]:
     """``jsrt.csv`` + ``images/*.png`` (+ ``masks/*.png``): 224 px at 1.6 mm/px."""
@@ -292,8 +312,19 @@ def load_jsrt_png(root, limit: int | None = None) -> list[CXRRecord]:
             sub = int(float(r.get("subtlety") or 0))
         else:
             c, d, mal, sub = np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=int), 0
-        records.append(CXRRecord(name=stem, seriesuid=stem, image=img, centers=c, diameters=d, malignant=mal,
-                                 lung=lung, subtlety=sub, extra={"path": str(root / "images" / r["image"]), "layout": "png"}))
+        records.append(
+            CXRRecord(
+                name=stem,
+                seriesuid=stem,
+                image=img,
+                centers=c,
+                diameters=d,
+                malignant=mal,
+                lung=lung,
+                subtlety=sub,
+                extra={"path": str(root / "images" / r["image"]), "layout": "png"},
+            )
+        )
     return records
 
 
@@ -311,11 +342,12 @@ def load_cxr_records(path, limit: int | None = None) -> list[CXRRecord]:
 
 # --- nodule implantation -----------------------------------------------------------------------
 
+
 @dataclass
 class Implant:
-    projection: np.ndarray   # (h, w) float32, mm of water-equivalent excess thickness, 1.6 mm/px
-    diameter_px: float       # nodule diameter in model pixels
-    malignant: int           # 1 / 0
+    projection: np.ndarray  # (h, w) float32, mm of water-equivalent excess thickness, 1.6 mm/px
+    diameter_px: float  # nodule diameter in model pixels
+    malignant: int  # 1 / 0
     name: str = ""
 
 
@@ -338,7 +370,7 @@ def project_cube(hu, mask, spacing_mm: float = 1.0, target_mm: float = MODEL_SPA
     lung_vox = hu[(~near) & (hu < -400)]
     bg = float(np.median(lung_vox)) if lung_vox.size > 50 else -850.0
     excess = np.clip(hu - bg, 0, None) * m
-    proj = excess.sum(axis=1) * spacing_mm / 1000.0     # (z, x), mm water-equivalent
+    proj = excess.sum(axis=1) * spacing_mm / 1000.0  # (z, x), mm water-equivalent
     proj = proj[::-1, :]
     zoom = spacing_mm / target_mm
     proj, _ = resample_to_spacing(proj, spacing_mm, target_mm) if zoom < 1 else (proj, zoom)
@@ -348,7 +380,9 @@ def project_cube(hu, mask, spacing_mm: float = 1.0, target_mm: float = MODEL_SPA
     return np.ascontiguousarray(proj, dtype=np.float32)
 
 
-def build_implant_bank(cube_root, seriesuids=None, min_diameter_mm: float = 8.0, max_items: int | None = None) -> list[Implant]:
+def build_implant_bank(
+    cube_root, seriesuids=None, min_diameter_mm: float = 8.0, max_items: int | None = None
+) -> list[Implant]:
     """Projections of the labelled (benign/malignant) CT cubes of ``seriesuids``."""
     import SimpleITK as sitk
 
@@ -429,9 +463,16 @@ def calibrate_gain(records, bank, clip=(0.002, 0.05), seed: int = 0) -> dict:
     excess = real_c - bg_med
     ratios = excess / (real_d * ct_per_mm)
     gain = float(np.clip(np.median(ratios), *clip))
-    return {"gain": gain, "gain_p25": float(np.percentile(ratios, 25)), "gain_p75": float(np.percentile(ratios, 75)),
-            "real_contrast_median": float(np.median(real_c)), "background_contrast_median": bg_med,
-            "n_real": len(real), "n_bank": len(bank), "source": "calibrated on the real training nodules"}
+    return {
+        "gain": gain,
+        "gain_p25": float(np.percentile(ratios, 25)),
+        "gain_p75": float(np.percentile(ratios, 75)),
+        "real_contrast_median": float(np.median(real_c)),
+        "background_contrast_median": bg_med,
+        "n_real": len(real),
+        "n_bank": len(bank),
+        "source": "calibrated on the real training nodules",
+    }
 
 
 def _smooth(a, sigma=1.0):
@@ -498,9 +539,20 @@ def implant_nodule(image, lung, implant: Implant, gain: float, g, flip_lr: bool 
 
 # --- training hooks (called by napari_resmtnet.training.train) -------------------------------------
 
+
 def _implant_settings(cfg) -> dict:
-    d = {"enabled": False, "prob": 0.5, "max_per_image": 2, "min_diameter_mm": 8.0, "gain": None,
-         "gain_range": [0.6, 1.6], "cubes": None, "ct_val_fraction": 0.2, "ct_seed": 0, "flip_lr": True}
+    d = {
+        "enabled": False,
+        "prob": 0.5,
+        "max_per_image": 2,
+        "min_diameter_mm": 8.0,
+        "gain": None,
+        "gain_range": [0.6, 1.6],
+        "cubes": None,
+        "ct_val_fraction": 0.2,
+        "ct_seed": 0,
+        "flip_lr": True,
+    }
     d.update(dict(cfg.implant or {}))
     return d
 
@@ -573,5 +625,3 @@ def make_cxr_batch(records, cfg, aug, g, context=None):
         targets.append(t)
     x = torch.from_numpy(np.stack(imgs))[:, None]
     return augment_batch(x, targets, aug, g, "CXR")
-
-

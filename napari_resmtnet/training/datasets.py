@@ -14,6 +14,7 @@ Two layouts, one code path (`load_ct_records`):
   ``seriesuid, coordX, coordY, coordZ`` and ``malignancy_rating`` or ``diagnosis``): a cube is
   resampled with SimpleITK around each annotation, then treated exactly like a cube file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,19 +88,19 @@ MALIGNANCY_TARGETS = ("binary", "rating", "readers_mean")
 class CubeRecord:
     name: str
     seriesuid: str
-    array: np.ndarray                 # (z, y, x) int16 HU at 1 mm
-    centers: np.ndarray               # (K, 3) nodule centres, cube voxels, array order
-    diameters: np.ndarray             # (K,) mm (= voxels at 1 mm)
-    malignant: np.ndarray             # (K,) 1 / 0 / -1
-    main: int = 0                     # index of the nodule the cube was cut around
-    rating: float = float("nan")     # LIDC rating of the main nodule
+    array: np.ndarray  # (z, y, x) int16 HU at 1 mm
+    centers: np.ndarray  # (K, 3) nodule centres, cube voxels, array order
+    diameters: np.ndarray  # (K,) mm (= voxels at 1 mm)
+    malignant: np.ndarray  # (K,) 1 / 0 / -1
+    main: int = 0  # index of the nodule the cube was cut around
+    rating: float = float("nan")  # LIDC rating of the main nodule
     origin_xyz: tuple = (0.0, 0.0, 0.0)
     extra: dict = field(default_factory=dict)
     ratings: np.ndarray | None = None  # (K,) LIDC rating of each nodule, NaN when unknown
-    mask: np.ndarray | None = None     # (z, y, x) uint8 mask of the main nodule, when the data has one
+    mask: np.ndarray | None = None  # (z, y, x) uint8 mask of the main nodule, when the data has one
     direction: tuple = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK direction (x, y, z)
     reader_means: np.ndarray | None = None  # (K,) every LIDC reader's mean malignancy, NaN when unknown
-    attributes: np.ndarray | None = None    # (K, 4) readers' texture class, calcified, spiculated,
+    attributes: np.ndarray | None = None  # (K, 4) readers' texture class, calcified, spiculated,
     #                                         ill-defined margin (`attribute_row`), -1 unknown
 
     @property
@@ -233,14 +234,23 @@ def _records_from_series(cubes, nodules_world, diam, labels, main_index, ratings
         v, inside = _nodules_in_cube(nodules_world, origin, arr.shape, direction=direction)
         inside[mi] = True
         idx = np.nonzero(inside)[0]
-        out.append(CubeRecord(
-            name=name, seriesuid=uid, array=arr, centers=v[idx], diameters=diam[idx],
-            malignant=labels[idx], main=int(np.nonzero(idx == mi)[0][0]), rating=ratings[mi],
-            origin_xyz=tuple(origin), ratings=np.asarray(ratings, float)[idx],
-            direction=tuple(direction) if direction is not None else CubeRecord.direction,
-            reader_means=None if reader_means is None else np.asarray(reader_means, float)[idx],
-            attributes=None if attributes is None else np.asarray(attributes, np.float32).reshape(-1, 4)[idx],
-        ))
+        out.append(
+            CubeRecord(
+                name=name,
+                seriesuid=uid,
+                array=arr,
+                centers=v[idx],
+                diameters=diam[idx],
+                malignant=labels[idx],
+                main=int(np.nonzero(idx == mi)[0][0]),
+                rating=ratings[mi],
+                origin_xyz=tuple(origin),
+                ratings=np.asarray(ratings, float)[idx],
+                direction=tuple(direction) if direction is not None else CubeRecord.direction,
+                reader_means=None if reader_means is None else np.asarray(reader_means, float)[idx],
+                attributes=None if attributes is None else np.asarray(attributes, np.float32).reshape(-1, 4)[idx],
+            )
+        )
     return out
 
 
@@ -261,14 +271,17 @@ def load_cube_folder(root, limit: int | None = None, seriesuids=None) -> list[Cu
     reader_mean, reader_labels = {}, {}
     if (root / "reader_ratings.csv").exists():
         reader_labels = labels_for(read_reader_ratings(root / "reader_ratings.csv"))
-        reader_mean = {k: (v.mean_malignancy if v.mean_malignancy is not None else np.nan)
-                       for k, v in reader_labels.items()}
+        reader_mean = {
+            k: (v.mean_malignancy if v.mean_malignancy is not None else np.nan) for k, v in reader_labels.items()
+        }
     records = []
     for uid, rs in by_series.items():
         world = np.array([[float(r["center_x_mm"]), float(r["center_y_mm"]), float(r["center_z_mm"])] for r in rs])
         diam = np.array([float(r["diameter_mm"]) for r in rs])
         labels = np.array([rating_to_label(r.get("malignancy_rating")) for r in rs])
-        ratings = [float(r["malignancy_rating"]) if r.get("malignancy_rating") not in (None, "") else float("nan") for r in rs]
+        ratings = [
+            float(r["malignancy_rating"]) if r.get("malignancy_rating") not in (None, "") else float("nan") for r in rs
+        ]
         cubes, masks = [], []
         for r in rs:
             img = sitk.ReadImage(str(root / "images" / r["cube"]))
@@ -310,7 +323,9 @@ def extract_cube(image, center_xyz, size_mm=CUBE_MM, spacing=CUBE_SPACING):
     return np.round(sitk.GetArrayFromImage(out)).astype(np.int16), tuple(origin)
 
 
-def load_luna16(root, annotations=None, malignancy_csv=None, limit: int | None = None, seriesuids=None) -> list[CubeRecord]:
+def load_luna16(
+    root, annotations=None, malignancy_csv=None, limit: int | None = None, seriesuids=None
+) -> list[CubeRecord]:
     """Read a LUNA16 layout: ``subset*/<uid>.mhd`` + ``annotations.csv`` (+ malignancy CSV)."""
     import SimpleITK as sitk
 

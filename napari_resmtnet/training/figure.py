@@ -1,6 +1,7 @@
 """The CXR implant figure: CT nodules implanted into a radiograph beside real JSRT nodules
 (``resmtnet figure``; ``python -m napari_resmtnet.training.figure figure``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,12 @@ import numpy as np
 
 from ..io.preprocess import preprocess_radiograph
 from .cxr_data import (
-    DEFAULT_GAIN, build_implant_bank, calibrate_gain, implant_nodule, load_cxr_records, rough_lung_mask,
+    DEFAULT_GAIN,
+    build_implant_bank,
+    calibrate_gain,
+    implant_nodule,
+    load_cxr_records,
+    rough_lung_mask,
 )
 from .datasets import split_by_series
 
@@ -54,7 +60,10 @@ def implant_figure(out_path, radiograph, cube_root, jsrt_root=None, seed: int = 
         cfg = TrainConfig(modality="CXR", data=str(jsrt_root))
         train, _, _, _ = split_records(recs, cfg)
         gain = calibrate_gain(train, bank)["gain"]
-        by_sub = {k: sorted([r for r in train if len(r.centers) and r.subtlety == k], key=lambda r: r.name) for k in (5, 4, 3, 2)}
+        by_sub = {
+            k: sorted([r for r in train if len(r.centers) and r.subtlety == k], key=lambda r: r.name)
+            for k in (5, 4, 3, 2)
+        }
         for k in (5, 4, 3, 2):
             real_recs += by_sub[k][:2]
     g = torch.Generator().manual_seed(seed)

@@ -20,6 +20,7 @@ the whole scans (by default every negative candidate is equally likely: a fixed 
 help on the validation scans). The final detection probability is
 ``p_det ** (1 - w) * p_fpr ** w`` with ``w = fpr_weight`` from the network config.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,26 @@ from . import wholescan
 from ..model.network import candidate_patches
 from ..inference.predictor import Predictor
 
-DEFAULTS = {"steps": 1500, "batch_size": 64, "lr": 1e-3, "floor": 0.02, "pos_fraction": 0.5,
-            "shift": 2, "thick_prob": 0.5, "thick_factor": [1.5, 6.0], "noise_negatives": 0.05,
-            "scan_negatives": None, "contrast_prob": 0.0, "contrast_hu": [250.0, 60.0], "noise_hu": 0.0}
+DEFAULTS = {
+    "steps": 1500,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "floor": 0.02,
+    "pos_fraction": 0.5,
+    "shift": 2,
+    "thick_prob": 0.5,
+    "thick_factor": [1.5, 6.0],
+    "noise_negatives": 0.05,
+    "scan_negatives": None,
+    "contrast_prob": 0.0,
+    "contrast_hu": [250.0, 60.0],
+    "noise_hu": 0.0,
+}
 
 
 @dataclass
 class Sample:
-    volume: int        # index into the list of normalised volumes
+    volume: int  # index into the list of normalised volumes
     centre: np.ndarray  # voxel (z, y, x)
     label: int
     scan: bool = False  # from a whole scan (not a cube)
@@ -149,7 +162,9 @@ def make_fpr_batch(vols, samples, pos, neg, n: int, side: int, opts: dict, g: to
         every = neg["cube"] + neg["scan"]
         pick += [every[int(torch.randint(len(every), (), generator=g))] for _ in range(n_neg)]
     else:  # this share of the negatives from the whole scans
-        n_scan = int(round(opts["scan_negatives"] * n_neg)) if neg["scan"] and neg["cube"] else (n_neg if neg["scan"] else 0)
+        n_scan = (
+            int(round(opts["scan_negatives"] * n_neg)) if neg["scan"] and neg["cube"] else (n_neg if neg["scan"] else 0)
+        )
         pick += [neg["scan"][int(torch.randint(len(neg["scan"]), (), generator=g))] for _ in range(n_scan)]
         pick += [neg["cube"][int(torch.randint(len(neg["cube"]), (), generator=g))] for _ in range(n_neg - n_scan)]
     patches, labels = [], []
@@ -169,7 +184,10 @@ def make_fpr_batch(vols, samples, pos, neg, n: int, side: int, opts: dict, g: to
                 xi = torch.flip(xi, (ax,))
         x[i] = xi
         if float(torch.rand((), generator=g)) < opts["thick_prob"]:
-            f = float(torch.rand((), generator=g)) * (opts["thick_factor"][1] - opts["thick_factor"][0]) + opts["thick_factor"][0]
+            f = (
+                float(torch.rand((), generator=g)) * (opts["thick_factor"][1] - opts["thick_factor"][0])
+                + opts["thick_factor"][0]
+            )
             z = max(2, int(round(side / f)))
             low = F.interpolate(x[i : i + 1], size=(z, side, side), mode="area")
             x[i : i + 1] = F.interpolate(low, size=(side,) * 3, mode="trilinear", align_corners=False)
@@ -197,16 +215,28 @@ def train_fpr(cfg, model, train_recs, split: dict, out: Path, progress: bool = T
     neg_cfg = cfg.negatives or {}
     if neg_cfg.get("scans"):
         scans = wholescan.whole_scans(neg_cfg["scans"], split, splits=("train",))
-        pred = Predictor("CT", model=model, info={"threshold": opts["floor"], "spacing_mm": cfg.spacing_mm},
-                         score_floor=opts["floor"], max_detections=300, detector_only=True)
+        pred = Predictor(
+            "CT",
+            model=model,
+            info={"threshold": opts["floor"], "spacing_mm": cfg.spacing_mm},
+            score_floor=opts["floor"],
+            max_detections=300,
+            detector_only=True,
+        )
         v2, s2 = scan_candidates(pred, scans, cfg.spacing_mm, opts["floor"], seed=cfg.seed)
         base = len(vols)
         vols += v2
         samples += [Sample(s.volume + base, s.centre, s.label, True) for s in s2]
     pos = [s for s in samples if s.label == 1]
-    neg = {"scan": [s for s in samples if s.label == 0 and s.scan], "cube": [s for s in samples if s.label == 0 and not s.scan]}
-    print(f"fpr: {len(pos)} positive, {len(neg['cube'])} cube and {len(neg['scan'])} whole-scan negative candidates "
-          f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    neg = {
+        "scan": [s for s in samples if s.label == 0 and s.scan],
+        "cube": [s for s in samples if s.label == 0 and not s.scan],
+    }
+    print(
+        f"fpr: {len(pos)} positive, {len(neg['cube'])} cube and {len(neg['scan'])} whole-scan negative candidates "
+        f"({time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.fpr.parameters():
@@ -235,8 +265,18 @@ def train_fpr(cfg, model, train_recs, split: dict, out: Path, progress: bool = T
         loss.backward()
         opt.step()
         acc = float(((logit > 0).float() == y).float().mean())
-        log.write(json.dumps({"step": step + 1, "lr": lr, "loss": round(float(loss.detach()), 5), "acc": round(acc, 4),
-                              "time": round(time.time() - t0, 1)}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "step": step + 1,
+                    "lr": lr,
+                    "loss": round(float(loss.detach()), 5),
+                    "acc": round(acc, 4),
+                    "time": round(time.time() - t0, 1),
+                }
+            )
+            + "\n"
+        )
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")

@@ -9,6 +9,7 @@ written atomically after every epoch; ``--resume`` continues from it. Every loss
 logged to ``log.jsonl``. The exported ``model.pt`` holds only tensors and plain values, so it
 loads with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,16 +65,16 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     epochs: int = 40
-    max_steps: int = 0            # stop after this many optimiser steps (0: no limit)
+    max_steps: int = 0  # stop after this many optimiser steps (0: no limit)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
-    threads: int = 0              # torch threads per process (0: torch's default)
-    limit: int = 0                # use only the first N records (smoke tests)
-    spacing_mm: float = 1.0       # model input spacing
-    init: str = ""                # start from these weights (fine-tuning); "" = random init
-    implant: dict = field(default_factory=dict)   # CXR: nodule implantation settings
+    threads: int = 0  # torch threads per process (0: torch's default)
+    limit: int = 0  # use only the first N records (smoke tests)
+    spacing_mm: float = 1.0  # model input spacing
+    init: str = ""  # start from these weights (fine-tuning); "" = random init
+    implant: dict = field(default_factory=dict)  # CXR: nodule implantation settings
     malignancy_target: str = "binary"  # CT: "binary" (LIDC 1-2 vs 4-5), "rating" (soft (r-1)/4) or
     #                                    "readers_mean" (soft (mean-1)/4 of every reader's rating)
     network: dict = field(default_factory=dict)
@@ -108,7 +109,9 @@ class TrainConfig:
         cfg = cls(**d)
 
         if cfg.malignancy_target not in MALIGNANCY_TARGETS:
-            raise ValueError(f"{path}: malignancy_target must be one of {MALIGNANCY_TARGETS}, got {cfg.malignancy_target!r}")
+            raise ValueError(
+                f"{path}: malignancy_target must be one of {MALIGNANCY_TARGETS}, got {cfg.malignancy_target!r}"
+            )
         if cfg.malignancy_target != "binary" and cfg.modality != "CT":
             raise ValueError(f"{path}: malignancy_target {cfg.malignancy_target!r} needs LIDC ratings (CT only)")
         return cfg
@@ -127,6 +130,7 @@ class TrainConfig:
 
 
 # --- data ------------------------------------------------------------------------------------
+
 
 def load_records(cfg: TrainConfig):
     """All records of the configured data set, for either modality."""
@@ -160,14 +164,27 @@ def negative_context(cfg: TrainConfig, split: dict, model: ResMTNet | None = Non
     if model is not None:
         was = model.training
         model.eval()
-        pred = Predictor("CT", model=model, info={"threshold": 0.05, "spacing_mm": cfg.spacing_mm}, device="cpu",
-                         score_floor=0.05, max_detections=300, detector_only=True)
+        pred = Predictor(
+            "CT",
+            model=model,
+            info={"threshold": 0.05, "spacing_mm": cfg.spacing_mm},
+            device="cpu",
+            score_floor=0.05,
+            max_detections=300,
+            detector_only=True,
+        )
         mined = wholescan.mine_candidates(pred, scans)
         model.train(was)
     elif neg.get("mine"):
         w = None if neg["mine"] == "bundled" else neg["mine"]
-        pred = Predictor("CT", weights=w, sha256=None if w is None else sha256_of(w), score_floor=0.05,
-                         max_detections=300, detector_only=True)
+        pred = Predictor(
+            "CT",
+            weights=w,
+            sha256=None if w is None else sha256_of(w),
+            score_floor=0.05,
+            max_detections=300,
+            detector_only=True,
+        )
         mined = wholescan.mine_candidates(pred, scans)
     return wholescan.negative_pool(scans, cfg.spacing_mm, mined, seed=cfg.seed)
 
@@ -200,15 +217,28 @@ def make_batch(records, cfg: TrainConfig, aug: AugmentConfig, g: torch.Generator
     aux = None
     net = cfg.network_config()
     if net.segmentation or net.fine_segmentation:
-        aux = [{"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None and k not in replaced else None
-               for k, r in enumerate(records)]
+        aux = [
+            {"mask": r.mask, "ignore": r.ignore_region()} if r.mask is not None and k not in replaced else None
+            for k, r in enumerate(records)
+        ]
     return augment_batch(imgs, targets, aug, g, "CT", centers=centres, aux=aux)
 
 
 #: Network settings a fine-tune may add to its base: their new parameters start fresh (the
 #: per-axis size head from the base's one-channel head, repeated per axis).
-GROWABLE = ("size_per_axis", "fpr", "fpr_patch", "fpr_width", "fpr_weight", "attributes", "fine_segmentation",
-            "w_attributes", "w_fine_segmentation", "texture_weights", "seg_detail")
+GROWABLE = (
+    "size_per_axis",
+    "fpr",
+    "fpr_patch",
+    "fpr_width",
+    "fpr_weight",
+    "attributes",
+    "fine_segmentation",
+    "w_attributes",
+    "w_fine_segmentation",
+    "texture_weights",
+    "seg_detail",
+)
 
 
 def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str = "init") -> list[str]:
@@ -238,6 +268,7 @@ def warm_start(model: ResMTNet, init: dict, net_cfg: ResMTNetConfig, name: str =
 
 
 # --- distributed -----------------------------------------------------------------------------
+
 
 def _dist_info():
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -395,8 +426,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 log.write(json.dumps(rec) + "\n")
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", hm=f"{rec['heatmap']:.3f}", mal=f"{rec['malignancy']:.3f}",
-                                    **{k[:3]: f"{rec[k]:.3f}" for k in ("attributes", "fine_segmentation") if k in rec})
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.3f}",
+                        hm=f"{rec['heatmap']:.3f}",
+                        mal=f"{rec['malignancy']:.3f}",
+                        **{k[:3]: f"{rec[k]:.3f}" for k in ("attributes", "fine_segmentation") if k in rec},
+                    )
         epoch += 1
         if negatives is not None and epoch in (cfg.negatives.get("remine_epochs") or []) and step < total:
             negatives = negative_context(cfg, split, model)  # the model mines its own false positives again
@@ -406,8 +441,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if rank == 0:
             log.flush()
             gens = [g.get_state()]
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-                          "generator": gens, "split": split, "config": asdict(cfg)}, ckpt_path)
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "generator": gens,
+                    "split": split,
+                    "config": asdict(cfg),
+                },
+                ckpt_path,
+            )
     if bar:
         bar.close()
     path = out / "model.pt"
@@ -428,7 +473,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (overrides the config's 'out')")
     p.add_argument("--data", help="data folder (overrides the config's 'data')")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. epochs=5 network.cross_task=false")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. epochs=5 network.cross_task=false",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     overrides = list(a.set)

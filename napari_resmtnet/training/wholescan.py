@@ -17,6 +17,7 @@ validation: the contrast chest CT, the 8 mm chest CT and the slab of a non-LUNA1
 `LESION_MARGIN_MM` or within max(radius, 5 mm) of its centre; every other detection counts as
 a false positive (nothing outside a labelled lesion is known to be a nodule).
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,8 @@ LUNG1 = ("lung1_image.nrrd", "lung1_label.nrrd")
 
 @dataclass
 class Lesion:
-    centre_xyz: np.ndarray          # world mm (x, y, z)
-    size_xyz: np.ndarray            # box size mm (x, y, z)
+    centre_xyz: np.ndarray  # world mm (x, y, z)
+    size_xyz: np.ndarray  # box size mm (x, y, z)
     kind: str = "nodule"
 
     def hits(self, centres_xyz) -> np.ndarray:
@@ -113,9 +114,13 @@ def whole_scans(root, cube_split: dict | None = None, splits=("train", "val", "t
     root = Path(root)
     lesions: dict[str, list] = {}
     for r in _read_csv(root / "lesions.csv"):
-        lesions.setdefault(r["scan"], []).append(Lesion(
-            np.array([float(r[f"center_{a}_mm"]) for a in "xyz"]),
-            np.array([float(r[f"size_{a}_mm"]) for a in "xyz"]), r["kind"]))
+        lesions.setdefault(r["scan"], []).append(
+            Lesion(
+                np.array([float(r[f"center_{a}_mm"]) for a in "xyz"]),
+                np.array([float(r[f"size_{a}_mm"]) for a in "xyz"]),
+                r["kind"],
+            )
+        )
     out = []
     for r in _read_csv(root / "scans.csv"):
         split = scan_split(r["file"], r["series_uid"], cube_split)
@@ -162,27 +167,46 @@ def evaluate_scans(predictor, scans, thresholds=None) -> dict:
                 seen.add(int(m[i]))
         curve.append((s, mm))
         n_lesions += len(ws.lesions)
-        entry = {"split": ws.split, "n_lesions": len(ws.lesions), "seconds": round(dt, 2),
-                 "lung_mask": det.meta.get("lung_mask", {}).get("reason", ""),
-                 "scores": [round(float(v), 4) for v in s], "match": mm.tolist()}
+        entry = {
+            "split": ws.split,
+            "n_lesions": len(ws.lesions),
+            "seconds": round(dt, 2),
+            "lung_mask": det.meta.get("lung_mask", {}).get("reason", ""),
+            "scores": [round(float(v), 4) for v in s],
+            "match": mm.tolist(),
+        }
         if det.meta.get("stages"):
             entry["stages"] = {k: [round(float(v), 4) for v in vals] for k, vals in det.meta["stages"].items()}
         if len(ws.lesions) and (m >= 0).any():
             best = int(np.argmax(np.where(m >= 0, s, -1)))
-            entry["best_hit"] = {"score": float(s[best]), "rank": int((s > s[best]).sum()) + 1,
-                                 "size_xyz_mm": det.sizes_mm()[best][::-1].round(1).tolist(),
-                                 "lesion_size_xyz_mm": ws.lesions[int(m[best])].size_xyz.round(1).tolist()}
+            entry["best_hit"] = {
+                "score": float(s[best]),
+                "rank": int((s > s[best]).sum()) + 1,
+                "size_xyz_mm": det.sizes_mm()[best][::-1].round(1).tolist(),
+                "lesion_size_xyz_mm": ws.lesions[int(m[best])].size_xyz.round(1).tolist(),
+            }
         for thr in thresholds or []:
             k = s >= thr
-            entry[f"at_{thr:.4f}"] = {"found": int(len(set(mm[k & (mm >= 0)].tolist()))),
-                                      "other": int((k & (mm == -1)).sum())}
+            entry[f"at_{thr:.4f}"] = {
+                "found": int(len(set(mm[k & (mm >= 0)].tolist()))),
+                "other": int((k & (mm == -1)).sum()),
+            }
         per_scan[ws.file] = entry
     fr = froc(curve, n_lesions)  # lesion-level, one FROC point per false positive per scan
-    return {"scans": per_scan,
-            "froc_per_scan": {"fp_rates": fr["fp_rates"], "sensitivity": fr["sensitivity"],
-                              "n_lesions": n_lesions, "n_scans": len(curve)},
-            "curve": {"scores": fr["curve"]["scores"], "fp_per_scan": fr["curve"]["fp_per_image"],
-                      "sensitivity": fr["curve"]["sensitivity"]}}
+    return {
+        "scans": per_scan,
+        "froc_per_scan": {
+            "fp_rates": fr["fp_rates"],
+            "sensitivity": fr["sensitivity"],
+            "n_lesions": n_lesions,
+            "n_scans": len(curve),
+        },
+        "curve": {
+            "scores": fr["curve"]["scores"],
+            "fp_per_scan": fr["curve"]["fp_per_image"],
+            "sensitivity": fr["curve"]["sensitivity"],
+        },
+    }
 
 
 def fp_per_scan_at(result: dict, threshold: float) -> float:
@@ -193,6 +217,7 @@ def fp_per_scan_at(result: dict, threshold: float) -> float:
 
 
 # --- training negatives ------------------------------------------------------------------------
+
 
 def model_grid_hu(scan: Scan, spacing_mm: float = 1.0):
     """The scan resampled as the `Predictor` sees it (index space, ``spacing_mm`` voxels, edge
@@ -212,13 +237,14 @@ class NegativeScan:
 
     name: str
     hu: np.ndarray
-    points: np.ndarray                 # (P, 3) crop centres
-    lesion_centres: np.ndarray         # (L, 3)
-    lesion_extents: np.ndarray         # (L, 3)
+    points: np.ndarray  # (P, 3) crop centres
+    lesion_centres: np.ndarray  # (L, 3)
+    lesion_extents: np.ndarray  # (L, 3)
 
 
-def negative_pool(scans, spacing_mm: float = 1.0, mined: dict | None = None, n_random: int = 600,
-                  seed: int = 0) -> list[NegativeScan]:
+def negative_pool(
+    scans, spacing_mm: float = 1.0, mined: dict | None = None, n_random: int = 600, seed: int = 0
+) -> list[NegativeScan]:
     """Crop centres for hard negatives on whole training scans: the detector's own candidates
     (``mined``: file -> (K, 3) world xyz, off the lesions), voxels of dense structure inside the
     lung mask (vessels, fissures, pleura: HU > -600) and lung voxels at random."""

@@ -1,6 +1,7 @@
 """DICOM SR (TID 1500) + SEG of the accepted nodules: they read back with highdicom, reference
 the source series, and map to the same world-mm centres; sent to the local Orthanc (STOW-RS)
 and queried back (QIDO-RS) after a detection on a series opened through WADO-RS."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,8 +70,7 @@ def test_sr_carries_the_findings_and_the_readers_type(tmp_path):
     """Axes, the mask's volume, the effective type and the Lung-RADS category go into the SR."""
     info = write_ct_series(tmp_path / "ct", seed=5)
     scan = load_scan(info["folder"])
-    f = {"texture": "solid", "long_axis_mm": 9.0, "short_axis_mm": 7.0, "mean_diameter_mm": 8.0,
-         "volume_mm3": 250.0}
+    f = {"texture": "solid", "long_axis_mm": 9.0, "short_axis_mm": 7.0, "mean_diameter_mm": 8.0, "volume_mm3": 250.0}
     det = Detections([[5, 10, 12, 10, 20, 22]], [0.9], [0.3], geometry_dict(scan), findings=[f])
     t = NoduleTable.from_detections(det, image_identity(scan), threshold=0.5).with_reviewed([1], True)
     t = t.with_texture([1], "ground-glass")
@@ -94,8 +94,13 @@ def test_dicom_report_files_read_back(tmp_path):
     import pydicom
 
     headers = source_headers(info["folder"], scan.seriesuid)
-    check_objects(pydicom.dcmread(seg_path), pydicom.dcmread(sr_path), table, info["series_uid"],
-                  [h.SOPInstanceUID for h in headers])
+    check_objects(
+        pydicom.dcmread(seg_path),
+        pydicom.dcmread(sr_path),
+        table,
+        info["series_uid"],
+        [h.SOPInstanceUID for h in headers],
+    )
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(DicomExportError, match="no accepted nodule"):
         write_dicom_report(table.with_reviewed([1], False), info["folder"], tmp_path / "none")
@@ -129,8 +134,7 @@ def test_detect_send_and_query_back_through_orthanc(tmp_path, monkeypatch):
     scan = pacs.load_series(info["study_uid"], info["series_uid"])
     pred = Predictor("CT", threads=1)
     det = pred.predict(scan)
-    table = NoduleTable.from_detections(det, image_identity(scan), threshold=pred.threshold,
-                                        model_info=pred.model_info)
+    table = NoduleTable.from_detections(det, image_identity(scan), threshold=pred.threshold, model_info=pred.model_info)
     assert table.visible_mask().any(), "the bundled model found nothing on the test CT"
     top = int(table.ids[int(np.argmax(table.probability))])
     table = table.with_reviewed([top], True)

@@ -1,4 +1,5 @@
 """CSV + JSON export/import of nodule tables, atomic writes, and the napari writer. No Qt."""
+
 import csv
 import json
 import os
@@ -21,11 +22,21 @@ MODEL = {"name": "resmtnet", "version": "0.1.0", "sha256": "0123abcd"}
 
 
 def ct_table():
-    scan = Scan(np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0),
-                np.eye(3), "CT", path="/data/ct.mhd", seriesuid="1.2.840.1")
-    det = Detections([[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40],
-                      [15.1, 40, 40, 15.3, 44, 44]],
-                     [0.9, 0.3, 0.7], [0.87, 0.2, 0.6], Detections.geometry_of(scan))
+    scan = Scan(
+        np.zeros((20, 64, 64), np.int16),
+        (2.0, 0.7, 0.7),
+        (-100.0, 10.0, -50.0),
+        np.eye(3),
+        "CT",
+        path="/data/ct.mhd",
+        seriesuid="1.2.840.1",
+    )
+    det = Detections(
+        [[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40], [15.1, 40, 40, 15.3, 44, 44]],
+        [0.9, 0.3, 0.7],
+        [0.87, 0.2, 0.6],
+        Detections.geometry_of(scan),
+    )
     t = NoduleTable.from_detections(det, image_identity(scan), threshold=0.5, model_info=MODEL)
     t = t.flipped([3]).with_reviewed([1], True)
     t, _ = t.added([12.5, 50, 50, 13.5, 55.5, 56.25], label="malignant")
@@ -33,8 +44,7 @@ def ct_table():
 
 
 def cxr_table():
-    scan = Scan(np.zeros((100, 120), np.uint16), (0.5, 0.25), (3.0, -7.0), np.eye(2), "CXR",
-                seriesuid="cxr-1")
+    scan = Scan(np.zeros((100, 120), np.uint16), (0.5, 0.25), (3.0, -7.0), np.eye(2), "CXR", seriesuid="cxr-1")
     det = Detections([[10, 20, 30, 40]], [0.8], [0.1], Detections.geometry_of(scan))
     return scan, NoduleTable.from_detections(det, image_identity(scan), threshold=0.5)
 
@@ -49,8 +59,9 @@ def test_csv_columns_world_xyz_and_only_shown_nodules(tmp_path):
     assert r["seriesuid"] == "1.2.840.1" and r["label"] == "malignant" and r["reviewed"] == "true"
     # world centre: origin + spacing * voxel centre, written x, y, z
     cz, cy, cx = (4.2 + 8.6) / 2, 15, 18
-    np.testing.assert_allclose([float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])],
-                               [-50 + 0.7 * cx, 10 + 0.7 * cy, -100 + 2 * cz])
+    np.testing.assert_allclose(
+        [float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])], [-50 + 0.7 * cx, 10 + 0.7 * cy, -100 + 2 * cz]
+    )
     np.testing.assert_allclose(float(r["diameter_mm"]), np.mean([4.4 * 2, 10 * 0.7, 12 * 0.7]))
     assert rows[1]["label"] == "benign" and rows[2]["source"] == "user"
     assert os.path.exists(json_path)
@@ -175,13 +186,16 @@ def test_napari_writer_from_layer_data(tmp_path):
     assert d["nodules"][0]["box_voxel"] == [10, 10, 20, 20] and d["nodules"][0]["source"] == "user"
 
 
-@pytest.mark.parametrize("change", [
-    lambda n: n.update(id=None),
-    lambda n: n.update(box_voxel=5),
-    lambda n: n.update(box_voxel=["a", 1, 2, 3, 4, 5]),
-    lambda n: n.update(probability="xyz"),
-    lambda n: n.update(malignancy=float("nan")),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda n: n.update(id=None),
+        lambda n: n.update(box_voxel=5),
+        lambda n: n.update(box_voxel=["a", 1, 2, 3, 4, 5]),
+        lambda n: n.update(probability="xyz"),
+        lambda n: n.update(malignancy=float("nan")),
+    ],
+)
 def test_json_with_bad_values_is_a_message_not_a_traceback(tmp_path, change):
     scan, t = ct_table()
     _, json_path = E.export_nodules(tmp_path / "out.json", t)
@@ -193,11 +207,14 @@ def test_json_with_bad_values_is_a_message_not_a_traceback(tmp_path, change):
         E.read_nodules_json(json_path)
 
 
-@pytest.mark.parametrize("body", [
-    b"seriesuid,coordX,coordY,coordZ,diameter_mm,malignancy\n1.2.840.1,1,2,3,5,abc\n",
-    b"seriesuid,coordX,coordY,coordZ,diameter_mm,probability\n1.2.840.1,1,2,3,5,nan\n",
-    b"seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.840.1,1,2,3,5\xff\n",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"seriesuid,coordX,coordY,coordZ,diameter_mm,malignancy\n1.2.840.1,1,2,3,5,abc\n",
+        b"seriesuid,coordX,coordY,coordZ,diameter_mm,probability\n1.2.840.1,1,2,3,5,nan\n",
+        b"seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.840.1,1,2,3,5\xff\n",
+    ],
+)
 def test_csv_with_bad_values_or_bytes_is_a_message(tmp_path, body):
     scan, t = ct_table()
     p = tmp_path / "bad.csv"
@@ -207,6 +224,7 @@ def test_csv_with_bad_values_or_bytes_is_a_message(tmp_path, body):
 
 
 # --- output safety -----------------------------------------------------------------------------
+
 
 def test_csv_formula_cells_are_neutralised_and_read_back_intact(tmp_path):
     scan, t = ct_table()
@@ -225,12 +243,15 @@ def test_csv_formula_cells_are_neutralised_and_read_back_intact(tmp_path):
         assert E.read_cell(E.safe_cell(text)) == text
 
 
-@pytest.mark.parametrize("make, kind", [
-    (lambda d: (os.mkfifo(d / "out.csv"), d / "out.csv")[1], "FIFO"),
-    (lambda d: Path("/dev/null"), "device"),
-    (lambda d: (os.symlink("/dev/full", d / "out.csv"), d / "out.csv")[1], "link to a device"),
-    (lambda d: ((d / "out.csv").mkdir(), d / "out.csv")[1], "folder"),
-])
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda d: (os.mkfifo(d / "out.csv"), d / "out.csv")[1], "FIFO"),
+        (lambda d: Path("/dev/null"), "device"),
+        (lambda d: (os.symlink("/dev/full", d / "out.csv"), d / "out.csv")[1], "link to a device"),
+        (lambda d: ((d / "out.csv").mkdir(), d / "out.csv")[1], "folder"),
+    ],
+)
 def test_export_refuses_non_regular_targets(tmp_path, make, kind):
     _, t = ct_table()
     target = make(tmp_path)
@@ -268,6 +289,7 @@ def test_interrupted_write_leaves_no_temp_file_and_the_old_file(tmp_path, monkey
 
 # --- strict import -----------------------------------------------------------------------------
 
+
 def _exported(tmp_path, change=None, table=None):
     scan, t = ct_table() if table is None else table
     _, json_path = E.export_nodules(tmp_path / "n.json", t)
@@ -279,20 +301,23 @@ def _exported(tmp_path, change=None, table=None):
     return scan, json_path
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(nodules=None), r"nodules must be a list"),
-    (lambda d: d.update(image="1.2.3"), r"image: must be an object"),
-    (lambda d: d.update(threshold=float("nan")), r"threshold must be a finite number"),
-    (lambda d: d["nodules"][0].update(reviewed="false"), r"nodule \d+: reviewed must be true or false"),
-    (lambda d: d["nodules"][0].update(box_voxel=[9, 10, 12, 4, 20, 24]), r"negative size"),
-    (lambda d: d["nodules"][0].update(probability=1.5), r"probability must be in \[0, 1\]"),
-    (lambda d: d["nodules"][0].update(id=True), r"id must be a whole number"),
-    (lambda d: d["nodules"][1].update(id=d["nodules"][0]["id"]), r"used twice"),
-    (lambda d: d["image"].update(shape=[20, 64, "64"]), r"shape must be"),
-    (lambda d: d.update(format_version=99), r"format_version 99"),
-    (lambda d: d.update(model={"name": [[[[[1]]]]]}), r"model field"),
-    (lambda d: d.update(model={"auc": float("inf")}), r"model field"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(nodules=None), r"nodules must be a list"),
+        (lambda d: d.update(image="1.2.3"), r"image: must be an object"),
+        (lambda d: d.update(threshold=float("nan")), r"threshold must be a finite number"),
+        (lambda d: d["nodules"][0].update(reviewed="false"), r"nodule \d+: reviewed must be true or false"),
+        (lambda d: d["nodules"][0].update(box_voxel=[9, 10, 12, 4, 20, 24]), r"negative size"),
+        (lambda d: d["nodules"][0].update(probability=1.5), r"probability must be in \[0, 1\]"),
+        (lambda d: d["nodules"][0].update(id=True), r"id must be a whole number"),
+        (lambda d: d["nodules"][1].update(id=d["nodules"][0]["id"]), r"used twice"),
+        (lambda d: d["image"].update(shape=[20, 64, "64"]), r"shape must be"),
+        (lambda d: d.update(format_version=99), r"format_version 99"),
+        (lambda d: d.update(model={"name": [[[[[1]]]]]}), r"model field"),
+        (lambda d: d.update(model={"auc": float("inf")}), r"model field"),
+    ],
+)
 def test_json_schema_refusals_are_one_line(tmp_path, change, message):
     scan, p = _exported(tmp_path, change)
     with pytest.raises(E.NoduleFileError, match=message) as err:
@@ -300,12 +325,15 @@ def test_json_schema_refusals_are_one_line(tmp_path, change, message):
     assert "\n" not in str(err.value) and str(p) in str(err.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"format": "resmtnet-nodules", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", r"nested too deeply|not valid"),
-    ('{"format": "resmtnet-nodules", "threshold": 1' + "0" * 400 + "}", r"."),
-    ('{"format": "resmtnet-nodules", "threshold": 1e400, "image": {}}', r"."),
-    ("\ufeff" + '{"format": "other"}', r"not a nodule file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"format": "resmtnet-nodules", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", r"nested too deeply|not valid"),
+        ('{"format": "resmtnet-nodules", "threshold": 1' + "0" * 400 + "}", r"."),
+        ('{"format": "resmtnet-nodules", "threshold": 1e400, "image": {}}', r"."),
+        ("\ufeff" + '{"format": "other"}', r"not a nodule file"),
+    ],
+)
 def test_hostile_json_is_one_line(tmp_path, text, message):
     scan, _ = ct_table()
     p = tmp_path / "h.json"
@@ -338,15 +366,18 @@ def test_excel_csv_with_bom_is_checked_like_any_csv(tmp_path):
         E.import_nodules(bom, other)
 
 
-@pytest.mark.parametrize("row, message", [
-    ("1.2.840.1,-30,25,-85,5,,,,\u00b2,,", r"id must be a whole number"),
-    ("1.2.840.1,-30,25,-85,-5,,,,,,", r"diameter_mm must be more than 0"),
-    ("1.2.840.1,-30,25,-85,5,,,,,,maybe", r"reviewed must be true or false"),
-    ("1.2.840.1,-30,25,-85,5,,,purple,,,", r"label must be one of"),
-    ("1.2.840.1,-30,25,1e400,5,,,,,,", r"coordZ must be a finite number"),
-    ("1.2.840.1,-30,25,415,5,,,,,,", r"the nodule at .* lies outside this image"),
-    (",-30,25,,5,,,,,,", r"coordZ is empty"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("1.2.840.1,-30,25,-85,5,,,,\u00b2,,", r"id must be a whole number"),
+        ("1.2.840.1,-30,25,-85,-5,,,,,,", r"diameter_mm must be more than 0"),
+        ("1.2.840.1,-30,25,-85,5,,,,,,maybe", r"reviewed must be true or false"),
+        ("1.2.840.1,-30,25,-85,5,,,purple,,,", r"label must be one of"),
+        ("1.2.840.1,-30,25,1e400,5,,,,,,", r"coordZ must be a finite number"),
+        ("1.2.840.1,-30,25,415,5,,,,,,", r"the nodule at .* lies outside this image"),
+        (",-30,25,,5,,,,,,", r"coordZ is empty"),
+    ],
+)
 def test_csv_schema_refusals_name_the_line(tmp_path, row, message):
     scan, _ = ct_table()
     p = tmp_path / "r.csv"

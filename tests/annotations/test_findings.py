@@ -13,7 +13,12 @@ from napari_resmtnet.annotations import autosave
 from napari_resmtnet.annotations import export as E
 from napari_resmtnet.detections import Detections
 from napari_resmtnet.annotations.table import (
-    FEATURE_COLUMNS, NoduleTable, clean_findings, grade_text, image_identity, texture_text,
+    FEATURE_COLUMNS,
+    NoduleTable,
+    clean_findings,
+    grade_text,
+    image_identity,
+    texture_text,
 )
 from napari_resmtnet.layers import layer_to_nodules, reconcile, table_to_layer_data
 from napari_resmtnet.annotations.report import write_html_report

@@ -4,6 +4,7 @@ Random spacings, origins and direction matrices (random rotations, with or witho
 random nodule sets; random boxes and scores. ``max_examples`` is kept moderate so that the
 module runs in a few seconds.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -50,8 +51,12 @@ def geometries(draw, nd: int | None = None):
     spacing = draw(st.lists(st.floats(0.05, 10.0, **finite), min_size=nd, max_size=nd))
     origin = draw(st.lists(st.floats(-1000.0, 1000.0, **finite), min_size=nd, max_size=nd))
     shape = draw(st.lists(st.integers(2, 600), min_size=nd, max_size=nd))
-    return {"spacing": tuple(spacing), "origin": tuple(origin), "direction": draw(directions(nd)),
-            "shape": tuple(shape)}
+    return {
+        "spacing": tuple(spacing),
+        "origin": tuple(origin),
+        "direction": draw(directions(nd)),
+        "shape": tuple(shape),
+    }
 
 
 @st.composite
@@ -133,8 +138,18 @@ def nodule_tables(draw):
         "origin": [float(o) for o in g["origin"]],
         "direction": np.asarray(g["direction"], float).tolist(),
     }
-    model = draw(st.one_of(st.none(), st.fixed_dictionaries(
-        {"name": st.text(max_size=10), "version": st.text(max_size=5), "sha256": st.text("0123456789abcdef", max_size=64)})))
+    model = draw(
+        st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {
+                    "name": st.text(max_size=10),
+                    "version": st.text(max_size=5),
+                    "sha256": st.text("0123456789abcdef", max_size=64),
+                }
+            ),
+        )
+    )
     return NoduleTable(
         boxes=boxes,
         ids=ids,
@@ -164,8 +179,11 @@ def test_export_then_import_is_the_identity(table):
             from_csv = E.import_nodules(csv_path, dict(table.image))
             assert len(from_csv) == int(vis.sum())
             if len(from_csv):
-                np.testing.assert_allclose(from_csv.centers_world(), table.centers_world()[vis],
-                                           atol=1e-6 * (1 + np.abs(table.centers_world()).max()))
+                np.testing.assert_allclose(
+                    from_csv.centers_world(),
+                    table.centers_world()[vis],
+                    atol=1e-6 * (1 + np.abs(table.centers_world()).max()),
+                )
 
 
 @SETTINGS
@@ -194,8 +212,10 @@ def nms_inputs(draw):
     boxes = draw(voxel_boxes(nd, n_max=30, min_size=1.0, extent=60.0))
     n = len(boxes)
     # few distinct score values, so that ties happen
-    scores = np.asarray(draw(st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]) | st.floats(0, 1, **finite),
-                                      min_size=n, max_size=n)), float)
+    scores = np.asarray(
+        draw(st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]) | st.floats(0, 1, **finite), min_size=n, max_size=n)),
+        float,
+    )
     t = draw(st.floats(0.0, 0.9, **finite))
     return boxes, scores, t
 

@@ -1,4 +1,5 @@
 """The HTML reading report: accepted nodules only (unless asked), key images, model info."""
+
 import re
 
 import numpy as np
@@ -13,9 +14,13 @@ def table_and_array():
     arr = np.full((20, 64, 64), -800, np.int16)
     arr[5:9, 12:20, 14:22] = 30  # nodule 1
     scan = Scan(arr, (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0), np.eye(3), "CT", seriesuid="1.2.3")
-    det = Detections([[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40], [15.1, 40, 40, 15.3, 44, 44]],
-                     [0.9, 0.3, 0.7], [0.87, 0.2, 0.6], Detections.geometry_of(scan),
-                     {"model_info": {"name": "resmtnet", "version": "1.0", "sha256": "ab" * 32}})
+    det = Detections(
+        [[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40], [15.1, 40, 40, 15.3, 44, 44]],
+        [0.9, 0.3, 0.7],
+        [0.87, 0.2, 0.6],
+        Detections.geometry_of(scan),
+        {"model_info": {"name": "resmtnet", "version": "1.0", "sha256": "ab" * 32}},
+    )
     t = NoduleTable.from_detections(det, image_identity(scan), threshold=0.25)
     return t.with_review([1], "accepted").with_review([3], "rejected"), arr
 
@@ -47,8 +52,15 @@ def test_key_image_is_the_centre_slice_with_the_box():
     t2, _ = t.added([5, 0, 0, 6, 4, 4], label="benign")
     assert key_image(arr, t2, 3, size_px=64).shape == (64, 64, 3)
     # a radiograph
-    cxr = Scan(np.random.default_rng(0).integers(0, 4000, (100, 120)).astype(np.uint16), (0.5, 0.5), (0, 0),
-               np.eye(2), "CXR", seriesuid="c")
-    tc = NoduleTable.from_detections(Detections([[10, 20, 30, 40]], [0.8], [0.1], Detections.geometry_of(cxr)),
-                                     image_identity(cxr))
+    cxr = Scan(
+        np.random.default_rng(0).integers(0, 4000, (100, 120)).astype(np.uint16),
+        (0.5, 0.5),
+        (0, 0),
+        np.eye(2),
+        "CXR",
+        seriesuid="c",
+    )
+    tc = NoduleTable.from_detections(
+        Detections([[10, 20, 30, 40]], [0.8], [0.1], Detections.geometry_of(cxr)), image_identity(cxr)
+    )
     assert key_image(cxr.array, tc, 0).shape == (256, 256, 3)

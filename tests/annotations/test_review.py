@@ -1,4 +1,5 @@
 """The Qt-free reading model: review states, undo/redo history, navigation, merging."""
+
 import numpy as np
 import pytest
 
@@ -11,10 +12,15 @@ from napari_resmtnet.scan import Scan
 
 
 def ct_table(threshold=0.5):
-    scan = Scan(np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0), np.eye(3), "CT",
-                seriesuid="1.2.3")
-    det = Detections([[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40], [15.1, 40, 40, 15.3, 44, 44]],
-                     [0.9, 0.3, 0.7], [0.87, 0.2, 0.6], Detections.geometry_of(scan))
+    scan = Scan(
+        np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0), np.eye(3), "CT", seriesuid="1.2.3"
+    )
+    det = Detections(
+        [[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40], [15.1, 40, 40, 15.3, 44, 44]],
+        [0.9, 0.3, 0.7],
+        [0.87, 0.2, 0.6],
+        Detections.geometry_of(scan),
+    )
     return NoduleTable.from_detections(det, image_identity(scan), threshold=threshold)
 
 
@@ -57,14 +63,14 @@ def test_counts_and_next_unreviewed_in_reading_order():
 def test_history_undo_redo():
     h = History(depth=3)
     a, b, c = ct_table(), ct_table(0.3), ct_table(0.4)
-    h.push(a)            # a -> b
-    h.push(b)            # b -> c
+    h.push(a)  # a -> b
+    h.push(b)  # b -> c
     assert h.undo(c) is b and h.can_redo
     assert h.undo(b) is a and not h.can_undo
     assert h.undo(a) is None
     assert h.redo(a) is b and h.redo(b) is c and not h.can_redo
     h.undo(c)
-    h.push(b)            # a new change clears redo
+    h.push(b)  # a new change clears redo
     assert not h.can_redo
     for t in range(10):
         h.push(t)
@@ -77,8 +83,12 @@ def test_merge_keeps_reviewed_and_drawn_and_replaces_candidates():
     assert reader_work(old) == 3 and reader_work(ct_table()) == 0
     # the new run finds nodule 1 again (shifted), a new one, not nodule 2, and nodule 3 again
     geom = old.geometry
-    det = Detections([[4.0, 11, 12, 8.0, 21, 24], [2.0, 2, 2, 4.0, 8, 8], [15.0, 41, 41, 15.4, 44, 44]],
-                     [0.95, 0.6, 0.8], [0.9, 0.1, 0.7], geom)
+    det = Detections(
+        [[4.0, 11, 12, 8.0, 21, 24], [2.0, 2, 2, 4.0, 8, 8], [15.0, 41, 41, 15.4, 44, 44]],
+        [0.95, 0.6, 0.8],
+        [0.9, 0.1, 0.7],
+        geom,
+    )
     new = NoduleTable.from_detections(det, old.image, threshold=0.33, model_info={"name": "m"})
     merged, s = merge_detections(old, new)
     assert (s.kept, s.replaced, s.added, s.duplicates) == (3, 1, 1, 2)
@@ -105,8 +115,7 @@ def test_z_extent_edit():
 
 
 def test_slice_index_rounds_float_noise_and_current_slice_shapes():
-    geom = {"spacing": (5.0, 0.57, 0.57), "origin": (-777.4999999999998, -215.5, -134.0),
-            "direction": np.eye(3)}
+    geom = {"spacing": (5.0, 0.57, 0.57), "origin": (-777.4999999999998, -215.5, -134.0), "direction": np.eye(3)}
     for k in range(48):
         world = -777.4999999999998 + k * 5.0
         assert slice_index_of([world, 0, 0], geom, 48) == k

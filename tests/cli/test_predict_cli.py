@@ -5,6 +5,7 @@ reports bright balls exactly, so that the CSV's world coordinates can be checked
 positions computed independently with SimpleITK; one test runs the real command in a
 subprocess with a tiny random Res-MTNet weights file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,14 +30,15 @@ from test_inference import AIR_BALL_LEVEL, CentroidNet  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_ball_image(path, shape_zyx, spacing_xyz, origin_xyz, direction_xyz, centre_zyx, radius_mm=5.0,
-                     hu=500, background=-1000):
+def write_ball_image(
+    path, shape_zyx, spacing_xyz, origin_xyz, direction_xyz, centre_zyx, radius_mm=5.0, hu=500, background=-1000
+):
     """Image with a bright ball written by SimpleITK; returns the ball centre in LPS world
     mm (x, y[, z]) computed by SimpleITK itself."""
     sp = np.asarray(spacing_xyz, float)[::-1]
     grids = np.meshgrid(*[np.arange(n) for n in shape_zyx], indexing="ij", sparse=True)
     d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre_zyx, sp))
-    arr = np.where(d2 <= radius_mm ** 2, hu, background).astype(np.int16)
+    arr = np.where(d2 <= radius_mm**2, hu, background).astype(np.int16)
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing(tuple(map(float, spacing_xyz)))
     img.SetOrigin(tuple(map(float, origin_xyz)))
@@ -53,9 +55,19 @@ def centroid_predictor(monkeypatch):
     def fake(modality, weights=None, sha256=None, device="auto", **kw):
         nd = 3 if modality == "CT" else 2
         level = AIR_BALL_LEVEL if nd == 3 else 0.5
-        return real(modality, model=CentroidNet(nd, level), device=device,
-                    info={"name": "centroid", "version": "t", "sha256": "0" * 64, "threshold": 0.5,
-                          "spacing_mm": 1.0 if nd == 3 else 1.6}, **kw)
+        return real(
+            modality,
+            model=CentroidNet(nd, level),
+            device=device,
+            info={
+                "name": "centroid",
+                "version": "t",
+                "sha256": "0" * 64,
+                "threshold": 0.5,
+                "spacing_mm": 1.0 if nd == 3 else 1.6,
+            },
+            **kw,
+        )
 
     monkeypatch.setattr(predict_cli, "Predictor", fake)
 
@@ -74,8 +86,16 @@ def test_csv_parsed_back_has_world_xyz(tmp_path, centroid_predictor, capsys):
     out, js = tmp_path / "det.csv", tmp_path / "det.json"
     assert main([str(a), str(b), "--out", str(out), "--json", str(js), "--device", "cpu", "--quiet"]) == 0
     rows = read_csv(out)
-    assert list(rows[0])[:8] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "probability",
-                                 "malignancy", "label"]
+    assert list(rows[0])[:8] == [
+        "seriesuid",
+        "coordX",
+        "coordY",
+        "coordZ",
+        "diameter_mm",
+        "probability",
+        "malignancy",
+        "label",
+    ]
     by_uid = {r["seriesuid"]: r for r in rows}
     assert set(by_uid) == {"scan_a", "scan_b"} and len(rows) == 2
     for uid, truth in (("scan_a", wa), ("scan_b", wb)):
@@ -114,7 +134,7 @@ def test_radiograph_rows_have_no_z_and_spacing_override(tmp_path, centroid_predi
     png_like = tmp_path / "film.nrrd"
     arr = np.linspace(0, 1000, 400, dtype=np.float32)[None, :].repeat(300, 0)
     yy, xx = np.mgrid[:300, :400]
-    arr[(yy - 120.0) ** 2 + (xx - 250.0) ** 2 <= 20.0 ** 2] = 3000  # 40 px disc
+    arr[(yy - 120.0) ** 2 + (xx - 250.0) ** 2 <= 20.0**2] = 3000  # 40 px disc
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.35, 0.35))
     sitk.WriteImage(img, str(png_like))
@@ -136,17 +156,22 @@ def test_threshold_option_filters_rows(tmp_path, centroid_predictor):
     out = tmp_path / "d.csv"
     assert main([str(f), "--out", str(out), "--threshold", "1.0", "--quiet", "--device", "cpu"]) == 0
     assert read_csv(out) == []
-    assert out.read_text(encoding="utf-8").startswith("seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label")
+    assert out.read_text(encoding="utf-8").startswith(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm,probability,malignancy,label"
+    )
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "the following arguments are required"),
-    (["x.nrrd"], "--out"),
-    (["x.nrrd", "--out", "o.csv", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
-    (["x.nrrd", "--out", "no/such/folder/o.csv"], "does not exist"),
-    (["x.nrrd", "--out", "o.csv", "--spacing", "-1"], "--spacing"),
-    (["x.nrrd", "--out", "o.csv", "--device", "quantum"], "unknown device"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "the following arguments are required"),
+        (["x.nrrd"], "--out"),
+        (["x.nrrd", "--out", "o.csv", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
+        (["x.nrrd", "--out", "no/such/folder/o.csv"], "does not exist"),
+        (["x.nrrd", "--out", "o.csv", "--spacing", "-1"], "--spacing"),
+        (["x.nrrd", "--out", "o.csv", "--device", "quantum"], "unknown device"),
+    ],
+)
 def test_usage_errors_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -169,8 +194,19 @@ def tiny_weights(path: Path, modality="CT", threshold=0.3) -> Path:
     net = ResMTNet(cfg)
     with torch.no_grad():
         net.heatmap.bias.fill_(0.0)
-    torch.save({"format": WEIGHTS_FORMAT, "name": "tiny", "version": "0", "modality": modality, "spacing_mm": 1.0,
-                "threshold": threshold, "network": cfg.to_dict(), "state_dict": net.state_dict()}, path)
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "name": "tiny",
+            "version": "0",
+            "modality": modality,
+            "spacing_mm": 1.0,
+            "threshold": threshold,
+            "network": cfg.to_dict(),
+            "state_dict": net.state_dict(),
+        },
+        path,
+    )
     path.with_name(path.name + ".sha256").write_text(sha256_of(path) + "\n")
     return path
 
@@ -183,9 +219,26 @@ def test_python_m_predict_with_a_weights_file(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((64, 64), np.float32)), str(film))
     out = tmp_path / "o.csv"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "napari_resmtnet", "predict", str(f), str(film), "--out", str(out),
-                        "--weights", str(w), "--device", "cpu"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_resmtnet",
+            "predict",
+            str(f),
+            str(film),
+            "--out",
+            str(out),
+            "--weights",
+            str(w),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr  # the radiograph cannot use CT weights
     err = [line for line in r.stderr.splitlines() if "skipped" in line]
     assert len(err) == 1 and "film.nrrd" in err[0] and "CXR" in err[0], r.stderr
@@ -223,8 +276,10 @@ def test_lung1_nodule_found_with_bundled_weights(tmp_path):
     xyz = np.array([[float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])] for r in rows]).reshape(-1, 3)
     dist = np.linalg.norm(xyz - centre, axis=1)
     hit = dist <= max(radius, 5.0)
-    print(f"lung1: {len(rows)} detections, nearest {dist.min() if len(dist) else float('nan'):.1f} mm "
-          f"(radius {radius:.1f} mm)")
+    print(
+        f"lung1: {len(rows)} detections, nearest {dist.min() if len(dist) else float('nan'):.1f} mm "
+        f"(radius {radius:.1f} mm)"
+    )
     assert hit.any(), f"nodule at {centre} (r {radius:.1f} mm) not found; nearest {dist.min() if len(dist) else None}"
     best = int(np.argmax([float(r["probability"]) for r in rows]))
     assert hit[best], "the most probable detection is not the labelled nodule"
@@ -246,11 +301,15 @@ def test_bad_weights_are_one_line_whatever_the_number_of_inputs(tmp_path, capsys
 
 # --- output safety, Ctrl-C, escaped names --------------------------------------------------------
 
-@pytest.mark.parametrize("make, kind", [
-    (lambda d: Path("/dev/null"), "device"),
-    (lambda d: (os.mkfifo(d / "o.csv"), d / "o.csv")[1], "FIFO"),
-    (lambda d: (os.symlink("/dev/full", d / "o.csv"), d / "o.csv")[1], "link to a device"),
-])
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda d: Path("/dev/null"), "device"),
+        (lambda d: (os.mkfifo(d / "o.csv"), d / "o.csv")[1], "FIFO"),
+        (lambda d: (os.symlink("/dev/full", d / "o.csv"), d / "o.csv")[1], "link to a device"),
+    ],
+)
 def test_out_that_is_not_a_regular_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch, make, kind):
 
     monkeypatch.setattr(predict_cli, "load_scan", lambda p: pytest.fail("no scan may be read"))
@@ -275,8 +334,17 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path, capsys, mon
     monkeypatch.setattr(predict_cli, "load_scan", interrupt)
     out = tmp_path / "o.csv"
     out.write_text("an older result\n")
-    rc = main([str(tmp_path / "a.mha"), str(tmp_path / "b.mha"), "--out", str(out), "--json",
-               str(tmp_path / "o.json"), "--quiet"])
+    rc = main(
+        [
+            str(tmp_path / "a.mha"),
+            str(tmp_path / "b.mha"),
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "o.json"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 130 and calls == [str(tmp_path / "a.mha")]
     assert err == ["resmtnet predict: interrupted after 0 of 2 scan(s); nothing written"]

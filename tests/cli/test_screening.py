@@ -1,5 +1,6 @@
 """``resmtnet screen``: studies from files and DICOMweb, per-study outputs, failures as one
 line, resume; and (slow) a 2-worker Dask cluster losing a worker mid-run."""
+
 from __future__ import annotations
 
 import json
@@ -124,15 +125,31 @@ def test_send_sr_seg_back_to_orthanc(tmp_path, monkeypatch, fake_model):
     assert screening.main([address, "--out", str(out), "--workers", "0", "--quiet", "--send"]) == 0
     assert _summary(out)["results"][0]["sent"] == {"stored": [], "note": "no findings to send"}
     out2 = tmp_path / "out2"
-    assert screening.main([address, "--out", str(out2), "--workers", "0", "--quiet", "--send",
-                           "--send-unreviewed"]) == 0
+    assert (
+        screening.main([address, "--out", str(out2), "--workers", "0", "--quiet", "--send", "--send-unreviewed"]) == 0
+    )
     sent = _summary(out2)["results"][0]["sent"]["stored"]
     assert len(sent) == 2
     assert {s.modality for s in pacs.search_series(info["study_uid"])} >= {"CT", "SR", "SEG"}
     # a study from files is sent to --send-to, referencing its own series
     out3 = tmp_path / "out3"
-    assert screening.main([str(info["folder"]), "--out", str(out3), "--workers", "0", "--quiet", "--send",
-                           "--send-unreviewed", "--send-to", url]) == 0
+    assert (
+        screening.main(
+            [
+                str(info["folder"]),
+                "--out",
+                str(out3),
+                "--workers",
+                "0",
+                "--quiet",
+                "--send",
+                "--send-unreviewed",
+                "--send-to",
+                url,
+            ]
+        )
+        == 0
+    )
     assert len(_summary(out3)["results"][0]["sent"]["stored"]) == 2
 
 
@@ -184,8 +201,14 @@ def test_dask_two_workers_one_killed_equals_sequential(tmp_path, monkeypatch):
     assert screening.main([*inputs, "--out", str(seq), "--workers", "0", "--quiet"]) == 0
 
     out = tmp_path / "dask"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=50, env={"OMP_NUM_THREADS": "1"}) as cluster:
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=50,
+        env={"OMP_NUM_THREADS": "1"},
+    ) as cluster:
         done, killed = threading.Event(), []
         killer = threading.Thread(target=_kill_a_busy_worker, args=(cluster.scheduler_address, done, killed))
         killer.start()

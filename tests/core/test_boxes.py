@@ -1,4 +1,5 @@
 """The box convention: conversions, IoU and NMS."""
+
 import numpy as np
 import pytest
 import torch

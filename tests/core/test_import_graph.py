@@ -80,7 +80,8 @@ def imports(mods) -> list[tuple[str, str, bool, bool, int]]:
             node, in_function = stack.pop()
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    lazy = "# lazy:" in lines[child.lineno - 1]
+                    # the mark may sit on any line of a wrapped import statement
+                    lazy = any("# lazy:" in ln for ln in lines[child.lineno - 1 : child.end_lineno])
                     for t in _targets(child, mod, is_pkg, mods):
                         if t != mod:
                             found.append((mod, t, in_function, lazy, child.lineno))

@@ -1,9 +1,16 @@
 """Evaluation metrics: hit matching, FROC/CPM, AUC, the diameter rule."""
+
 import numpy as np
 import pytest
 
 from napari_resmtnet.metrics import (
-    detection_f1, diameter_rule, froc, malignancy_metrics, match_detections, roc_auc, threshold_at_fp,
+    detection_f1,
+    diameter_rule,
+    froc,
+    malignancy_metrics,
+    match_detections,
+    roc_auc,
+    threshold_at_fp,
 )
 
 

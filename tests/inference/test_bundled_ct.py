@@ -1,4 +1,5 @@
 """The bundled CT weights on five fixed real validation cubes (never seen in training)."""
+
 import numpy as np
 import pytest
 
@@ -10,8 +11,8 @@ CUBES = {
     P + "102681962408431413578140925249_dcm_0.mha": "malignant",  # 23 mm
     P + "107109359065300889765026303943_dcm_0.mha": "malignant",  # 31 mm
     P + "163901773171373940247829492387_dcm_0.mha": "malignant",  # 24 mm
-    P + "107351566259572521472765997306_dcm_1.mha": "benign",     # 5 mm
-    P + "121824995088859376862458155637_dcm_0.mha": "benign",     # 6 mm
+    P + "107351566259572521472765997306_dcm_1.mha": "benign",  # 5 mm
+    P + "121824995088859376862458155637_dcm_0.mha": "benign",  # 6 mm
 }
 
 

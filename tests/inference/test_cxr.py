@@ -1,5 +1,6 @@
 """Chest X-ray data: JSRT readers, radiograph preprocessing, nodule implantation, and the
 bundled CXR weights on real radiographs (those skip without ../shared/data or weights)."""
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ NODE21 = DATA / "cxr" / "node21_3.mha"
 
 
 # --- synthetic JSRT distribution -------------------------------------------------------------
+
 
 def _write_img(path: Path, raw: np.ndarray):
     """Raw JSRT file: 2048 x 2048, 16-bit big-endian, no header."""
@@ -42,7 +44,8 @@ def jsrt_img_folder(tmp_path):
     _write_img(nod / "JPCLN001.IMG", _disc_film(700, 1200, 60))
     _write_img(non / "JPCNN001.IMG", _disc_film(0, 0, 0, outside=2500))
     (tmp_path / "CLNDAT_EN.txt").write_text(
-        "JPCLN001.IMG\t4\t21\t60\tmale\t1200\t700\tmalignant\tr.upper lobe\tlung cancer\n")
+        "JPCLN001.IMG\t4\t21\t60\tmale\t1200\t700\tmalignant\tr.upper lobe\tlung cancer\n"
+    )
     (tmp_path / "CNNDAT_EN.txt").write_text("JPCNN001.IMG\t50\tfemale\tnon-nodule\n")
     return tmp_path
 
@@ -94,8 +97,10 @@ def test_jsrt_img_without_table_is_refused(tmp_path):
 
 def test_clinical_table_variants():
     # whitespace-separated, records run together, unknown age and size
-    text = ("JPCLN001.IMG 5 15 53 male 1634 692 malignant l.upper lobe lung cancerJPCLN002.IMG\t3\t?\t?\tfemale"
-            "\t400\t1500\tBenign\tr.lower lobe\tgranuloma\r\nJPCNN010.IMG\t40\tmale\tnon-nodule\n")
+    text = (
+        "JPCLN001.IMG 5 15 53 male 1634 692 malignant l.upper lobe lung cancerJPCLN002.IMG\t3\t?\t?\tfemale"
+        "\t400\t1500\tBenign\tr.lower lobe\tgranuloma\r\nJPCNN010.IMG\t40\tmale\tnon-nodule\n"
+    )
     t = cd.parse_clinical_table(text)
     assert set(t) == {"JPCLN001", "JPCLN002", "JPCNN010"}
     a, b = t["JPCLN001"], t["JPCLN002"]
@@ -120,7 +125,8 @@ def test_png_layout(tmp_path):
     imsave(tmp_path / "masks" / "JPCLN003.png", mask, check_contrast=False)
     (tmp_path / "jsrt.csv").write_text(
         "image,has_nodule,x_px,y_px,diameter_mm,diameter_px,state,subtlety,age,gender,position,diagnosis\n"
-        "JPCLN003.png,1,154.5,54.5,16.0,10.0,benign,3,60,Male,l.upper lobe,x\n")
+        "JPCLN003.png,1,154.5,54.5,16.0,10.0,benign,3,60,Male,l.upper lobe,x\n"
+    )
     (r,) = cd.load_cxr_records(tmp_path)
     assert r.centers[0].tolist() == [54.5, 154.5]  # (row, col) from (x_px, y_px)
     assert r.diameters[0] == 10.0 and r.diameter == pytest.approx(16.0) and r.label == 0
@@ -133,6 +139,7 @@ def test_unknown_folder_message(tmp_path):
 
 
 # --- preprocessing -----------------------------------------------------------------------------
+
 
 def test_preprocess_radiograph_geometry_and_speed():
     a = np.zeros((2048, 2048), np.uint16)
@@ -169,6 +176,7 @@ def test_resample_keeps_model_spacing_and_anisotropic_zoom():
 
 
 # --- implantation ------------------------------------------------------------------------------
+
 
 def _sphere_cube(r_mm=6.0, nodule_hu=0.0, lung_hu=-850.0):
     zz, yy, xx = np.indices((50, 50, 50))
@@ -227,8 +235,10 @@ def test_cxr_batch_with_implants_is_deterministic():
     from napari_resmtnet.training.train import TrainConfig
 
     img, lung = _lung_image()
-    recs = [cd.CXRRecord(f"JPCNN00{i}", f"JPCNN00{i}", img, np.zeros((0, 2)), np.zeros(0), np.zeros(0), lung=lung)
-            for i in range(4)]
+    recs = [
+        cd.CXRRecord(f"JPCNN00{i}", f"JPCNN00{i}", img, np.zeros((0, 2)), np.zeros(0), np.zeros(0), lung=lung)
+        for i in range(4)
+    ]
     cfg = TrainConfig(modality="CXR", implant={"enabled": True, "prob": 1.0, "max_per_image": 1})
     ctx = {"implant": cd._implant_settings(cfg), "bank": [_blob_implant(malignant=0)], "gain": 0.2}
     aug = cfg.augment_config()
@@ -243,7 +253,9 @@ def test_cxr_batch_with_implants_is_deterministic():
         r, c = (int(round(v)) for v in t["centers"][0].tolist())
         assert r in range(192) and c in range(192)
     cfg_off = TrainConfig(modality="CXR", implant={"enabled": False})
-    _, t3 = cd.make_cxr_batch(recs, cfg_off, aug, torch.Generator().manual_seed(5), {"implant": cd._implant_settings(cfg_off)})
+    _, t3 = cd.make_cxr_batch(
+        recs, cfg_off, aug, torch.Generator().manual_seed(5), {"implant": cd._implant_settings(cfg_off)}
+    )
     assert all(len(t["centers"]) == 0 for t in t3)
 
 

@@ -6,6 +6,7 @@ and regresses their exact sub-cell centre and diameter. With it, where a synthet
 is reported tests the whole geometry path (resampling, windows, stitching, decoding and the
 mapping back through spacing, origin and direction) without trained weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,12 @@ from torch import nn
 
 from napari_resmtnet.detections import Detections
 from napari_resmtnet.inference.predictor import (
-    Cancelled, DeviceError, Predictor, PredictionError, predict, window_starts,
+    Cancelled,
+    DeviceError,
+    Predictor,
+    PredictionError,
+    predict,
+    window_starts,
 )
 from napari_resmtnet.scan import Scan
 
@@ -65,9 +71,13 @@ class CentroidNet(nn.Module):
         else:
             diam = (4 * den / math.pi) ** 0.5
         gain = 0.01 if nd == 3 else 0.1  # a 10 mm ball ~ 520 voxels, a 14 mm disc at 1.6 mm ~ 60 px
-        heat = gain * den - 2 - 2 * (off ** 2).sum(1, keepdim=True)
-        return {"heatmap": heat, "size": torch.log(diam.clamp(min=1) / 4), "offset": off,
-                "malignancy": torch.zeros_like(den)}
+        heat = gain * den - 2 - 2 * (off**2).sum(1, keepdim=True)
+        return {
+            "heatmap": heat,
+            "size": torch.log(diam.clamp(min=1) / 4),
+            "offset": off,
+            "malignancy": torch.zeros_like(den),
+        }
 
 
 CT_LEVEL = 0.63  # normalised CT value of about +270 HU: only the bright test spheres exceed it
@@ -79,27 +89,35 @@ def rotation(deg):
     return np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
 
 
-def sphere_scan(shape, spacing, origin, direction, centre_index, radius_mm, hu=500.0, background=-1000.0,
-                modality="CT"):
+def sphere_scan(
+    shape, spacing, origin, direction, centre_index, radius_mm, hu=500.0, background=-1000.0, modality="CT"
+):
     """Scan with a bright ball of ``radius_mm`` centred at fractional index ``centre_index``."""
     sp = np.asarray(spacing, float)
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij", sparse=True)
     d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre_index, sp))
-    arr = np.where(d2 <= radius_mm ** 2, hu, background).astype(np.float32 if modality == "CXR" else np.int16)
+    arr = np.where(d2 <= radius_mm**2, hu, background).astype(np.float32 if modality == "CXR" else np.int16)
     return Scan(arr, tuple(spacing), tuple(origin), np.asarray(direction, float), modality, seriesuid="test")
 
 
 def ct_predictor(level=CT_LEVEL, **kw):
     kw.setdefault("device", "cpu")
-    return Predictor("CT", model=CentroidNet(3, level), info={"spacing_mm": 1.0, "threshold": 0.5,
-                                                                  "name": "centroid", "version": "test"}, **kw)
+    return Predictor(
+        "CT",
+        model=CentroidNet(3, level),
+        info={"spacing_mm": 1.0, "threshold": 0.5, "name": "centroid", "version": "test"},
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("spacing,direction", [
-    ((2.5, 0.8, 0.7), np.diag([-1.0, 1.0, -1.0])),          # flipped z and x
-    ((1.25, 0.66, 0.66), rotation(25) @ np.diag([1.0, -1.0, 1.0])),  # oblique, flipped y
-    ((0.6, 1.7, 1.3), np.eye(3)[[0, 2, 1]] @ np.diag([1, 1, -1.0])),  # permuted axes
-])
+@pytest.mark.parametrize(
+    "spacing,direction",
+    [
+        ((2.5, 0.8, 0.7), np.diag([-1.0, 1.0, -1.0])),  # flipped z and x
+        ((1.25, 0.66, 0.66), rotation(25) @ np.diag([1.0, -1.0, 1.0])),  # oblique, flipped y
+        ((0.6, 1.7, 1.3), np.eye(3)[[0, 2, 1]] @ np.diag([1, 1, -1.0])),  # permuted axes
+    ],
+)
 def test_sphere_reported_at_its_world_position(spacing, direction):
     shape = (int(60 / spacing[0]), int(70 / spacing[1]), int(64 / spacing[2]))
     centre_index = np.array(shape) * np.array([0.43, 0.55, 0.61]) + 0.37
@@ -119,8 +137,9 @@ def test_radiograph_disc_reported_at_its_world_position():
     direction = np.array([[1.0, 0.0], [0.0, -1.0]])
     shape = (900, 1100)
     centre = np.array([371.4, 702.8])
-    scan = sphere_scan(shape, spacing, (12.5, -40.0), direction, centre, radius_mm=7.0, hu=3000.0,
-                       background=0.0, modality="CXR")
+    scan = sphere_scan(
+        shape, spacing, (12.5, -40.0), direction, centre, radius_mm=7.0, hu=3000.0, background=0.0, modality="CXR"
+    )
     ramp = np.linspace(0.0, 1000.0, shape[1], dtype=np.float32)[None, :]  # gives the percentiles a range
     scan.array = np.where(scan.array > 0, scan.array, ramp)
     # normalised: ramp -> about [-1, 1], disc -> 2 (clipped); level 1.2 = about 1090 here
@@ -146,7 +165,7 @@ def synthetic_chest(shape=(56, 100, 100), spacing=(2.5, 1.6, 1.6), nodules=()):
         lung = ((z - 25.0) / 36.0) ** 2 + (y / 48.0) ** 2 + ((x - cx) / 28.0) ** 2 <= 1
         arr[lung] = -850
     for c in nodules:
-        ball = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= 5.0 ** 2
+        ball = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= 5.0**2
         arr[ball] = 500
     origin = -(np.asarray(shape) - 1) / 2 * sp
     return Scan(arr, spacing, tuple(origin), np.eye(3), "CT", seriesuid="chest")
@@ -176,8 +195,14 @@ def test_lung_mask_on_a_coronal_volume():
     """The same chest stored with the head-feet axis second (a coronal acquisition)."""
     ax = synthetic_chest(nodules=[IN_LUNG, IN_BODY])
     perm = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # array (y, z, x) -> world (z, y, x)
-    cor = Scan(np.ascontiguousarray(ax.array.transpose(1, 0, 2)), (ax.spacing[1], ax.spacing[0], ax.spacing[2]),
-               ax.origin, perm, "CT", seriesuid="coronal")
+    cor = Scan(
+        np.ascontiguousarray(ax.array.transpose(1, 0, 2)),
+        (ax.spacing[1], ax.spacing[0], ax.spacing[2]),
+        ax.origin,
+        perm,
+        "CT",
+        seriesuid="coronal",
+    )
     det = ct_predictor(window=96, overlap=16).predict(cor)
     assert det.meta["lung_mask"]["used"] is True, det.meta["lung_mask"]
     found = det.above(0.5).centers_world()
@@ -190,7 +215,7 @@ def test_cube_and_whole_scan_share_the_api():
     i = np.round(scan.world_to_index([IN_LUNG])[0]).astype(int)
     half = np.round(25.0 / np.asarray(scan.spacing)).astype(int)
     lo = i - half
-    cube_arr = scan.array[lo[0]:i[0] + half[0], lo[1]:i[1] + half[1], lo[2]:i[2] + half[2]].copy()
+    cube_arr = scan.array[lo[0] : i[0] + half[0], lo[1] : i[1] + half[1], lo[2] : i[2] + half[2]].copy()
     cube = Scan(cube_arr, scan.spacing, tuple(scan.index_to_world(lo)[0]), scan.direction, "CT", seriesuid="cube")
     det = predict(cube, model=CentroidNet(3, CT_LEVEL), info={"spacing_mm": 1.0, "threshold": 0.5}, device="cpu")
     assert det.meta["lung_mask"]["used"] is False
@@ -299,8 +324,12 @@ def test_absurd_spacing_is_refused_before_allocating_the_grid():
     from napari_resmtnet.scan import Scan
 
     net = ResMTNet(ResMTNetConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)).eval()
-    p = Predictor("CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.5, "name": "t", "version": "0", "sha256": ""},
-                  device="cpu")
+    p = Predictor(
+        "CT",
+        model=net,
+        info={"spacing_mm": 1.0, "threshold": 0.5, "name": "t", "version": "0", "sha256": ""},
+        device="cpu",
+    )
     scan = Scan(np.zeros((64, 64, 64), np.int16), (20.0, 20.0, 20.0), (0, 0, 0), np.eye(3), "CT", path="big.mha")
     with pytest.raises(PredictionError, match="big.mha: .*GB.*spacing"):
         p.predict(scan)

@@ -123,11 +123,14 @@ def test_non_finite_weights_are_refused(weights_file):
         load_checkpoint(p)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda net: net.update(widths=[8, 8, 16, 10**6]), r"widths must be whole numbers from 1 to 2048"),
-    (lambda net: net.update(blocks=[1, 1, 10**9]), r"blocks must be whole numbers"),
-    (lambda net: net.update(widths=[8, 8, 16, 32]), r"config and the tensors disagree"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda net: net.update(widths=[8, 8, 16, 10**6]), r"widths must be whole numbers from 1 to 2048"),
+        (lambda net: net.update(blocks=[1, 1, 10**9]), r"blocks must be whole numbers"),
+        (lambda net: net.update(widths=[8, 8, 16, 32]), r"config and the tensors disagree"),
+    ],
+)
 def test_absurd_or_mismatched_network_config_refused_before_building(weights_file, monkeypatch, change, message):
     import napari_resmtnet.model as model_pkg
 

@@ -5,6 +5,7 @@ Whatever the header or annotation file holds, the outcome is a result or one lin
 header never makes the reader return the pixels of a file outside its folder; the CSV
 escape of formula cells always reads back exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,21 +27,45 @@ from napari_resmtnet.annotations.table import NoduleTable, image_identity  # noq
 from napari_resmtnet.paths import escape_text  # noqa: E402
 from napari_resmtnet.scan import Scan  # noqa: E402
 
-FUZZ = settings(max_examples=int(os.environ.get("RESMTNET_FUZZ_EXAMPLES", "60")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("RESMTNET_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 SECRET_VALUE = 12345  # every voxel of the file outside the header's folder
-SHAPE = (4, 6, 5)     # z, y, x of the good data file inside the folder
+SHAPE = (4, 6, 5)  # z, y, x of the good data file inside the folder
 
 numbers = st.one_of(
-    st.integers(-5, 12).map(str), st.integers(-2**64, 2**64).map(str),
+    st.integers(-5, 12).map(str),
+    st.integers(-(2**64), 2**64).map(str),
     st.sampled_from(["inf", "-inf", "nan", "auto", "1e400", "", "1.5", "0x10", "6 5 4", "\u00b2"]),
 )
 data_names = st.one_of(
-    st.sampled_from(["data.raw", "LOCAL", "LIST", "LIST 2D", "../secret.raw", "/etc/passwd", "%s 1 1 1",
-                     "%1$cetc%1$cpasswd 47 47 1", "s%d.raw 0 3 1", "s%d.raw 0 3 0", "s%d.raw 1 999999999 1",
-                     "sub/../data.raw", "sub/../../secret.raw", "link.raw", "data.raw 1 2", "fifo.raw",
-                     "%%d%d 1 1 1", "s%03d.raw", "./data.raw", "data.raw\x00x"]),
+    st.sampled_from(
+        [
+            "data.raw",
+            "LOCAL",
+            "LIST",
+            "LIST 2D",
+            "../secret.raw",
+            "/etc/passwd",
+            "%s 1 1 1",
+            "%1$cetc%1$cpasswd 47 47 1",
+            "s%d.raw 0 3 1",
+            "s%d.raw 0 3 0",
+            "s%d.raw 1 999999999 1",
+            "sub/../data.raw",
+            "sub/../../secret.raw",
+            "link.raw",
+            "data.raw 1 2",
+            "fifo.raw",
+            "%%d%d 1 1 1",
+            "s%03d.raw",
+            "./data.raw",
+            "data.raw\x00x",
+        ]
+    ),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
 )
 
@@ -74,17 +99,28 @@ def _check_outcome(path: Path):
 
 
 @FUZZ
-@given(ndims=numbers, dims=numbers, etype=st.sampled_from(["MET_SHORT", "MET_UCHAR", "MET_FLOAT", "MET_DOUBLE",
-                                                            "MET_BOGUS", "met_short", ""]),
-       header_size=st.one_of(st.none(), numbers), channels=st.one_of(st.none(), numbers),
-       compressed=st.sampled_from([None, "True", "False"]), csize=st.one_of(st.none(), numbers),
-       datafile=data_names, key=st.sampled_from(["ElementDataFile", "elementdatafile", "ElementDataFile "]),
-       tail=st.sampled_from(["", "data.raw\n", "s0.raw s1.raw\ns2.raw\ns3.raw\n", "../secret.raw\n", "fifo.raw\n"]))
+@given(
+    ndims=numbers,
+    dims=numbers,
+    etype=st.sampled_from(["MET_SHORT", "MET_UCHAR", "MET_FLOAT", "MET_DOUBLE", "MET_BOGUS", "met_short", ""]),
+    header_size=st.one_of(st.none(), numbers),
+    channels=st.one_of(st.none(), numbers),
+    compressed=st.sampled_from([None, "True", "False"]),
+    csize=st.one_of(st.none(), numbers),
+    datafile=data_names,
+    key=st.sampled_from(["ElementDataFile", "elementdatafile", "ElementDataFile "]),
+    tail=st.sampled_from(["", "data.raw\n", "s0.raw s1.raw\ns2.raw\ns3.raw\n", "../secret.raw\n", "fifo.raw\n"]),
+)
 def test_metaimage_headers(ndims, dims, etype, header_size, channels, compressed, csize, datafile, key, tail):
     with tempfile.TemporaryDirectory() as tmp:
         d = _folder(Path(tmp))
-        lines = ["ObjectType = Image", f"NDims = {ndims}", f"DimSize = {dims}", "ElementSpacing = 0.7 0.7 2.5",
-                 f"ElementType = {etype}"]
+        lines = [
+            "ObjectType = Image",
+            f"NDims = {ndims}",
+            f"DimSize = {dims}",
+            "ElementSpacing = 0.7 0.7 2.5",
+            f"ElementType = {etype}",
+        ]
         if header_size is not None:
             lines.append(f"HeaderSize = {header_size}")
         if channels is not None:
@@ -100,17 +136,25 @@ def test_metaimage_headers(ndims, dims, etype, header_size, channels, compressed
 
 
 @FUZZ
-@given(sizes=numbers, encoding=st.sampled_from(["raw", "gzip", "ascii", "bogus"]),
-       comments=st.integers(0, 600), datafile=data_names,
-       field=st.sampled_from(["data file", "datafile", "DATA FILE", "data  file", "data file:"]),
-       tail=st.sampled_from(["", "data.raw\n", "s0.raw\ns1.raw\ns2.raw\ns3.raw\n", "../secret.raw\n"]))
+@given(
+    sizes=numbers,
+    encoding=st.sampled_from(["raw", "gzip", "ascii", "bogus"]),
+    comments=st.integers(0, 600),
+    datafile=data_names,
+    field=st.sampled_from(["data file", "datafile", "DATA FILE", "data  file", "data file:"]),
+    tail=st.sampled_from(["", "data.raw\n", "s0.raw\ns1.raw\ns2.raw\ns3.raw\n", "../secret.raw\n"]),
+)
 def test_nrrd_headers(sizes, encoding, comments, datafile, field, tail):
     with tempfile.TemporaryDirectory() as tmp:
         d = _folder(Path(tmp))
         p = d / "scan.nhdr"
-        text = ("NRRD0004\ntype: short\ndimension: 3\n" + f"sizes: 5 6 {sizes}\n" + "endian: little\n"
-                f"encoding: {encoding}\n" + "# a comment line to push the data file field down\n" * comments
-                + f"{field}: {datafile}\n" + tail)
+        text = (
+            "NRRD0004\ntype: short\ndimension: 3\n" + f"sizes: 5 6 {sizes}\n" + "endian: little\n"
+            f"encoding: {encoding}\n"
+            + "# a comment line to push the data file field down\n" * comments
+            + f"{field}: {datafile}\n"
+            + tail
+        )
         p.write_bytes(text.encode("utf-8", "surrogatepass"))
         _check_outcome(p)
 
@@ -127,25 +171,45 @@ def test_arbitrary_bytes_after_a_metaimage_start(blob):
 
 # --- nodule files ----------------------------------------------------------------------------
 
+
 def _table():
-    scan = Scan(np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0), np.eye(3), "CT",
-                seriesuid="1.2.3")
-    det = Detections([[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40]], [0.9, 0.3], [0.8, 0.2],
-                     Detections.geometry_of(scan))
+    scan = Scan(
+        np.zeros((20, 64, 64), np.int16), (2.0, 0.7, 0.7), (-100.0, 10.0, -50.0), np.eye(3), "CT", seriesuid="1.2.3"
+    )
+    det = Detections(
+        [[4.2, 10, 12, 8.6, 20, 24], [10.0, 30, 30, 12.0, 36, 40]], [0.9, 0.3], [0.8, 0.2], Detections.geometry_of(scan)
+    )
     return scan, NoduleTable.from_detections(det, image_identity(scan), threshold=0.5)
 
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
-              st.text(max_size=10)),
+    st.one_of(
+        st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=True), st.text(max_size=10)
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12,
 )
-PLACES = [("threshold",), ("image",), ("image", "shape"), ("image", "spacing"), ("image", "origin"),
-          ("image", "direction"), ("image", "seriesuid"), ("nodules",), ("hidden",), ("model",),
-          ("nodules", 0), ("nodules", 0, "id"), ("nodules", 0, "box_voxel"), ("nodules", 0, "label"),
-          ("nodules", 0, "reviewed"), ("nodules", 0, "probability"), ("nodules", 0, "malignancy"),
-          ("nodules", 0, "source"), ("format_version",)]
+PLACES = [
+    ("threshold",),
+    ("image",),
+    ("image", "shape"),
+    ("image", "spacing"),
+    ("image", "origin"),
+    ("image", "direction"),
+    ("image", "seriesuid"),
+    ("nodules",),
+    ("hidden",),
+    ("model",),
+    ("nodules", 0),
+    ("nodules", 0, "id"),
+    ("nodules", 0, "box_voxel"),
+    ("nodules", 0, "label"),
+    ("nodules", 0, "reviewed"),
+    ("nodules", 0, "probability"),
+    ("nodules", 0, "malignancy"),
+    ("nodules", 0, "source"),
+    ("format_version",),
+]
 
 
 @FUZZ
@@ -170,9 +234,31 @@ def test_nodule_json_with_any_value_anywhere(place, value):
         assert np.all(np.isfinite(back.boxes)) and 0 <= back.threshold <= 1
 
 
-csv_cells = st.one_of(st.sampled_from(["", "1.2.3", "nan", "inf", "-1e400", "1e400", "\u00b2", "true", "maybe",
-                                       "benign", "malignant", "model", "'=x", "=1+1", "0", "-0", "5"]),
-                      st.text(max_size=8), st.floats(allow_nan=True).map(repr))
+csv_cells = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "1.2.3",
+            "nan",
+            "inf",
+            "-1e400",
+            "1e400",
+            "\u00b2",
+            "true",
+            "maybe",
+            "benign",
+            "malignant",
+            "model",
+            "'=x",
+            "=1+1",
+            "0",
+            "-0",
+            "5",
+        ]
+    ),
+    st.text(max_size=8),
+    st.floats(allow_nan=True).map(repr),
+)
 
 
 @FUZZ

@@ -1,4 +1,5 @@
 """load_scan: every format round-trips geometry in array order; bad files give one clear line."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,7 +15,13 @@ import pytest
 sitk = pytest.importorskip("SimpleITK")
 
 from napari_resmtnet.io.formats import (  # noqa: E402
-    DEFAULT_CXR_FIELD_MM, JSRT_SPACING_MM, ScanReadError, can_read, default_cxr_spacing, load_scan, strip_image_suffix,
+    DEFAULT_CXR_FIELD_MM,
+    JSRT_SPACING_MM,
+    ScanReadError,
+    can_read,
+    default_cxr_spacing,
+    load_scan,
+    strip_image_suffix,
 )
 
 DATA = Path(os.environ.get("RESMTNET_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -35,8 +42,9 @@ def rotation2(a=0.4) -> np.ndarray:
     return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
 
 
-def make_ct(shape=(6, 7, 8), spacing_xyz=(0.7, 0.8, 2.5), origin_xyz=(-120.5, 33.25, -310.0),
-            direction=None, dtype=np.int16):
+def make_ct(
+    shape=(6, 7, 8), spacing_xyz=(0.7, 0.8, 2.5), origin_xyz=(-120.5, 33.25, -310.0), direction=None, dtype=np.int16
+):
     """A small CT volume with a distinct value per voxel (to catch axis mix-ups)."""
     arr = (np.arange(np.prod(shape)).reshape(shape) % 3000 - 1024).astype(dtype)
     img = sitk.GetImageFromArray(arr)
@@ -116,8 +124,9 @@ def test_uint16_ct_becomes_int16(tmp_path):
     assert scan.array.dtype == np.int16 and scan.array.max() == 1000
 
 
-def write_dicom_series(folder: Path, img, series_uid="1.2.826.0.1.3680043.2.1125.1.42", shuffle=True,
-                       name_fmt="IM{:04d}"):
+def write_dicom_series(
+    folder: Path, img, series_uid="1.2.826.0.1.3680043.2.1125.1.42", shuffle=True, name_fmt="IM{:04d}"
+):
     """Write ``img`` (3D int16, any rotation) as a CT DICOM series, one file per slice."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
@@ -131,8 +140,11 @@ def write_dicom_series(folder: Path, img, series_uid="1.2.826.0.1.3680043.2.1125
     for i in range(n):
         s = img[:, :, i]
         for tag, val in [
-            ("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|0037", iop),
-            ("0008|103e", "chest"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.7"),
+            ("0008|0060", "CT"),
+            ("0020|000e", series_uid),
+            ("0020|0037", iop),
+            ("0008|103e", "chest"),
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.7"),
             ("0020|0032", "\\".join(f"{v:.10f}" for v in img.TransformIndexToPhysicalPoint((0, 0, i)))),
             ("0020|0013", str(i + 1)),
             ("0008|0018", f"{series_uid}.{i + 1}"),
@@ -592,7 +604,9 @@ def test_empty_folder_and_folder_without_dicom(tmp_path):
 
 
 @pytest.mark.robustness
-@pytest.mark.parametrize("name", ["fake.png", "fake.mha", "fake.nii.gz", "fake.nrrd", "fake.jpg", "fake.tif", "fake.nii"])
+@pytest.mark.parametrize(
+    "name", ["fake.png", "fake.mha", "fake.nii.gz", "fake.nrrd", "fake.jpg", "fake.tif", "fake.nii"]
+)
 def test_non_image_with_image_extension(tmp_path, name):
     p = tmp_path / name
     p.write_text("<html>404 not found</html>\n" * 30)
@@ -728,7 +742,9 @@ def test_gzip_nifti_with_garbage_payload(tmp_path):
 @pytest.mark.parametrize("name", ["c.mha", "c.nrrd"])
 def test_truncated_compressed(tmp_path, name):
     p = tmp_path / name
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(8, 9, 10)).astype(np.float32)), str(p), True)
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(8, 9, 10)).astype(np.float32)), str(p), True
+    )
     p.write_bytes(p.read_bytes()[:-200])
     with pytest.raises(ScanReadError) as e:
         load_scan(p)

@@ -1,5 +1,6 @@
 """DICOMweb: search, open, store against the local Orthanc (scripts/orthanc.sh start), and a
 PACS that is down, slow, failing, untrusted or holds non-image series: one line, no hang."""
+
 from __future__ import annotations
 
 import http.server
@@ -16,7 +17,12 @@ import pytest
 
 from napari_resmtnet.io.formats import load_scan
 from napari_resmtnet.io.pacs import (
-    Pacs, PacsError, open_series, parse_series_address, read_credentials, series_address,
+    Pacs,
+    PacsError,
+    open_series,
+    parse_series_address,
+    read_credentials,
+    series_address,
 )
 from pacs_fixtures import dicom_files, new_uid, orthanc_address, write_ct_series
 
@@ -41,14 +47,16 @@ def stored_ct(orthanc, tmp_path):
 
 
 def test_search_open_identical_to_files(orthanc, stored_ct):
-    studies = orthanc.search_studies(patient_id=stored_ct["patient_id"], date_from="2024-01-01",
-                                     date_to="2024-01-31", modality="CT")
+    studies = orthanc.search_studies(
+        patient_id=stored_ct["patient_id"], date_from="2024-01-01", date_to="2024-01-31", modality="CT"
+    )
     assert [s.study_uid for s in studies] == [stored_ct["study_uid"]]
     assert studies[0].patient_name == "Test^Patient" and "CT" in studies[0].modalities
     assert orthanc.search_studies(patient_id=stored_ct["patient_id"], date_from="2025-01-01") == []
     series = orthanc.search_series(stored_ct["study_uid"])
     assert [(s.series_uid, s.modality, s.description, s.n_instances) for s in series] == [
-        (stored_ct["series_uid"], "CT", "chest CT", 16)]
+        (stored_ct["series_uid"], "CT", "chest CT", 16)
+    ]
 
     seen = []
     scan = orthanc.load_series(stored_ct["study_uid"], stored_ct["series_uid"], progress=lambda f, s: seen.append(f))
@@ -286,10 +294,29 @@ def test_garbage_answer_is_one_line():
 def self_signed(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                        "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(d / "key.pem"),
+                "-out",
+                str(d / "cert.pem"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"openssl cannot make a test certificate: {e}")
     return d / "cert.pem", d / "key.pem"

@@ -1,4 +1,5 @@
 """Res-MTNet network, joint loss, decoding and augmentation on tiny tensors."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,10 @@ SMALL = dict(widths=(8, 8, 16, 16), blocks=(1, 1, 1), head_width=8)
 
 
 def _targets(nd, n=2):
-    return [{"centers": [[12.0] * nd], "diameters": [6.0], "malignant": [1.0]},
-            {"centers": [[20.0] * nd, [8.0] * nd], "diameters": [9.0, 4.0], "malignant": [0.0, -1.0]}][:n]
+    return [
+        {"centers": [[12.0] * nd], "diameters": [6.0], "malignant": [1.0]},
+        {"centers": [[20.0] * nd, [8.0] * nd], "diameters": [9.0, 4.0], "malignant": [0.0, -1.0]},
+    ][:n]
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -73,7 +76,12 @@ def test_targets_encode_and_decode_round_trip():
     tg = [{"centers": [[21.0, 13.0, 30.0]], "diameters": [10.0], "malignant": [1.0]}]
     heat, pos, size, offset, mal = build_targets(tg, (12, 12, 12), cfg, "cpu")
     logit = torch.logit(heat.clamp(1e-4, 1 - 1e-4))[:, None]
-    maps = {"heatmap": logit, "size": size[:, None], "offset": offset, "malignancy": torch.logit(mal.clamp(1e-4, 1 - 1e-4))[:, None]}
+    maps = {
+        "heatmap": logit,
+        "size": size[:, None],
+        "offset": offset,
+        "malignancy": torch.logit(mal.clamp(1e-4, 1 - 1e-4))[:, None],
+    }
     det = decode(maps, score_floor=0.5)[0]
     assert len(det["boxes"]) == 1
     c = (det["boxes"][0, :3] + det["boxes"][0, 3:]) / 2
@@ -147,11 +155,20 @@ def test_label_volumes_follow_the_image_through_augmentation():
     tg = [{"centers": [[30.0, 20.0, 27.0]], "diameters": [8.0], "malignant": [1.0]}]
     cfg = AugmentConfig(out_size=40, aniso_prob=0.0)  # noise and jitter must not touch the labels
     for seed in range(4):
-        out, t = augment_batch(x, tg, cfg, torch.Generator().manual_seed(seed), "CT", centers=[[30, 20, 27]],
-                               aux=[{"mask": ball.astype(np.uint8), "ignore": np.zeros_like(ball, np.uint8)}])
+        out, t = augment_batch(
+            x,
+            tg,
+            cfg,
+            torch.Generator().manual_seed(seed),
+            "CT",
+            centers=[[30, 20, 27]],
+            aux=[{"mask": ball.astype(np.uint8), "ignore": np.zeros_like(ball, np.uint8)}],
+        )
         m = t[0]["mask"]
         assert m.shape == (40, 40, 40) and float(m.max()) > 0.9 and float(m.min()) >= 0.0
-        centroid = (torch.stack(torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij")) * m).flatten(1).sum(1) / m.sum()
+        centroid = (torch.stack(torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij")) * m).flatten(1).sum(
+            1
+        ) / m.sum()
         assert torch.allclose(centroid, t[0]["centers"][0], atol=0.6)
         assert float(out[0, 0][m > 0.5].mean()) > 0.2 > -0.4 > float(out[0, 0][m < 0.01].mean())  # labels on the ball
         assert float(t[0]["ignore"].abs().max()) == 0.0
@@ -173,9 +190,16 @@ def test_segmentation_head_is_auxiliary_and_trains():
     plain = ResMTNet(ResMTNetConfig(spatial_dims=3, **SMALL))
     assert set(net.state_dict()) - set(plain.state_dict()) == {"segmentation_head.weight", "segmentation_head.bias"}
     x = torch.randn(2, 1, 40, 40, 40)
-    tg = [{"centers": [[20.0, 12.0, 28.0]], "diameters": [5.0], "malignant": [1.0], "mask": m[0, 0],
-           "ignore": torch.zeros(40, 40, 40)},
-          {"centers": [[20.0, 20.0, 20.0]], "diameters": [6.0], "malignant": [0.0]}]  # no mask: no term
+    tg = [
+        {
+            "centers": [[20.0, 12.0, 28.0]],
+            "diameters": [5.0],
+            "malignant": [1.0],
+            "mask": m[0, 0],
+            "ignore": torch.zeros(40, 40, 40),
+        },
+        {"centers": [[20.0, 20.0, 20.0]], "diameters": [6.0], "malignant": [0.0]},
+    ]  # no mask: no term
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     first = float(net(x, tg)["segmentation"])
     for _ in range(15):

@@ -1,5 +1,6 @@
 """A refused nodule import changes nothing: the nodule layer, the table and the autosave stay
 exactly as they were, and the user sees one error notification (never a traceback)."""
+
 import json
 import os
 import sys
@@ -51,8 +52,12 @@ def _hostile_files(d: Path, exported_json: Path) -> dict:
     return files
 
 
-def test_refused_imports_leave_layer_table_and_autosave_untouched(make_napari_viewer, qtbot, notes,  # noqa: F811
-                                                                  tmp_path):
+def test_refused_imports_leave_layer_table_and_autosave_untouched(
+    make_napari_viewer,
+    qtbot,
+    notes,  # noqa: F811
+    tmp_path,
+):
     from napari_resmtnet.annotations import autosave
 
     viewer, w = make(make_napari_viewer, Factory())

@@ -1,31 +1,42 @@
 """Nodules <-> napari layer data: pure functions, no Qt."""
+
 import numpy as np
 import pytest
 
 from napari_resmtnet.detections import Detections
 from napari_resmtnet.annotations.table import FEATURE_COLUMNS, LABEL_RGB, NoduleTable, box_slices, image_identity
 from napari_resmtnet.layers import (
-    detections_to_layer_data, layer_to_nodules, reconcile, scan_for_layer, table_to_layer_data, table_to_shapes,
+    detections_to_layer_data,
+    layer_to_nodules,
+    reconcile,
+    scan_for_layer,
+    table_to_layer_data,
+    table_to_shapes,
 )
 from napari_resmtnet.scan import Scan
 
 
 def ct_scan(shape=(20, 64, 64), spacing=(2.0, 0.7, 0.7), origin=(-100.0, 10.0, -50.0)):
-    return Scan(np.zeros(shape, np.int16), spacing, origin, np.eye(3), "CT", path="/x/ct.mhd",
-                seriesuid="1.2.3")
+    return Scan(np.zeros(shape, np.int16), spacing, origin, np.eye(3), "CT", path="/x/ct.mhd", seriesuid="1.2.3")
 
 
 def cxr_scan():
-    return Scan(np.zeros((100, 120), np.uint16), (0.5, 0.5), (0.0, 0.0), np.eye(2), "CXR",
-                seriesuid="cxr-1")
+    return Scan(np.zeros((100, 120), np.uint16), (0.5, 0.5), (0.0, 0.0), np.eye(2), "CXR", seriesuid="cxr-1")
 
 
 def ct_detections(scan):
-    boxes = [[4.2, 10, 12, 8.6, 20, 24],     # slices 5..8
-             [10.0, 30, 30, 12.0, 36, 40],   # slices 10, 11
-             [15.1, 40, 40, 15.3, 44, 44]]   # thinner than a slice: nearest slice 15
-    return Detections(boxes, [0.9, 0.3, 0.7], [0.87, 0.2, 0.6], Detections.geometry_of(scan),
-                      {"model_info": {"name": "resmtnet", "version": "1", "sha256": "ab"}})
+    boxes = [
+        [4.2, 10, 12, 8.6, 20, 24],  # slices 5..8
+        [10.0, 30, 30, 12.0, 36, 40],  # slices 10, 11
+        [15.1, 40, 40, 15.3, 44, 44],
+    ]  # thinner than a slice: nearest slice 15
+    return Detections(
+        boxes,
+        [0.9, 0.3, 0.7],
+        [0.87, 0.2, 0.6],
+        Detections.geometry_of(scan),
+        {"model_info": {"name": "resmtnet", "version": "1", "sha256": "ab"}},
+    )
 
 
 def test_box_slices_half_open_and_clipped():
@@ -39,7 +50,7 @@ def test_box_slices_half_open_and_clipped():
 def test_ct_layer_has_one_rectangle_per_slice_with_features():
     scan = ct_scan()
     det = ct_detections(scan)
-    (data, kw, kind), = detections_to_layer_data(det, scan, threshold=0.5)
+    ((data, kw, kind),) = detections_to_layer_data(det, scan, threshold=0.5)
     assert kind == "shapes"
     # nodule 1 on 4 slices, nodule 3 on one; nodule 2 (p=0.3) hidden
     assert len(data) == 5
@@ -77,9 +88,8 @@ def test_threshold_filters_without_losing_candidates():
 
 def test_cxr_layer_and_round_trip():
     scan = cxr_scan()
-    det = Detections([[10, 20, 30, 40], [50, 50, 60, 64]], [0.8, 0.6], [0.1, 0.9],
-                     Detections.geometry_of(scan))
-    (data, kw, _), = detections_to_layer_data(det, scan, threshold=0.5)
+    det = Detections([[10, 20, 30, 40], [50, 50, 60, 64]], [0.8, 0.6], [0.1, 0.9], Detections.geometry_of(scan))
+    ((data, kw, _),) = detections_to_layer_data(det, scan, threshold=0.5)
     assert len(data) == 2 and data[0].shape == (4, 2)
     assert kw["features"]["slice"].tolist() == [-1, -1]
     back = layer_to_nodules((data, kw, "shapes"))
@@ -92,8 +102,7 @@ def test_layer_to_nodules_from_plain_shapes_groups_slices_by_id():
     # a shapes layer without our table: features give ids, slices are grouped
     rects = [np.array([[z, 10, 10], [z, 10, 20], [z, 18, 20], [z, 18, 10]], float) for z in (3, 4, 5)]
     rects.append(np.array([[9, 30, 30], [9, 30, 34], [9, 34, 34], [9, 34, 30]], float))
-    feats = {"id": [7, 7, 7, 8], "label": ["malignant"] * 3 + ["benign"],
-             "probability": [0.9] * 3 + [0.4]}
+    feats = {"id": [7, 7, 7, 8], "label": ["malignant"] * 3 + ["benign"], "probability": [0.9] * 3 + [0.4]}
     t = layer_to_nodules((rects, {"features": feats, "scale": (2, 1, 1), "translate": (0, 0, 0)}, "shapes"))
     assert t.ids.tolist() == [7, 8]
     assert list(t.slices(0)) == [3, 4, 5] and list(t.slices(1)) == [9]
@@ -182,8 +191,10 @@ def test_scan_for_layer_from_scale_translate_and_metadata():
 
     s = scan_for_layer(L)
     assert s.modality == "CT" and s.spacing == (2.5, 0.7, 0.7) and s.origin == (-10, 1, 2)
-    L.metadata = {"scan": {"spacing": (1, 2, 3), "origin": (4, 5, 6), "direction": np.eye(3),
-                           "seriesuid": "abc", "path": "/p"}, "modality": "CT"}
+    L.metadata = {
+        "scan": {"spacing": (1, 2, 3), "origin": (4, 5, 6), "direction": np.eye(3), "seriesuid": "abc", "path": "/p"},
+        "modality": "CT",
+    }
     s = scan_for_layer(L)
     assert s.spacing == (1, 2, 3) and s.seriesuid == "abc" and s.path == "/p"
     with pytest.raises(ValueError, match="CXR model needs a 2D image"):

@@ -1,6 +1,7 @@
 """The Open-from-PACS panel, driven by mouse clicks in a headless napari: against the local
 Orthanc (search, open identical to the files, send SR + SEG, query back) and against a PACS
 that is down or offers non-image series."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,8 +82,9 @@ def test_open_from_orthanc_identical_to_files_then_send(make_napari_viewer, qtbo
 
     scan = Pacs(url).load_series(info["study_uid"], info["series_uid"])
     pred = Predictor("CT", threads=1)
-    table = NoduleTable.from_detections(pred.predict(scan), image_identity(scan), threshold=pred.threshold,
-                                        model_info=pred.model_info)
+    table = NoduleTable.from_detections(
+        pred.predict(scan), image_identity(scan), threshold=pred.threshold, model_info=pred.model_info
+    )
     assert len(table), "the bundled model found nothing on the test CT"
     top = int(table.ids[int(np.argmax(table.probability))])
     table = table.with_reviewed([top], True)
@@ -102,13 +104,17 @@ class FakePacs:
 
     def search_studies(self, **kw):
         if self.down:
-            raise PacsError("PACS http://127.0.0.1:9/dicom-web: study search: connection refused (after 4 tries): "
-                            "is the PACS running at this address?")
+            raise PacsError(
+                "PACS http://127.0.0.1:9/dicom-web: study search: connection refused (after 4 tries): "
+                "is the PACS running at this address?"
+            )
         return [StudyInfo("1.2.3", "P1", "Doe^J", "20240101", "chest", ("CT", "SR"))]
 
     def search_series(self, study_uid):
-        return [SeriesInfo("1.2.3", "1.2.3.1", "SR", "report", 9, 1),
-                SeriesInfo("1.2.3", "1.2.3.2", "CT", "chest", 2, 40)]
+        return [
+            SeriesInfo("1.2.3", "1.2.3.1", "SR", "report", 9, 1),
+            SeriesInfo("1.2.3", "1.2.3.2", "CT", "chest", 2, 40),
+        ]
 
     def load_series(self, study, series, progress=None, cancel=None):
         import time

@@ -80,7 +80,9 @@ def test_three_planes_marks_linked_cursor_and_jump(make_napari_viewer, qtbot, no
     assert w.current_slice == 15 and layer.features["id"].tolist() == [3]
     assert planes.voxel().tolist() == [15, 15, 42] and sag.index() == 42
     assert planes.marks_ids("sagittal") == [3] and planes.marks_ids("coronal") == [1]  # y = 15 cuts nodule 1
-    assert "axial 15/19" in w.views_panel.position_label.text() and "sagittal 42/63" in w.views_panel.position_label.text()
+    assert (
+        "axial 15/19" in w.views_panel.position_label.text() and "sagittal 42/63" in w.views_panel.position_label.text()
+    )
 
     # a click in the axial view moves the coronal and sagittal planes (a click on no box)
     layer.mode = "pan_zoom"

@@ -1,4 +1,5 @@
 """napari reader: claims scans, refuses foreign files, one message (no traceback) on bad files."""
+
 from __future__ import annotations
 
 import subprocess
@@ -98,7 +99,7 @@ def test_layer_data_identity_direction(tmp_path, notifications):
 def test_layer_data_rotated_maps_voxels_to_world(tmp_path):
     p = tmp_path / "rot.mha"
     arr, img = write_ct(p, direction=ROT)
-    (data, kw, _), = read_scan(str(p))
+    ((data, kw, _),) = read_scan(str(p))
     assert "affine" in kw
     # napari: world = affine @ (translate + scale * i); must equal ITK's physical point
     idx = np.array([3, 4, 5])  # array order (z, y, x)
@@ -115,7 +116,7 @@ def test_cxr_contrast_limits_are_percentiles(tmp_path):
     img.SetSpacing((0.2, 0.2))
     p = tmp_path / "x.mha"
     sitk.WriteImage(img, str(p))
-    (_, kw, _), = read_scan(str(p))
+    ((_, kw, _),) = read_scan(str(p))
     lo, hi = kw["contrast_limits"]
     assert 1000 <= lo < 1050 and 2950 < hi <= 3000
     assert kw["metadata"]["modality"] == "CXR"
@@ -147,7 +148,7 @@ def test_scan_warnings_become_notifications(tmp_path, notifications):
 
     p = tmp_path / "plain.png"
     Image.fromarray(np.zeros((64, 32), np.uint8)).save(p)
-    (_, kw, _), = read_scan(str(p))
+    ((_, kw, _),) = read_scan(str(p))
     assert kw["scale"] == pytest.approx((350 / 64, 350 / 64))
     assert len(notifications["warning"]) == 1 and "assumed" in notifications["warning"][0]
     assert kw["metadata"]["warnings"] and notifications["error"] == []
@@ -156,7 +157,7 @@ def test_scan_warnings_become_notifications(tmp_path, notifications):
 def test_scan_layer_data_name_override(tmp_path):
     p = tmp_path / "ct.mha"
     write_ct(p)
-    (_, kw, _), = scan_layer_data(load_scan(p), name="mine")
+    ((_, kw, _),) = scan_layer_data(load_scan(p), name="mine")
     assert kw["name"] == "mine"
 
 

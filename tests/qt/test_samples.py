@@ -1,4 +1,5 @@
 """Bundled sample data: files present and small, read through the reader's code path."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,7 +35,7 @@ def test_sample_paths_exist_and_budget():
 
 
 def test_sample_ct():
-    (data, kw, kind), = sample_ct()
+    ((data, kw, kind),) = sample_ct()
     assert kind == "image" and data.ndim == 3 and data.dtype == np.int16
     assert data.shape == (48, 313, 471)
     assert kw["scale"] == pytest.approx((5.0, 0.5703125, 0.5703125))
@@ -57,7 +58,7 @@ def test_sample_label_on_the_same_grid_marks_a_nodule():
 
 
 def test_sample_cube():
-    (data, kw, _), = sample_cube()
+    ((data, kw, _),) = sample_cube()
     assert data.shape == (50, 50, 50) and data.dtype == np.int16
     assert kw["scale"] == pytest.approx((1.0, 1.0, 1.0))
     assert kw["metadata"]["seriesuid"].startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.109002525524522225658609808059")
@@ -65,7 +66,7 @@ def test_sample_cube():
 
 
 def test_sample_cxr():
-    (data, kw, _), = sample_cxr()
+    ((data, kw, _),) = sample_cxr()
     assert data.shape == (1024, 1024) and data.dtype == np.uint16
     assert kw["scale"] == pytest.approx((0.2693, 0.2692), abs=1e-4)
     assert kw["metadata"]["modality"] == "CXR" and kw["metadata"]["warnings"] == []

@@ -1,6 +1,7 @@
 """The Qt-free reading session: every edit with undo/redo, the threshold, review states,
 navigation, the re-detect merge, the type override, layer edits and the autosave's
 bookkeeping -- without Qt or a viewer."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,11 @@ def session(threshold=0.5):
 
 
 def test_the_session_needs_no_qt_and_no_napari():
-    code = ("import sys, napari_resmtnet.session as S; s = S.ReviewSession(); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
-            "'napari', 'magicgui')]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, napari_resmtnet.session as S; s = S.ReviewSession(); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
+        "'napari', 'magicgui')]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -210,16 +213,19 @@ def test_redetect_merge_keeps_the_readers_work_once_confirmed_and_is_undoable():
     s.confirm_merge("layer 1")
     assert s.merge_question(s.table, "layer 1") == 0 and s.merge_question(s.table, "layer 2") == 3
     before = s.table
-    det = Detections([[4.0, 11, 12, 8.0, 21, 24], [2.0, 2, 2, 4.0, 8, 8]], [0.95, 0.6], [0.9, 0.1],
-                     before.geometry)
+    det = Detections([[4.0, 11, 12, 8.0, 21, 24], [2.0, 2, 2, 4.0, 8, 8]], [0.95, 0.6], [0.9, 0.1], before.geometry)
     new = NoduleTable.from_detections(det, before.image, threshold=0.33, model_info={"name": "m"})
     new.meta["model_threshold"] = 0.33
     text = s.merge_run(new)
     assert text.startswith("3 reviewed or drawn nodule(s) kept, 1 unreviewed candidate(s) replaced by 1 new one(s)")
     assert s.last_merge == text
     t = s.table
-    assert t.ids.tolist() == [1, 3, nid, nid + 1] and list(t.review) == ["accepted", "rejected", "unreviewed",
-                                                                          "unreviewed"]
+    assert t.ids.tolist() == [1, 3, nid, nid + 1] and list(t.review) == [
+        "accepted",
+        "rejected",
+        "unreviewed",
+        "unreviewed",
+    ]
     np.testing.assert_array_equal(t.boxes[0], before.boxes[0])  # the reader's box, not the new run's
     assert t.threshold == 0.33 and t.meta["model_threshold"] == 0.33 and t.model_info == {"name": "m"}
     assert s.undo()

@@ -1,4 +1,5 @@
 """What the 3D view shows: a rough lung mask and nodule spheres (Qt-free)."""
+
 import numpy as np
 
 from napari_resmtnet.detections import Detections
@@ -9,7 +10,7 @@ from napari_resmtnet.views import lung_mask, nodule_spheres
 
 def phantom(lungs_to_the_ends=False):
     ct = np.full((30, 80, 80), -1000, np.int16)  # air around the patient
-    ct[:, 8:72, 8:72] = 40                        # the body, cut by the first and last slice
+    ct[:, 8:72, 8:72] = 40  # the body, cut by the first and last slice
     z = slice(0, 30) if lungs_to_the_ends else slice(5, 25)
     ct[z, 20:60, 16:36] = -850
     ct[z, 20:60, 44:64] = -850
@@ -23,14 +24,18 @@ def test_lung_mask_keeps_lungs_drops_outside_air():
         assert mask.any()
         big = np.kron(mask, np.ones(step, np.uint8))[:30, :80, :80].astype(bool)
         assert not big[:, :4].any() and not big[:, :, :4].any()  # no outside air
-        assert big[15, 40, 25] and big[15, 40, 55]                # both lungs
+        assert big[15, 40, 25] and big[15, 40, 55]  # both lungs
     assert not lung_mask(np.zeros((10, 40, 40), np.int16), (2.0, 1.0, 1.0))[0].any()
 
 
 def test_nodule_spheres_leave_out_hidden_and_rejected():
     scan = Scan(phantom(), (2.0, 1.0, 1.0), (-30.0, 0.0, 0.0), np.eye(3), "CT")
-    det = Detections([[5, 30, 20, 9, 34, 24], [10, 40, 50, 12, 44, 54], [20, 25, 25, 21, 27, 27]],
-                     [0.9, 0.8, 0.1], [0.9, 0.1, 0.5], Detections.geometry_of(scan))
+    det = Detections(
+        [[5, 30, 20, 9, 34, 24], [10, 40, 50, 12, 44, 54], [20, 25, 25, 21, 27, 27]],
+        [0.9, 0.8, 0.1],
+        [0.9, 0.1, 0.5],
+        Detections.geometry_of(scan),
+    )
     t = NoduleTable.from_detections(det, image_identity(scan), threshold=0.5).with_review([2], "rejected")
     centres, diam, colors, ids = nodule_spheres(t)
     assert ids.tolist() == [1] and colors.shape == (1, 4)
@@ -40,8 +45,20 @@ def test_nodule_spheres_leave_out_hidden_and_rejected():
 
 # --- three planes, windows, positions, 3D boxes ----------------------------------------------
 from napari_resmtnet.views import (  # noqa: E402
-    WINDOW_PRESETS, box_edges_world, box_span, cursor_lines, display_box, nodule_boxes_3d, plane_marks,
-    plane_positions, plane_rectangle, point_to_voxel, positions_text, voxel_to_point, window_limits, window_of,
+    WINDOW_PRESETS,
+    box_edges_world,
+    box_span,
+    cursor_lines,
+    display_box,
+    nodule_boxes_3d,
+    plane_marks,
+    plane_positions,
+    plane_rectangle,
+    point_to_voxel,
+    positions_text,
+    voxel_to_point,
+    window_limits,
+    window_of,
 )
 
 GEO = {"spacing": [5.0, 0.5, 0.5], "origin": [-777.5, -215.5, -134.0], "direction": np.eye(3).tolist()}
@@ -49,7 +66,7 @@ GEO = {"spacing": [5.0, 0.5, 0.5], "origin": [-777.5, -215.5, -134.0], "directio
 
 def table3(boxes, prob=(0.9, 0.8, 0.1)):
     scan = Scan(np.zeros((48, 64, 64), np.int16), GEO["spacing"], GEO["origin"], np.eye(3), "CT")
-    det = Detections(boxes, list(prob[:len(boxes)]), [0.9] * len(boxes), Detections.geometry_of(scan))
+    det = Detections(boxes, list(prob[: len(boxes)]), [0.9] * len(boxes), Detections.geometry_of(scan))
     return NoduleTable.from_detections(det, image_identity(scan), threshold=0.5)
 
 
@@ -63,10 +80,10 @@ def test_window_presets_are_the_radiologists_windows():
 
 def test_box_span_and_display_box_follow_the_axial_slices():
     box = [4.2, 10, 12, 8.6, 20, 24]
-    assert list(box_span(box, 0, 48)) == [5, 6, 7, 8]            # the slices that show it
+    assert list(box_span(box, 0, 48)) == [5, 6, 7, 8]  # the slices that show it
     assert list(box_span(box, 1, 64)) == list(range(10, 20))
     assert list(box_span([15.1, 0, 0, 15.3, 1, 1], 0, 48)) == [15]  # thinner than a slice
-    assert list(box_span([-3, 0, 0, 2, 1, 1], 0, 48)) == [0, 1]      # clipped to the image
+    assert list(box_span([-3, 0, 0, 2, 1, 1], 0, 48)) == [0, 1]  # clipped to the image
     np.testing.assert_allclose(display_box(box, (48, 64, 64)), [4.5, 10, 12, 8.5, 20, 24])
 
 
@@ -112,7 +129,7 @@ def test_slice_index_and_mm_round_trip():
 def test_cursor_lines_cross_the_plane_at_the_other_planes():
     lines = cursor_lines(1, [10, 20, 30], (48, 64, 64))  # the coronal plane y = 20
     assert set(lines) == {"axial", "sagittal"}
-    np.testing.assert_allclose(lines["axial"], [[10, 20, -0.5], [10, 20, 63.5]])     # along x at z = 10
+    np.testing.assert_allclose(lines["axial"], [[10, 20, -0.5], [10, 20, 63.5]])  # along x at z = 10
     np.testing.assert_allclose(lines["sagittal"], [[-0.5, 20, 30], [47.5, 20, 30]])  # along z at x = 30
 
 

@@ -1,4 +1,5 @@
 """The Detect-nodules dock widget in a headless napari viewer, with fake predictors."""
+
 import json
 import threading
 import time
@@ -20,9 +21,11 @@ MODEL = {"name": "fake-resmtnet", "version": "0.0.1", "sha256": "f" * 64}
 CT_SHAPE = (20, 64, 64)
 CT_SPACING = (2.0, 0.7, 0.7)
 CT_ORIGIN = (-100.0, 10.0, -50.0)
-CT_BOXES = [[4.2, 10, 12, 8.6, 20, 24],     # id 1, slices 5..8, p 0.9 malignant
-            [10.0, 30, 30, 12.0, 36, 40],   # id 2, slices 10..11, p 0.3 benign (hidden at 0.5)
-            [15.1, 40, 40, 15.3, 44, 44]]   # id 3, slice 15, p 0.7 malignant
+CT_BOXES = [
+    [4.2, 10, 12, 8.6, 20, 24],  # id 1, slices 5..8, p 0.9 malignant
+    [10.0, 30, 30, 12.0, 36, 40],  # id 2, slices 10..11, p 0.3 benign (hidden at 0.5)
+    [15.1, 40, 40, 15.3, 44, 44],
+]  # id 3, slice 15, p 0.7 malignant
 CT_PROB = [0.9, 0.3, 0.7]
 CT_MAL = [0.87, 0.2, 0.6]
 
@@ -54,8 +57,7 @@ class FakePredictor:
             raise self.error
         if scan.ndim == 3:
             return Detections(CT_BOXES, CT_PROB, CT_MAL, Detections.geometry_of(scan))
-        return Detections([[10, 20, 30, 40], [50, 50, 60, 64]], [0.8, 0.6], [0.1, 0.9],
-                          Detections.geometry_of(scan))
+        return Detections([[10, 20, 30, 40], [50, 50, 60, 64]], [0.8, 0.6], [0.1, 0.9], Detections.geometry_of(scan))
 
 
 class Factory:
@@ -80,8 +82,9 @@ def notes(monkeypatch):
 def make(make_napari_viewer, factory, ndim=3):
     viewer = make_napari_viewer()
     if ndim == 3:
-        viewer.add_image(np.zeros(CT_SHAPE, np.int16), name="ct", scale=CT_SPACING, translate=CT_ORIGIN,
-                         metadata={"modality": "CT"})
+        viewer.add_image(
+            np.zeros(CT_SHAPE, np.int16), name="ct", scale=CT_SPACING, translate=CT_ORIGIN, metadata={"modality": "CT"}
+        )
     else:
         viewer.add_image(np.zeros((100, 120), np.uint16), name="cxr", scale=(0.5, 0.5))
     w = W.NoduleWidget(viewer, predictor_factory=factory)
@@ -114,8 +117,16 @@ def test_detect_makes_a_nodule_layer_in_image_mm(make_napari_viewer, qtbot, note
         shown[k] = layer.features["id"].tolist()
     assert {k: v for k, v in shown.items() if v} == {5: [1], 6: [1], 7: [1], 8: [1], 15: [3]}
     viewer.dims.set_current_step(0, 6)
-    assert set(layer.features.columns) >= {"id", "probability", "malignancy", "label", "diameter_mm",
-                                           "source", "reviewed", "review"}
+    assert set(layer.features.columns) >= {
+        "id",
+        "probability",
+        "malignancy",
+        "label",
+        "diameter_mm",
+        "source",
+        "reviewed",
+        "review",
+    }
     assert layer.features["label"].tolist()[0] == "malignant"
     # box text: label and the detection probability (not the malignancy)
     assert list(layer.text.values) == ["malignant 0.90"]
@@ -138,7 +149,13 @@ def test_responsive_while_running_and_second_click_ignored(make_napari_viewer, q
     def tick():
         if w.is_running:
             ticks.append(time.perf_counter())
-            shown.append((w.detect_panel.progress_bar.isHidden(), w.detect_panel.progress_bar.value(), w.detect_panel.progress_bar.text()))
+            shown.append(
+                (
+                    w.detect_panel.progress_bar.isHidden(),
+                    w.detect_panel.progress_bar.value(),
+                    w.detect_panel.progress_bar.text(),
+                )
+            )
 
     timer.timeout.connect(tick)
     timer.start()
@@ -397,8 +414,7 @@ def test_widget_adopts_a_nodule_layer_made_elsewhere(make_napari_viewer, qtbot, 
     scan = Scan(np.zeros(CT_SHAPE, np.int16), CT_SPACING, CT_ORIGIN, np.eye(3), "CT", seriesuid="1.2.3")
     det = Detections(CT_BOXES, CT_PROB, CT_MAL, Detections.geometry_of(scan), {"model_info": MODEL})
     viewer = make_napari_viewer()
-    viewer.add_image(scan.array, name="lung", metadata={"seriesuid": "1.2.3", "modality": "CT"},
-                     **scan.napari_kwargs())
+    viewer.add_image(scan.array, name="lung", metadata={"seriesuid": "1.2.3", "modality": "CT"}, **scan.napari_kwargs())
     data, kw, kind = detections_to_layer_data(det, scan, 0.5)[0]
     viewer.add_layer(napari.layers.Layer.create(data, kw, kind))
     w = W.NoduleWidget(viewer, predictor_factory=Factory())
@@ -457,9 +473,14 @@ def test_real_predictor_tiny_network_through_the_widget(make_napari_viewer, qtbo
     net = ResMTNet(ResMTNetConfig(spatial_dims=3, widths=(4, 8, 8, 8), blocks=(1, 1, 1), head_width=8))
     with torch.no_grad():
         net.heatmap.bias.fill_(0.0)  # p = 0.5 prior: plenty of candidates
-    predictor = Predictor("CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.4, "name": "tiny",
-                                                "version": "test", "sha256": "0" * 64},
-                          device="cpu", window=64, overlap=8)
+    predictor = Predictor(
+        "CT",
+        model=net,
+        info={"spacing_mm": 1.0, "threshold": 0.4, "name": "tiny", "version": "test", "sha256": "0" * 64},
+        device="cpu",
+        window=64,
+        overlap=8,
+    )
     viewer = make_napari_viewer()
     for data, kw, kind in layer_data:
         viewer.add_layer(napari.layers.Layer.create(data, kw, kind))
@@ -738,8 +759,9 @@ def iso_crosses_mask(viewer, layer) -> bool:
     the surface draws nothing (what the README's 3D screenshot showed)."""
     node = viewer.window._qt_viewer.canvas.layer_to_visual[layer].node
     tex = node._texture
-    lo, hi = (tex.normalize_value(v, layer.data.dtype) if np.issubdtype(layer.data.dtype, np.integer) else v
-              for v in (0, 1))
+    lo, hi = (
+        tex.normalize_value(v, layer.data.dtype) if np.issubdtype(layer.data.dtype, np.integer) else v for v in (0, 1)
+    )
     return lo < node.threshold < hi
 
 
@@ -748,9 +770,9 @@ def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, note
 
     f = Factory()
     viewer = make_napari_viewer()
-    ct = np.full(CT_SHAPE, -1000, np.int16)   # air around the patient
-    ct[2:18, 5:60, 5:60] = 40                 # the body
-    ct[4:16, 16:48, 12:28] = -850             # two lungs inside the chest wall
+    ct = np.full(CT_SHAPE, -1000, np.int16)  # air around the patient
+    ct[2:18, 5:60, 5:60] = 40  # the body
+    ct[4:16, 16:48, 12:28] = -850  # two lungs inside the chest wall
     ct[4:16, 16:48, 36:52] = -850
     image = viewer.add_image(ct, name="ct", scale=CT_SPACING, translate=CT_ORIGIN, metadata={"modality": "CT"})
     w = W.NoduleWidget(viewer, predictor_factory=f)
@@ -765,7 +787,7 @@ def test_3d_view_shows_boxes_and_lungs_not_slabs(make_napari_viewer, qtbot, note
     assert boxes[0].data.shape == (24, 2, 3) and len(labels[0].data) == 2
     assert labels[0].features["text"].tolist() == ["malignant 0.90", "malignant 0.70"]
     ends = boxes[0].data[:12, 0]
-    lo = np.asarray(CT_ORIGIN) + np.asarray(CT_SPACING) * [4.5, 10, 12]   # nodule 1: slices 5..8
+    lo = np.asarray(CT_ORIGIN) + np.asarray(CT_SPACING) * [4.5, 10, 12]  # nodule 1: slices 5..8
     hi = np.asarray(CT_ORIGIN) + np.asarray(CT_SPACING) * [8.5, 20, 24]
     np.testing.assert_allclose(ends.min(0), lo)
     np.testing.assert_allclose((boxes[0].data[:12, 0] + boxes[0].data[:12, 1]).max(0), hi)

@@ -7,8 +7,16 @@ import pytest
 
 from conftest import data_path
 from napari_resmtnet.training.readers import (
-    AGREEMENT_TASKS, CubeRatings, agreement_rates, derive_labels, format_agreement, labels_for, majority, mean_label,
-    read_reader_ratings, texture_class,
+    AGREEMENT_TASKS,
+    CubeRatings,
+    agreement_rates,
+    derive_labels,
+    format_agreement,
+    labels_for,
+    majority,
+    mean_label,
+    read_reader_ratings,
+    texture_class,
 )
 
 HEADER = [

@@ -1,5 +1,6 @@
 """Whole-scan detection: the lung mask that follows the pleura, cube geometry through the
 header, per-axis sizes, the second stage, hard-negative crops, whole-scan matching and split."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +31,16 @@ def chest_cells(juxta=True):
     for cx in (-80.0, 80.0):
         lungs |= ((z / 75.0) ** 2 + (y / 100.0) ** 2 + ((x - cx) / 60.0) ** 2) <= 1
     hu[lungs] = -850
-    pts = {"lung": (0.0, 0.0, -80.0), "mediastinum": (0.0, 0.0, 0.0), "chest_wall": (0.0, 0.0, -155.0),
-           "outside": (0.0, 0.0, -185.0), "anterior_wall": (0.0, -118.0, -60.0)}
+    pts = {
+        "lung": (0.0, 0.0, -80.0),
+        "mediastinum": (0.0, 0.0, 0.0),
+        "chest_wall": (0.0, 0.0, -155.0),
+        "outside": (0.0, 0.0, -185.0),
+        "anterior_wall": (0.0, -118.0, -60.0),
+    }
     if juxta:
         c = np.array([0.0, 0.0, -134.0])  # lung's lateral wall at x = -140: the nodule sits on it
-        ball = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) <= 6.0 ** 2
+        ball = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) <= 6.0**2
         hu[ball] = 40
         pts["juxta_pleural"] = tuple(c)
     return hu, pts
@@ -125,8 +131,12 @@ def test_real_flipped_cubes_have_their_nodule_at_the_centre():
     uids = {r["seriesuid"] for r in rows}
     import SimpleITK as sitk
 
-    flipped = [u for u in sorted(uids)[:200]
-               if sitk.ReadImage(str(root / "images" / next(r["cube"] for r in rows if r["seriesuid"] == u))).GetDirection()[0] < 0]
+    flipped = [
+        u
+        for u in sorted(uids)[:200]
+        if sitk.ReadImage(str(root / "images" / next(r["cube"] for r in rows if r["seriesuid"] == u))).GetDirection()[0]
+        < 0
+    ]
     if not flipped:
         pytest.skip("no flipped cube among the first series")
     for rec in load_cube_folder(root, seriesuids=flipped[:2]):
@@ -138,8 +148,15 @@ def test_mask_extent_and_record_extents():
     m[20:31, 18:33, 22:29] = 1
     m[2, 2, 2] = 1  # a stray voxel: not the nodule
     np.testing.assert_array_equal(mask_extent(m), [11, 15, 7])
-    rec = CubeRecord("c", "u", np.zeros((50, 50, 50), np.int16), np.array([[25.0, 25, 25], [5, 5, 5]]),
-                     np.array([12.0, 6.0]), np.array([1, -1]), mask=m)
+    rec = CubeRecord(
+        "c",
+        "u",
+        np.zeros((50, 50, 50), np.int16),
+        np.array([[25.0, 25, 25], [5, 5, 5]]),
+        np.array([12.0, 6.0]),
+        np.array([1, -1]),
+        mask=m,
+    )
     ext = rec.extents()
     np.testing.assert_array_equal(ext[0], [11, 15, 7])
     np.testing.assert_array_equal(ext[1], [6, 6, 6])
@@ -151,8 +168,15 @@ def test_per_axis_size_head_trains_and_decodes_boxes_per_axis():
     cfg = ResMTNetConfig(widths=(8, 8, 16, 16), head_width=8, size_per_axis=True)
     net = ResMTNet(cfg)
     x = torch.randn(2, 1, 32, 32, 32)
-    tg = [{"centers": np.array([[16.0, 16, 16]]), "diameters": np.array([10.0]), "malignant": np.array([1.0]),
-           "extents": np.array([[6.0, 12.0, 9.0]])}, {"centers": np.zeros((0, 3)), "diameters": np.zeros(0)}]
+    tg = [
+        {
+            "centers": np.array([[16.0, 16, 16]]),
+            "diameters": np.array([10.0]),
+            "malignant": np.array([1.0]),
+            "extents": np.array([[6.0, 12.0, 9.0]]),
+        },
+        {"centers": np.zeros((0, 3)), "diameters": np.zeros(0)},
+    ]
     losses = net(x, tg)
     assert torch.isfinite(losses["loss"]) and losses["size"] > 0
     losses["loss"].backward()
