@@ -43,6 +43,7 @@ Progress is reported through ``progress(fraction, stage)``; ``cancel`` (a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,27 @@ AIRWAY_JOINED_MM = 48.0
 #: trachea's and main bronchi's walls, the paratracheal and hilar nodes and vessels beside them.
 AIRWAY_MARGIN_MM = 8.0
 
-#: Per modality: largest window side (model voxels), overlap between neighbouring windows
-#: (voxels), windows per batch on CPU / GPU. Large windows: on a CPU the network runs about
-#: 1.7x more voxels per second on 160-256 voxel windows than on 96-128 ones, and fewer
-#: windows means less overlap; results with 192-256 windows match one whole-lung window
-#: (GroupNorm statistics are taken per window), smaller windows drift from it.
+
+@dataclass(frozen=True)
+class ModalityDefaults:
+    """What the `Predictor` uses for a modality unless told otherwise.
+
+    Large windows: on a CPU the network runs about 1.7x more voxels per second on 160-256
+    voxel windows than on 96-128 ones, and fewer windows means less overlap; results with
+    192-256 windows match one whole-lung window (GroupNorm statistics are taken per window),
+    smaller windows drift from it."""
+
+    window: int  # largest window side (model voxels)
+    overlap: int  # overlap of neighbouring windows (model voxels)
+    batch_cpu: int  # windows per network call on a CPU
+    batch_gpu: int  # ... on a GPU
+    spacing_mm: float  # model spacing, when the weights do not record one
+
+
+#: Per modality.
 DEFAULTS = {
-    "CT": {"window": 256, "overlap": 32, "batch_cpu": 1, "batch_gpu": 4, "spacing_mm": 1.0},
-    "CXR": {"window": 512, "overlap": 64, "batch_cpu": 1, "batch_gpu": 4, "spacing_mm": 1.6},
+    "CT": ModalityDefaults(window=256, overlap=32, batch_cpu=1, batch_gpu=4, spacing_mm=1.0),
+    "CXR": ModalityDefaults(window=512, overlap=64, batch_cpu=1, batch_gpu=4, spacing_mm=1.6),
 }
 _MIN_SIDE = 16  # smallest model input side (the backbone reaches stride 16)
 #: Windows with fewer voxels run on one CPU thread unless ``threads`` says otherwise.
@@ -532,19 +546,19 @@ class Predictor:
             info.setdefault("version", "?")
             info.setdefault("sha256", "")
             info.setdefault("modality", m)
-            info.setdefault("spacing_mm", d["spacing_mm"])
+            info.setdefault("spacing_mm", d.spacing_mm)
             info.setdefault("threshold", 0.5)
         self.model = model.to(self.device).eval()
         self.info = dict(info)
-        self.spacing_mm = float(self.info.get("spacing_mm") or d["spacing_mm"])
-        self.window = int(window or d["window"])
-        self.overlap = int(d["overlap"] if overlap is None else overlap)
+        self.spacing_mm = float(self.info.get("spacing_mm") or d.spacing_mm)
+        self.window = int(window or d.window)
+        self.overlap = int(d.overlap if overlap is None else overlap)
         if self.window < _MIN_SIDE or self.window % 4:
             raise PredictionError(f"window must be a multiple of 4 and at least {_MIN_SIDE}, got {self.window}")
         if self.overlap < 0 or self.overlap % 4 or self.overlap >= self.window:
             raise PredictionError(f"overlap must be a multiple of 4 in [0, window), got {self.overlap}")
         gpu = self.device.type == "cuda"
-        self.batch_size = int(batch_size or (d["batch_gpu"] if gpu else d["batch_cpu"]))
+        self.batch_size = int(batch_size or (d.batch_gpu if gpu else d.batch_cpu))
         if self.batch_size < 1:
             raise PredictionError(f"batch_size must be at least 1, got {self.batch_size}")
         self.use_lung_mask = bool(lung_mask) and m == "CT"
