@@ -830,6 +830,7 @@ def test_predict_cli(case, tmp_path, tiny_cli_predictor, capsys):
 
 
 @pytest.mark.robustness
+@pytest.mark.slow  # a subprocess or a large input: several seconds, not in `make test-fast`
 def test_predict_subprocess_bad_files_one_line_each(tmp_path):
     """The installed command path (``python -m napari_resmtnet predict``), no in-process help:
     three bad inputs, three lines, each naming its file; exit status 1."""
@@ -1331,6 +1332,7 @@ while True:
 
 
 @pytest.mark.robustness
+@pytest.mark.slow  # a subprocess or a large input: several seconds, not in `make test-fast`
 def test_sigkill_during_export_never_leaves_a_half_written_file(tmp_path):
     """A process exports a large nodule set (two versions, alternately) to one path in a
     loop and is killed with SIGKILL at random moments: each file is always one version,

@@ -386,6 +386,7 @@ def test_csv_schema_refusals_name_the_line(tmp_path, row, message):
         E.import_nodules(p, image_identity(scan))
 
 
+@pytest.mark.slow  # a subprocess or a large input: several seconds, not in `make test-fast`
 def test_csv_import_is_linear_100000_rows(tmp_path, monkeypatch):
     scan, _ = ct_table()
     p = tmp_path / "many.csv"

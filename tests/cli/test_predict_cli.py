@@ -211,6 +211,7 @@ def tiny_weights(path: Path, modality="CT", threshold=0.3) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess or a large input: several seconds, not in `make test-fast`
 def test_python_m_predict_with_a_weights_file(tmp_path):
     w = tiny_weights(tmp_path / "tiny.pt")
     f = tmp_path / "cube.nrrd"

@@ -158,6 +158,7 @@ def test_characterise_gives_every_field_or_nothing():
     assert C.characterise(plain, vol, [(20.0, 20.0, 20.0)], 1.0) == [{}]
 
 
+@pytest.mark.slow  # a subprocess or a large input: several seconds, not in `make test-fast`
 def test_predictor_reports_findings_for_each_detection():
     from napari_resmtnet.inference.predictor import Predictor
     from napari_resmtnet.scan import Scan
