@@ -1,7 +1,7 @@
 """The "Detect nodules" dock widget: detect, review, correct, report lung nodules.
 
 A thin composition: the state and rules of reading live in the Qt-free
-`napari_resmtnet.session.ReviewSession` (table, selection, edits with undo/redo, threshold,
+`napari_resmtnet.annotations.session.ReviewSession` (table, selection, edits with undo/redo, threshold,
 review states, re-detect merge, type override); this widget builds it and the panels over
 it (`napari_resmtnet._qt`: ``detect_panel`` -- parameters in magicgui, the run in a napari
 worker; ``views_panel`` -- three planes, window presets F2/F3/F4, position, 3D;
@@ -31,7 +31,7 @@ from ._qt.layer_view import NoduleLayerView, image_layers, is_nodule_layer
 from ._qt.review_panel import BUTTONS, ReviewPanel
 from ._qt.views_panel import ViewsPanel
 from .annotations.table import NoduleTable
-from .session import AutosaveQueue, ReviewSession
+from .annotations.session import AutosaveQueue, ReviewSession
 
 #: what the reader's keys do, in the widget's table as on the canvas
 KEYS = {

@@ -32,6 +32,8 @@ from .annotations.table import (
     image_identity,
     inplane,
     label_of,
+    _column,
+    valid_id,
     nodule_colors,
 )
 from .detections import Detections
@@ -289,25 +291,6 @@ def _image_from_state(meta: dict, ndim: int, extent_hint) -> dict:
     }
 
 
-def _column(features, name, n, default):
-    if features is None:
-        return [default] * n
-    try:
-        col = features[name]
-    except (KeyError, IndexError, TypeError):
-        return [default] * n
-    vals = list(np.asarray(col).tolist() if not isinstance(col, list) else col)
-    return vals if len(vals) == n else [default] * n
-
-
-def valid_id(v) -> bool:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(f) and f >= 0 and f == int(f)
-
-
 def layer_to_nodules(layer) -> NoduleTable:
     """The nodule table of a napari layer (or LayerDataTuple): the reverse of
     `detections_to_layer_data`.
@@ -429,96 +412,6 @@ def layer_to_nodules(layer) -> NoduleTable:
         findings=found,
         texture_override=over,
     )
-
-
-# --- reconcile a user-edited layer with the table ---------------------------------------------
-
-
-def reconcile(
-    table: NoduleTable,
-    shapes,
-    features,
-    removed_ids=(),
-    new_label: str = "benign",
-    atol: float = 1e-3,
-    slice_index: int | None = None,
-):
-    """The table after the user edited the layer that showed it.
-
-    ``shapes`` and ``features`` are the layer's current data and features (one row per
-    shape); ``removed_ids`` are the ids of shapes the user deleted (deleting any of a
-    nodule's rectangles deletes the nodule). A shape whose in-plane rectangle differs from
-    its nodule's box moved or was resized: the nodule's in-plane extents follow it (z is
-    kept). A shape without a valid id (drawn by the user), or a CT shape that is not on the
-    slice its features say (pasted), is a new nodule: source "user", probability 1, label
-    ``new_label``; 2D shapes of a CT table are on ``slice_index`` (the widget's current-slice
-    layer) unless their ``slice`` feature says otherwise. Differences below ``atol`` voxels are float32 rounding (napari stores
-    vertices in float32), not edits.
-
-    Returns ``(new_table, changed, added_ids)``; ``table`` itself is not modified.
-    """
-    removed = {int(i) for i in removed_ids if valid_id(i)} & set(table.ids.tolist())
-    new = table.removed(sorted(removed)) if removed else table.copy()
-    changed = bool(removed)
-    shapes = [np.asarray(s, float) for s in (shapes or [])]
-    n = len(shapes)
-    ids = _column(features, "id", n, -1)
-    slices = _column(features, "slice", n, -1)
-    seen_edit: set[int] = set()
-    added: list[int] = []
-    for s, v, k in zip(shapes, ids, slices):
-        if not len(s):
-            continue
-        lo, hi = s[:, -2:].min(0), s[:, -2:].max(0)
-        yx = np.array([lo[0], lo[1], hi[0], hi[1]])
-        nid = int(float(v)) if valid_id(v) else None
-        if nid is not None and nid in removed:
-            continue  # another slice of a deleted nodule
-        if (
-            nid is not None
-            and table.ndim == 3
-            and s.shape[1] == 3
-            and valid_id(k)
-            and round(float(np.median(s[:, 0]))) != int(float(k))
-        ):
-            nid = None  # a copy pasted onto another slice: a new nodule
-        if nid is not None and nid in table:
-            if nid in seen_edit:
-                continue
-            expected = inplane(table.boxes[table.index_of(nid)])
-            if not np.allclose(yx, expected, atol=atol, rtol=0):
-                new = new.with_inplane(nid, _min_size(yx))
-                seen_edit.add(nid)
-                changed = True
-            continue
-        # a new shape
-        yx = _min_size(yx)
-        if table.ndim == 3:
-            z = (
-                float(np.round(np.median(s[:, 0])))
-                if s.shape[1] == 3
-                else float(k if valid_id(k) else (slice_index or 0))
-            )
-            z = min(max(z, 0.0), table.shape[0] - 1)
-            box = new.box_from_slice_rect(yx, int(z))
-        else:
-            box = yx
-        new, nid_new = new.added(box, label=new_label, source="user")
-        added.append(nid_new)
-        changed = True
-    return new, changed, added
-
-
-def _min_size(yx, minimum: float = 1.0) -> np.ndarray:
-    """Grow a rectangle smaller than ``minimum`` voxels (a click, not a drag) around its centre."""
-    y0, x0, y1, x1 = (float(v) for v in yx)
-    if y1 - y0 < minimum:
-        c = (y0 + y1) / 2
-        y0, y1 = c - minimum / 2, c + minimum / 2
-    if x1 - x0 < minimum:
-        c = (x0 + x1) / 2
-        x0, x1 = c - minimum / 2, c + minimum / 2
-    return np.array([y0, x0, y1, x1])
 
 
 # --- image layer -> Scan ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..annotations.export import NoduleFileError, export_nodules, import_nodules
 from ..annotations.report import write_html_report
 from ..annotations.table import META_KEY, image_identity
 from ..layers import scan_for_layer
-from ..session import complete_csv_table
+from ..annotations.session import complete_csv_table
 from .layer_view import image_layers, is_nodule_layer
 
 #: autosave this long after the last change of the nodules (ms); see `AutosaveQueue`

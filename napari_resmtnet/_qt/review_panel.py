@@ -1,6 +1,6 @@
 """The review panel: threshold, counts, legend, the nodule table and the edit buttons.
 
-A view over `napari_resmtnet.session.ReviewSession`: `ReviewPanel.refresh` shows the
+A view over `napari_resmtnet.annotations.session.ReviewSession`: `ReviewPanel.refresh` shows the
 session as it is; the buttons call the actions the host gives (by name), the threshold
 slider calls ``set_threshold``. While the slider is dragged, the nodules are re-drawn at
 most every 150 ms (many CT boxes are slow); the value is applied when it is let go.

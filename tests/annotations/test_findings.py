@@ -20,7 +20,8 @@ from napari_resmtnet.annotations.table import (
     image_identity,
     texture_text,
 )
-from napari_resmtnet.layers import layer_to_nodules, reconcile, table_to_layer_data
+from napari_resmtnet.annotations.table import reconcile
+from napari_resmtnet.layers import layer_to_nodules, table_to_layer_data
 from napari_resmtnet.annotations.report import write_html_report
 from napari_resmtnet.annotations.review import merge_detections
 from napari_resmtnet.scan import Scan

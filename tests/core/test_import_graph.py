@@ -29,7 +29,6 @@ LAYERS = {
     "layers": 6,
     "views": 6,
     "_widget": 6,
-    "session": 6,  # the widget's reading session: Qt-free, over the layer adapter's reconcile
     "_qt": 6,
     "cli": 7,
     "__main__": 7,

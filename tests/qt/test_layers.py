@@ -5,10 +5,10 @@ import pytest
 
 from napari_resmtnet.detections import Detections
 from napari_resmtnet.annotations.table import FEATURE_COLUMNS, LABEL_RGB, NoduleTable, box_slices, image_identity
+from napari_resmtnet.annotations.table import reconcile
 from napari_resmtnet.layers import (
     detections_to_layer_data,
     layer_to_nodules,
-    reconcile,
     scan_for_layer,
     table_to_layer_data,
     table_to_shapes,

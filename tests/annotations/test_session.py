@@ -11,9 +11,9 @@ import pytest
 
 from napari_resmtnet.detections import Detections
 from napari_resmtnet.annotations.table import NoduleTable
-from napari_resmtnet.session import AutosaveQueue, Event, ReviewSession, complete_csv_table
+from napari_resmtnet.annotations.session import AutosaveQueue, Event, ReviewSession, complete_csv_table
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "annotations"))
+sys.path.insert(0, str(Path(__file__).parent))
 from test_review import ct_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def session(threshold=0.5):
 
 def test_the_session_needs_no_qt_and_no_napari():
     code = (
-        "import sys, napari_resmtnet.session as S; s = S.ReviewSession(); "
+        "import sys, napari_resmtnet.annotations.session as S; s = S.ReviewSession(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
         "'napari', 'magicgui')]; print(bad); sys.exit(1 if bad else 0)"
     )
@@ -157,7 +157,7 @@ def test_threshold_shows_and_hides_without_undo_and_undo_keeps_it():
 
 
 def test_model_threshold_from_the_model_else_the_bundled_one(monkeypatch):
-    import napari_resmtnet.session as S
+    import napari_resmtnet.annotations.session as S
 
     monkeypatch.setattr(S, "operating_point", lambda modality: {"CT": 0.42, "CXR": 0.61}[modality])
     s = ReviewSession()

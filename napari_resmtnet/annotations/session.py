@@ -23,13 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from .annotations.table import NoduleTable
-from .layers import reconcile
-from .annotations.review import History, counts, merge_detections, next_nodule, reader_work
-from .annotations import autosave
-from .annotations.autosave import image_key
-from .annotations.export import NoduleFileError
-from .inference.weights import bundled_entry
+from .table import NoduleTable, reconcile
+from .review import History, counts, merge_detections, next_nodule, reader_work
+from . import autosave
+from .autosave import image_key
+from .export import NoduleFileError
+from ..inference.weights import bundled_entry
 
 UNDO_DEPTH = 50
 #: autosave at the latest this long after the first unsaved change (s), during long edits
@@ -223,7 +222,7 @@ class ReviewSession:
         self, shapes, features: dict, removed=(), new_label: str = "benign", slice_index: int | None = None, selected=()
     ) -> bool:
         """Fold what the reader did to the shapes that show the table (moved, resized, drawn,
-        deleted: `napari_resmtnet.layers.reconcile`) into it as one edit; the drawn nodules,
+        deleted: `napari_resmtnet.annotations.table.reconcile`) into it as one edit; the drawn nodules,
         else the ``selected`` ones, stay selected. True when something changed."""
         if self.table is None:
             return False
