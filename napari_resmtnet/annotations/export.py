@@ -90,6 +90,7 @@ from .table import (
     FLAT_FINDINGS,
     LABELS,
     REVIEW_STATES,
+    ROW_FIELDS,
     SOURCES,
     NoduleTable,
     clean_findings,
@@ -355,14 +356,19 @@ def _text(value, where: str, name: str, choices=None, max_len: int = 1000) -> st
     return value
 
 
+def _require(obj: dict, keys, where: str) -> None:
+    """Refuse ``obj`` (a JSON object) without one of ``keys``, naming the first missing."""
+    for k in keys:
+        if k not in obj:
+            raise NoduleFileError(f"{where}: missing field '{k}'")
+
+
 def _checked_image(image, where: str) -> dict:
     """The ``image`` identity of a nodule JSON, validated; only the known fields are kept."""
     w = f"{where} image"
     if not isinstance(image, dict):
         raise NoduleFileError(f"{w}: must be an object, got {_brief(image)}")
-    for k in ("shape", "spacing", "origin", "direction"):
-        if k not in image:
-            raise NoduleFileError(f"{w}: missing field '{k}'")
+    _require(image, ("shape", "spacing", "origin", "direction"), w)
     shape = image["shape"]
     if (
         not isinstance(shape, list)
@@ -433,12 +439,10 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
             f"{where}: format_version {_brief(ver)} is not one this version reads "
             f"(up to {FORMAT_VERSION}); update the plugin"
         )
-    if "image" not in d:
-        raise NoduleFileError(f"{where}: missing field 'image'")
+    _require(d, ("image",), where)
     image = _checked_image(d["image"], where)
     nd = len(image["shape"])
-    if "nodules" not in d:
-        raise NoduleFileError(f"{where}: missing field 'nodules'")
+    _require(d, ("nodules",), where)
     rows = []
     for key in ("nodules", "hidden"):
         part = d.get(key, [])
@@ -449,29 +453,13 @@ def table_from_json_dict(d: dict, where: str = "nodule JSON") -> NoduleTable:
         raise NoduleFileError(f"{where}: {len(rows)} nodules, more than {MAX_NODULES}; refused")
     threshold = _number(d.get("threshold", 0.5), where, "threshold", lo=0.0, hi=1.0)
     model = _checked_model(d.get("model"), where)
-    cols = {
-        k: []
-        for k in (
-            "boxes",
-            "ids",
-            "probability",
-            "malignancy",
-            "label",
-            "source",
-            "reviewed",
-            "review",
-            "findings",
-            "texture_override",
-        )
-    }
+    cols: dict[str, list] = {k: [] for k in ROW_FIELDS}
     seen: set[int] = set()
     for j, r in enumerate(rows):
         w = f"{where} nodule {j + 1}"
         if not isinstance(r, dict):
             raise NoduleFileError(f"{w}: expected an object, got {_brief(r)}")
-        for k in ("id", "box_voxel", "label", "malignancy"):
-            if k not in r:
-                raise NoduleFileError(f"{w}: missing field '{k}'")
+        _require(r, ("id", "box_voxel", "label", "malignancy"), w)
         nid = r["id"]
         if isinstance(nid, bool) or not isinstance(nid, int) or not 0 <= nid < 2**53:
             raise NoduleFileError(f"{w}: id must be a whole number from 0 to 2**53, got {_brief(nid)}")
