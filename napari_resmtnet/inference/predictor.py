@@ -343,54 +343,65 @@ def large_airways(
     cell_area = float(np.prod([cell_mm[a] for a in plane]))
     lo, hi = (TRACHEA_AREA_MM2[0] / cell_area, TRACHEA_AREA_MM2[1] / cell_area)
     depth = max(1, int(round(20.0 / cell_mm[axial_axis])))
+    cell_ml = float(np.prod(cell_mm)) / 1000.0
+    labels: dict = {}
+
+    def slice_labels(j):  # each slice's air regions, labelled once for every seed
+        if j not in labels:
+            labels[j] = measure.label(air3[j], connectivity=1)
+        return labels[j]
+
+    def follow(k, cur, step):
+        """The airway from region ``cur`` of slice ``k`` towards the feet: (tree, cells)."""
+        tree = np.zeros(air3.shape, bool)
+        tree[k] = cur
+        n = int(cur.sum())
+        j = k + step
+        joined = 0  # slices followed where the lumen's air joins the lung's
+        while 0 <= j < len(air3) and air3[j].any():
+            lab_j = slice_labels(j)
+            near = ndimage.binary_dilation(cur)
+            hit = np.unique(lab_j[near & (lab_j > 0)])
+            if not len(hit):
+                break
+            if (np.bincount(lab_j.ravel())[hit] > hi).any():
+                # joined to the lung's air on this slice (a wall thinner than a cell, the
+                # carina, the main bronchi at the hila): follow the dark lumen within one
+                # cell of the slice before, while it keeps its size
+                down = near & air3[j] & (hu3[j] < AIRWAY_LUMEN_HU)
+                joined += 1
+                if not (0.5 * cur.sum() <= down.sum() <= hi) or joined * cell_mm[axial_axis] > AIRWAY_JOINED_MM:
+                    break
+                cur = down
+            else:
+                cur = np.isin(lab_j, hit)
+            if (n + int(cur.sum())) * cell_ml > AIRWAY_MAX_ML:
+                break
+            tree[j] = cur
+            n += int(cur.sum())
+            j += step
+        return tree, n
+
     best, best_n = None, 0
     for last in [True, False] if head_last is None else [bool(head_last)]:
         order = zs[::-1] if last else zs
-        step = -1 if last else 1
         for k in order[:depth]:
             body = np.nonzero((hu3[k] > -500).any(axis=1 - lr_in_plane))[0]
             if not len(body):
                 continue
             middle = (body[0] + body[-1]) / 2
-            lab = measure.label(air3[k], connectivity=1)
+            lab = slice_labels(k)
             for r in measure.regionprops(lab):
                 if not (lo <= r.area <= hi) or abs(r.centroid[lr_in_plane] - middle) * cell_mm[lr] > TRACHEA_MIDLINE_MM:
                     continue
-                tree = np.zeros(air3.shape, bool)
-                cur = lab == r.label
-                tree[k] = cur
-                j = k + step
-                joined = 0  # slices followed where the lumen's air joins the lung's
-                while 0 <= j < len(air3) and air3[j].any():
-                    lab_j = measure.label(air3[j], connectivity=1)
-                    near = ndimage.binary_dilation(cur)
-                    hit = np.unique(lab_j[near & (lab_j > 0)])
-                    if not len(hit):
-                        break
-                    areas = np.bincount(lab_j.ravel())[hit]
-                    if (areas > hi).any():
-                        # joined to the lung's air on this slice (a wall thinner than a cell,
-                        # the carina, the main bronchi at the hila): follow the dark lumen
-                        # within one cell of the slice before, while it keeps its size
-                        down = near & air3[j] & (hu3[j] < AIRWAY_LUMEN_HU)
-                        joined += 1
-                        if not (0.5 * cur.sum() <= down.sum() <= hi) or joined * cell_mm[axial_axis] > AIRWAY_JOINED_MM:
-                            break
-                        cur = down
-                    else:
-                        cur = np.isin(lab_j, hit)
-                    if (tree.sum() + cur.sum()) * float(np.prod(cell_mm)) / 1000.0 > AIRWAY_MAX_ML:
-                        break
-                    tree[j] = cur
-                    j += step
-                n = int(tree.sum())
+                tree, n = follow(k, lab == r.label, -1 if last else 1)
                 if n > best_n:
                     best, best_n = tree, n
             if best is not None:
                 break
         if best is not None:
             break
-    ml = best_n * float(np.prod(cell_mm)) / 1000.0
+    ml = best_n * cell_ml
     if best is None or ml < 1.0:
         return None, "no trachea at the head end: airways not excluded"
     return np.moveaxis(
