@@ -37,9 +37,7 @@ def scores(model, records):
             c = [np.asarray(r.centers[r.main], float)]
             patch = centre_patches(torch.from_numpy(normalize_ct(r.array)), c)
             _, prob = _patch_outputs(model, patch, False)
-            truth = (
-                centre_patches(torch.from_numpy((r.mask > 0).astype(np.float32)), c, pad_value=0.0)[0, 0].numpy() > 0
-            )
+            truth = E.truth_patch(r, c[0])
             if not truth.any():
                 continue
             masks = [_centre_component(prob[0] > lv) for lv in LEVELS]

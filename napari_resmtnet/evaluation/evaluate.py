@@ -198,6 +198,17 @@ def size_errors(records, outs, per_image, threshold: float) -> dict:
     }
 
 
+def truth_patch(record, centre) -> np.ndarray:
+    """A cube's nodule mask on the patch grid the mask decoder reads around ``centre`` (model
+    voxels; `model.network.centre_patches`), as a bool array; outside the cube: not nodule."""
+    import torch
+
+    from ..model.network import centre_patches  # lazy: the network imports torch
+
+    mask = torch.from_numpy((record.mask > 0).astype(np.float32))
+    return centre_patches(mask, [centre], pad_value=0.0)[0, 0].numpy() > 0
+
+
 def findings_metrics(model, records, data=None, tta: bool = False) -> dict | None:
     """Characteristics and segmentation of a CT model with those heads, on the validation
     cubes, read at each cube's true main-nodule centre (so detection misses do not mix in):
@@ -235,10 +246,7 @@ def findings_metrics(model, records, data=None, tta: bool = False) -> dict | Non
             )
         if nodules is not None and r.mask is not None:
             pm = nodules[0]
-            # the cube's mask on the same patch grid (outside the cube: not nodule)
-            truth = (
-                centre_patches(torch.from_numpy((r.mask > 0).astype(np.float32)), [c], pad_value=0.0)[0, 0].numpy() > 0
-            )
+            truth = truth_patch(r, c)
             if not truth.any():
                 continue
             dices.append(dice(pm, truth))

@@ -141,7 +141,7 @@ def enhance(x: torch.Tensor, labels, opts: dict, g: torch.Generator) -> None:
     nodule enhances by tens of HU), so that brightness alone does not tell the two apart but
     an enhanced vessel's shape seen end-on does not pass as a nodule. Calcified nodules stay
     positives, bright as they are."""
-    step = -1.0 + (-100.0 - CT_WINDOW[0]) * HU_UNIT  # -100 HU, normalised
+    step = float(normalize_ct(np.float32(-100.0)))  # -100 HU, normalised
     for i in range(len(x)):
         if float(torch.rand((), generator=g)) >= opts["contrast_prob"]:
             continue
