@@ -155,6 +155,19 @@ def _longest_vertical_chord(xy: np.ndarray):
     return best
 
 
+#: The smallest nodule: LIDC-IDRI and LUNA16 count lesions of 3-30 mm as nodules (smaller
+#: ones are "micronodules", not marked by the readers nor scored by LUNA16).
+MIN_NODULE_MM = 3.0
+
+
+def smaller_than_nodule(volume: float | None, min_diameter_mm: float = MIN_NODULE_MM) -> bool:
+    """Whether a segmented volume (mm³) is less than a sphere of ``min_diameter_mm``; an
+    unknown volume (no mask) is not evidence of anything: False."""
+    if volume is None or not math.isfinite(float(volume)):
+        return False
+    return float(volume) < math.pi / 6.0 * float(min_diameter_mm) ** 3
+
+
 def volume_mm3(mask, spacing=(1.0, 1.0, 1.0)) -> float:
     """Volume of a 3D mask: voxel count x voxel volume (mm³)."""
     m = _mask(mask, 3)

@@ -37,8 +37,8 @@ from ..metrics import (
     threshold_at_fp,
 )
 from ..io.preprocess import normalize_ct
-from ..inference.characterise import characterise_patches
-from ..measurements import dice
+from ..inference.characterise import MAX_CHARACTERISED, characterise_patches
+from ..measurements import MIN_NODULE_MM, dice, smaller_than_nodule
 from ..training import readers as R
 from ..training.wholescan import evaluate_scans, fp_per_scan_at, whole_scans
 from ..inference.predictor import Predictor
@@ -112,6 +112,41 @@ def model_outputs(model, records, modality: str, batch_size: int = 8, tta: bool 
     return outs
 
 
+def drop_smaller_than_nodules(model, records, outs, threshold: float, min_nodule_mm: float = MIN_NODULE_MM):
+    """``outs`` without the candidates at or above ``threshold`` whose segmented mask is
+    smaller than a ``min_nodule_mm`` sphere, as `Predictor` drops them; and how many went
+    (``{"true": .., "false": ..}`` positives by `match_detections`), or None (no mask decoder)."""
+    import torch
+
+    from ..model.network import centre_patches  # lazy: the network imports torch
+
+    if not getattr(model.config, "fine_segmentation", False) or min_nodule_mm <= 0:
+        return outs, None
+    new, gone = [], {"true": 0, "false": 0}
+    for r, o in zip(records, outs):
+        sel = np.nonzero(o["scores"] >= threshold)[0][:MAX_CHARACTERISED]
+        if not len(sel):
+            new.append(o)
+            continue
+        cs = [o["centres"][k] for k in sel]
+        with torch.inference_mode():
+            found, _ = characterise_patches(model, centre_patches(torch.from_numpy(normalize_ct(r.array)), cs), cs, 1.0)
+        small = [k for k, f in zip(sel, found) if smaller_than_nodule(f.get("volume_mm3"), min_nodule_mm)]
+        if not small:
+            new.append(o)
+            continue
+        sp = _spacing(r)
+        m = match_detections(o["centres"] * sp, o["scores"], r.centers * sp, np.asarray(r.diameters) * sp)
+        for k in small:
+            gone["true" if m[k] >= 0 else "false"] += 1
+        keep = np.setdiff1d(np.arange(len(o["scores"])), small)
+        kept = {key: o[key][keep] for key in ("centres", "sizes", "scores", "malignancy")}
+        if o.get("stages"):
+            kept["stages"] = {name: v[keep] for name, v in o["stages"].items()}
+        new.append({**o, **kept})
+    return new, gone
+
+
 def mal_at(mal_map, centre_vox, stride=4):
     cell = np.clip(np.round(np.asarray(centre_vox) / stride).astype(int), 0, np.array(mal_map.shape) - 1)
     return float(mal_map[tuple(cell)])
@@ -131,7 +166,15 @@ def evaluate_model(
             threshold = threshold_at_fp(fr, 0.25)
         res["detection"] = {k: v for k, v in fr.items() if k != "curve"}
         res["detection"]["n_nodules"] = n_truth
+        # the operating point as the plugin shows it: candidates whose own mask is smaller
+        # than a nodule are dropped there (`Predictor(min_nodule_mm=...)`); the FROC above is
+        # the network's scores alone
+        outs, dropped = drop_smaller_than_nodules(model, records, outs, threshold) if modality == "CT" else (outs, None)
+        if dropped is not None:
+            per_image, _ = _per_image(records, outs)
         res["detection"]["operating_point"] = detection_f1(per_image, n_truth, threshold)
+        if dropped is not None:
+            res["detection"]["operating_point"]["below_min_size"] = dropped
         res["threshold"] = threshold
         res["detection"]["sizes"] = size_errors(records, outs, per_image, threshold)
         if cfg_net.get("malignancy", True):

@@ -63,6 +63,7 @@ from ..io.preprocess import (
 from .. import boxes as B
 from .characterise import MAX_CHARACTERISED, characterise
 from ..io.formats import load_scan
+from ..measurements import MIN_NODULE_MM, smaller_than_nodule
 
 __all__ = [
     "Predictor",
@@ -516,6 +517,9 @@ class Predictor:
         threshold are kept down to this floor, for review; never above the threshold).
     max_detections : most candidates returned per scan.
     nms_iou : IoU above which the weaker of two overlapping boxes is dropped.
+    min_nodule_mm : a candidate at the operating point whose segmented mask is smaller than
+        a sphere of this diameter is dropped (`measurements.MIN_NODULE_MM`: LIDC and LUNA16
+        count lesions from 3 mm as nodules); 0 keeps them. Needs the mask decoder.
     threads : CPU threads for the network (default: torch's setting, but one thread for
         windows under ``SMALL_WINDOW`` voxels, e.g. radiographs and cubes: there a second
         thread saves little when the CPU is idle and costs up to 100x when it is busy).
@@ -538,6 +542,7 @@ class Predictor:
         nms_iou: float = 0.1,
         threads: int | None = None,
         detector_only: bool = False,
+        min_nodule_mm: float = MIN_NODULE_MM,
     ):
         m = str(modality).upper()
         if m not in DEFAULTS:
@@ -576,6 +581,9 @@ class Predictor:
         self.score_floor = float(score_floor)
         self.max_detections = int(max_detections)
         self.nms_iou = float(nms_iou)
+        if not min_nodule_mm >= 0:
+            raise PredictionError(f"min_nodule_mm must be >= 0, got {min_nodule_mm}")
+        self.min_nodule_mm = float(min_nodule_mm)
         if threads is not None and int(threads) < 1:
             raise PredictionError(f"threads must be at least 1, got {threads}")
         self.threads = None if threads is None else int(threads)
@@ -830,7 +838,8 @@ class Predictor:
             order = order[p[order] >= floor][: self.max_detections]
             stages = {"detector": sc[order].tolist(), "second_stage": p_fpr[order].tolist()}
             bx, sc, mal = bx[order], p[order], mal[order]
-        findings = []
+        findings: list[dict] = []
+        dropped = 0
         if self.ndim == 3 and len(bx) and vol is not None and self._characterises and (sc >= self.threshold).any():
             # the candidates shown at the operating point (one patch pass each, ~0.2-0.4 s on a CPU)
             n = min(int((sc >= self.threshold).sum()), MAX_CHARACTERISED)
@@ -839,6 +848,14 @@ class Predictor:
                 findings = characterise(self.model, vol, centres, self.spacing_mm, CT_WINDOW)
             findings += [{} for _ in range(len(bx) - n)]
             bx = self._boxes_from_masks(bx, findings)
+            small = {k for k, f in enumerate(findings) if smaller_than_nodule(f.get("volume_mm3"), self.min_nodule_mm)}
+            if small and self.min_nodule_mm > 0:  # its own outline says it is no nodule
+                keep_k = [k for k in range(len(findings)) if k not in small]
+                idx = torch.as_tensor(keep_k, dtype=torch.long)
+                bx, sc, mal = bx[idx], sc[idx], mal[idx]
+                findings = [findings[k] for k in keep_k]
+                stages = {name: [v[k] for k in keep_k] for name, v in stages.items()}
+                dropped = len(small)
         bx = bx.double().numpy().reshape(-1, 2 * self.ndim)
         if len(bx):
             # model voxel k -> scan voxel a * k + b: the model grid shares the scan's origin
@@ -846,9 +863,10 @@ class Predictor:
             a, b = to_scan
             centres, sizes = B.boxes_to_centers_sizes(bx)
             bx = B.centers_sizes_to_boxes(centres * a + b, sizes * a)
-        return Detections(
-            bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), {"stages": stages} if stages else {}, findings
-        )
+        meta: dict = {"stages": stages} if stages else {}
+        if dropped:
+            meta["below_min_size"] = dropped
+        return Detections(bx, sc.numpy(), mal.numpy(), Detections.geometry_of(scan), meta, findings)
 
 
 def sitk_view(img):

@@ -180,3 +180,13 @@ def test_relative_volume_error():
     assert relative_volume_error(t, p) == pytest.approx(-0.2)
     assert relative_volume_error(p, t, (5.0, 0.7, 0.7)) == pytest.approx(0.25)
     assert relative_volume_error(90.0, 120.0) == pytest.approx(-0.25)
+
+
+def test_smaller_than_a_nodule():
+    from napari_resmtnet.measurements import MIN_NODULE_MM, smaller_than_nodule
+
+    sphere3 = np.pi / 6 * MIN_NODULE_MM**3  # 14.14 mm³
+    assert smaller_than_nodule(sphere3 - 0.1) and not smaller_than_nodule(sphere3 + 0.1)
+    assert smaller_than_nodule(0.0)
+    assert not smaller_than_nodule(None) and not smaller_than_nodule(float("nan"))
+    assert smaller_than_nodule(100.0, min_diameter_mm=6.0) and not smaller_than_nodule(120.0, min_diameter_mm=6.0)

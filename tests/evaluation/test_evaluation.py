@@ -54,3 +54,32 @@ def test_diameter_rule_threshold_comes_from_train_only():
     r = diameter_rule([5, 6, 20, 25], [0, 0, 1, 1], [7, 30, 15], [0, 1, 1])
     assert 6 < r["threshold_mm"] <= 20
     assert r["accuracy"] == pytest.approx(2 / 3)  # 15 mm is called benign with t = 20
+
+
+def test_operating_point_drops_candidates_smaller_than_a_nodule(monkeypatch):
+    """The cube evaluation's operating point drops what the Predictor drops: candidates at or
+    above the threshold whose mask is under a 3 mm sphere, counted as true or false positives."""
+    from types import SimpleNamespace
+
+    from napari_resmtnet.evaluation import evaluate as E
+
+    def fake(model, patches, centres, spacing_mm):
+        return [{"volume_mm3": 5.0 if c[0] > 30 else 100.0} for c in centres], None
+
+    monkeypatch.setattr(E, "characterise_patches", fake)
+    model = SimpleNamespace(config=SimpleNamespace(fine_segmentation=True))
+    rec = SimpleNamespace(array=np.zeros((50, 50, 50), np.int16), centers=np.array([[25.0, 25, 25]]), diameters=[8.0])
+    out = {
+        "centres": np.array([[25.0, 25, 25], [40.0, 10, 10], [45.0, 40, 40], [20.0, 5, 5]]),
+        "sizes": np.ones((4, 3)),
+        "scores": np.array([0.9, 0.8, 0.7, 0.2]),
+        "malignancy": np.zeros(4),
+        "stages": {"detector": np.arange(4.0)},
+    }
+    new, gone = E.drop_smaller_than_nodules(model, [rec], [out], threshold=0.5)
+    assert gone == {"true": 0, "false": 2}
+    np.testing.assert_array_equal(new[0]["scores"], [0.9, 0.2])  # below the threshold: never measured
+    np.testing.assert_array_equal(new[0]["stages"]["detector"], [0.0, 3.0])
+    assert E.drop_smaller_than_nodules(model, [rec], [out], 0.5, min_nodule_mm=0)[1] is None
+    plain = SimpleNamespace(config=SimpleNamespace(fine_segmentation=False))
+    assert E.drop_smaller_than_nodules(plain, [rec], [out], 0.5) == ([out], None)

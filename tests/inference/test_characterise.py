@@ -169,8 +169,8 @@ def test_predictor_reports_findings_for_each_detection():
     arr = np.full((40, 48, 48), -900, np.int16)
     arr[16:24, 20:28, 20:28] = 40
     scan = Scan(arr, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", seriesuid="t")
-    det = Predictor(
-        "CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.4}, device="cpu", window=48, overlap=8
+    det = Predictor(  # a random decoder's masks: keep the tiny ones (the size rule is tested below)
+        "CT", model=net, info={"spacing_mm": 1.0, "threshold": 0.4}, device="cpu", window=48, overlap=8, min_nodule_mm=0
     ).predict(scan)
     assert len(det) > 0 and len(det.findings) == len(det)
     n = min(int((det.probability >= 0.4).sum()), C.MAX_CHARACTERISED)
@@ -228,3 +228,32 @@ def test_characterise_keeps_the_heads_call_beside_the_masks():
     if "solid_fraction" in f:  # the random decoder segmented something
         assert f["texture"] == C.texture_from_fraction(f["solid_fraction"])
         assert f["texture_head"] in ("solid", "part-solid", "ground-glass")
+
+
+def test_candidates_smaller_than_a_nodule_are_dropped(monkeypatch):
+    """A candidate at the operating point whose own mask is under a 3 mm sphere (14.1 mm³) is
+    no nodule by the LIDC definition: the Predictor drops it and says how many went; one
+    without a mask, or `min_nodule_mm=0`, keeps everything."""
+    from napari_resmtnet.inference.predictor import Predictor
+    from napari_resmtnet.scan import Scan
+
+    net = _net()
+    with torch.no_grad():
+        net.heatmap.bias.fill_(0.0)
+    volumes = [200.0, 10.0, None, 14.2]
+
+    def fake(model, volume, centres, spacing_mm, window=None):
+        return [({"volume_mm3": v} if v is not None else {}) for v, _ in zip(volumes + [500.0] * len(centres), centres)]
+
+    monkeypatch.setattr("napari_resmtnet.inference.predictor.characterise", fake)
+    scan = Scan(np.full((40, 48, 48), -900, np.int16), (1.0,) * 3, (0.0,) * 3, np.eye(3), "CT", seriesuid="t")
+    kw = dict(model=net, info={"spacing_mm": 1.0, "threshold": 0.4}, device="cpu", window=48, overlap=8)
+    everything = Predictor("CT", min_nodule_mm=0, **kw).predict(scan)
+    assert (everything.probability >= 0.4).sum() >= 4 and "below_min_size" not in everything.meta
+    det = Predictor("CT", **kw).predict(scan)
+    assert len(det) == len(everything) - 1 and det.meta["below_min_size"] == 1
+    assert [f.get("volume_mm3") for f in det.findings[:3]] == [200.0, None, 14.2]
+    np.testing.assert_allclose(det.probability[0], everything.probability[0])
+    np.testing.assert_allclose(det.probability[1:3], everything.probability[2:4])
+    with pytest.raises(Exception, match="min_nodule_mm"):
+        Predictor("CT", min_nodule_mm=-1, **kw)
