@@ -66,6 +66,7 @@ class ResMTNetConfig:
     attributes: bool = False  # reader-characteristic heads on the malignancy branch (ATTRIBUTES)
     fine_segmentation: bool = False  # full-resolution nodule mask decoder on the malignancy branch
     seg_detail: int = 0  # width of the decoder's full-resolution path on the input (0: none)
+    seg_aligned: bool = False  # decoder upsamples with each coarse cell on the voxel it is centred on
     fpr: bool = False  # second stage: candidate classifier on a patch around each peak
     fpr_patch: int = 32  # its input side (voxels at the model spacing)
     fpr_width: int = 16
@@ -168,16 +169,45 @@ class Backbone(nn.Module):
         return (self.fuse(y), stem) if with_stem else self.fuse(y)
 
 
+def upsample_2x_aligned(y: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """Upsample stride-2 features (a 3x3 stride-2 convolution with padding 1: cell i is centred
+    on fine voxel 2i) to ``size`` so that fine voxel j reads coarse position j / 2. Plain
+    ``interpolate(align_corners=False)`` reads (j - 0.5) / 2, putting every coarse cell half a
+    fine voxel too far along each axis (1.5 input voxels for stride-4 features): a mask decoded
+    from them comes out shifted, which flip-averaging hides and measurement does not forgive.
+    Linear interpolation onto 2n - 1 points with the corners aligned gives exactly j / 2; the
+    last plane (when ``size`` is 2n) repeats the edge."""
+    n = y.shape[2:]
+    inner = [2 * k - 1 for k in n]
+    if any(s < i for s, i in zip(size, inner)):
+        raise ValueError(f"target size {tuple(size)} is smaller than twice the features' {tuple(n)} less one")
+    out = F.interpolate(y, size=inner, mode=mode, align_corners=True)
+    pad = []
+    for s, i in zip(reversed(list(size)), reversed(inner)):
+        pad += [0, int(s) - i]
+    return F.pad(out, pad, mode="replicate") if any(pad) else out
+
+
 class SegmentationDecoder(nn.Module):
     """Full-resolution nodule mask from the malignancy branch (stride 4), the backbone's stem
     (stride 2) and the input itself: two upsampling steps, each fused with the finer features
     (a U-Net's last two levels). It runs on nodule-centred patches only (see
     `ResMTNet.forward_maps`), never over a whole scan."""
 
-    def __init__(self, nd: int, hw: int, stem_width: int, in_channels: int = 1, width: int = 32, detail: int = 0):
+    def __init__(
+        self,
+        nd: int,
+        hw: int,
+        stem_width: int,
+        in_channels: int = 1,
+        width: int = 32,
+        detail: int = 0,
+        aligned: bool = False,
+    ):
         super().__init__()
         Conv = _conv(nd)
         self.mode = "trilinear" if nd == 3 else "bilinear"
+        self.aligned = aligned
         self.up1 = nn.Sequential(
             Conv(hw + stem_width, width, 3, 1, 1, bias=False), _norm(nd, width), nn.ReLU(inplace=True)
         )
@@ -204,10 +234,15 @@ class SegmentationDecoder(nn.Module):
         )
         self.out = Conv(width // 2, 1, 1)
 
+    def _up(self, y, size):
+        if not self.aligned:
+            return F.interpolate(y, size=size, mode=self.mode, align_corners=False)
+        return upsample_2x_aligned(y, size, self.mode)
+
     def forward(self, m, stem, x):
-        y = F.interpolate(m, size=stem.shape[2:], mode=self.mode, align_corners=False)
+        y = self._up(m, stem.shape[2:])
         y = self.up1(torch.cat([y, stem], 1))
-        y = F.interpolate(y, size=x.shape[2:], mode=self.mode, align_corners=False)
+        y = self._up(y, x.shape[2:])
         parts = [y, x] if self.detail is None else [y, x, self.detail(x)]
         return self.out(self.up2(torch.cat(parts, 1)))
 
@@ -252,7 +287,9 @@ class ResMTNet(nn.Module):
         if cfg.fine_segmentation:
             if backbone is not None:
                 raise ValueError("fine_segmentation needs the default backbone (its stem features)")
-            self.seg_decoder = SegmentationDecoder(nd, hw, cfg.widths[0], cfg.in_channels, detail=cfg.seg_detail)
+            self.seg_decoder = SegmentationDecoder(
+                nd, hw, cfg.widths[0], cfg.in_channels, detail=cfg.seg_detail, aligned=cfg.seg_aligned
+            )
         nn.init.constant_(self.heatmap.bias, -4.6)  # prior p = 0.01, as in focal-loss detectors
         nn.init.constant_(self.size.bias, 1.0)
         if cfg.fpr:

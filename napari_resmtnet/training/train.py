@@ -238,6 +238,7 @@ GROWABLE = (
     "w_fine_segmentation",
     "texture_weights",
     "seg_detail",
+    "seg_aligned",
 )
 
 

@@ -257,3 +257,35 @@ def test_candidates_smaller_than_a_nodule_are_dropped(monkeypatch):
     np.testing.assert_allclose(det.probability[1:3], everything.probability[2:4])
     with pytest.raises(Exception, match="min_nodule_mm"):
         Predictor("CT", min_nodule_mm=-1, **kw)
+
+
+def test_aligned_decoder_puts_each_coarse_cell_on_its_voxel():
+    """`upsample_2x_aligned`: a point seen through a 3x3 stride-2 convolution (twice: the
+    stride-4 features) comes back on the same voxel; plain interpolation puts it half a
+    voxel (1.5 voxels) off, the shift the mask decoder learned before."""
+    import torch.nn.functional as F
+
+    from napari_resmtnet.model.network import upsample_2x_aligned
+
+    conv = torch.nn.Conv3d(1, 1, 3, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1, 1] = 1.0  # a sampling convolution: cell i is voxel 2i
+    img = torch.zeros(1, 1, 40, 40, 40)
+    img[0, 0, 20, 16, 8] = 1.0
+    with torch.no_grad():
+        s2 = conv(img)
+    back = upsample_2x_aligned(s2, (40, 40, 40), "trilinear")
+    assert back[0, 0, 20, 16, 8] == 1.0 and back.sum() > 1  # spread around, peaked on the voxel
+    plain = F.interpolate(s2, size=(40, 40, 40), mode="trilinear", align_corners=False)
+    centroid = lambda v: (torch.nonzero(v[0, 0] > 0).float() * v[0, 0][v[0, 0] > 0][:, None]).sum(0) / v.sum()
+    np.testing.assert_allclose(centroid(back).numpy(), [20, 16, 8], atol=1e-4)
+    np.testing.assert_allclose(centroid(plain).numpy(), [20.5, 16.5, 8.5], atol=1e-4)
+    # odd sizes: 2n - 1 needs no edge plane; smaller than that is refused
+    assert upsample_2x_aligned(torch.randn(1, 2, 5, 6, 7), (9, 12, 13), "trilinear").shape == (1, 2, 9, 12, 13)
+    with pytest.raises(ValueError, match="smaller"):
+        upsample_2x_aligned(torch.randn(1, 2, 5, 6, 7), (8, 12, 13), "trilinear")
+    # the config switch reaches the decoder and keeps the old decoder's weights loadable
+    old, new = _net(seg_detail=4), _net(seg_detail=4, seg_aligned=True)
+    assert new.seg_decoder.aligned and not old.seg_decoder.aligned
+    new.load_state_dict(old.state_dict())
