@@ -34,6 +34,7 @@ from ..inference.predictor import DeviceError, Predictor, resolve_device
 from ..annotations.export import CSV_COLUMNS, NoduleFileError, csv_text, json_dict
 from ..files import atomic_write_texts
 from ..io.formats import ScanReadError, load_scan, strip_image_suffix
+from ..measurements import MIN_NODULE_MM
 from ..annotations.table import NoduleTable, image_identity
 
 PROG = "resmtnet predict"
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MM",
         help="pixel spacing (mm) of radiographs, replacing the file's or the assumed one "
         "(e.g. for PNG/JPEG without a pixel size); CT volumes keep their own",
+    )
+    p.add_argument(
+        "--min-nodule-mm",
+        type=float,
+        default=MIN_NODULE_MM,
+        metavar="MM",
+        help="CT: drop candidates whose segmented mask is smaller than a sphere of this diameter "
+        "(default: %(default)g, the LIDC definition of a nodule; 0 keeps micronodules)",
     )
     p.add_argument("--weights", metavar="PATH", help="weights file (default: the bundled weights for each modality)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of --weights (default: read from PATH.sha256)")
@@ -121,6 +130,8 @@ def _main(argv=None) -> int:
         return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be at least 1, got {args.threads}")
+    if not (0.0 <= args.min_nodule_mm <= 30.0):
+        return _fail(f"--min-nodule-mm must be in [0, 30] mm, got {args.min_nodule_mm:g}")
     if args.spacing is not None and not (0.0 < args.spacing < 1e4):
         return _fail(f"--spacing must be a positive number of mm, got {args.spacing}")
     out_csv = Path(args.out)
@@ -157,7 +168,9 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
     def predictor_for(modality: str):
         if modality not in predictors:
             try:
-                kw = {"threads": args.threads} if args.threads else {}
+                kw: dict = {"threads": args.threads} if args.threads else {}
+                if modality == "CT":
+                    kw["min_nodule_mm"] = args.min_nodule_mm
                 if args.threshold is not None:  # keep candidates down to a lower --threshold
                     kw["score_floor"] = min(0.05, float(args.threshold))
                 predictors[modality] = Predictor(
@@ -195,6 +208,7 @@ def _run(args, device, out_csv: Path, out_json: Path | None) -> int:
                 d["warnings"] = list(scan.warnings)
                 d["timings"] = det.meta.get("timings", {})
                 d["lung_mask"] = det.meta.get("lung_mask", {})
+                d["below_min_size"] = int(det.meta.get("below_min_size", 0))
                 scans_json.append(d)
                 n_rows += int(np.count_nonzero(table.visible_mask()))
             except (ScanReadError, WeightsError, ValueError, OSError, RuntimeError, MemoryError) as e:

@@ -161,6 +161,27 @@ def test_threshold_option_filters_rows(tmp_path, centroid_predictor):
     )
 
 
+def test_min_nodule_option_reaches_the_ct_predictor_and_the_json(tmp_path, centroid_predictor, monkeypatch):
+    """``--min-nodule-mm`` sets the CT Predictor's size rule (default 3 mm); the JSON says how
+    many candidates it dropped per scan."""
+    seen = []
+    fake = predict_cli.Predictor
+
+    def spy(modality, **kw):
+        seen.append((modality, kw.get("min_nodule_mm")))
+        return fake(modality, **kw)
+
+    monkeypatch.setattr(predict_cli, "Predictor", spy)
+    f = tmp_path / "s.nrrd"
+    write_ball_image(f, (30, 50, 50), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3), (25, 25, 15))
+    out, js = tmp_path / "d.csv", tmp_path / "d.json"
+    argv = [str(f), "--out", str(out), "--json", str(js), "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    assert main(argv + ["--min-nodule-mm", "0"]) == 0
+    assert seen == [("CT", 3.0), ("CT", 0.0)]
+    assert json.loads(js.read_text(encoding="utf-8"))["scans"][0]["below_min_size"] == 0
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -169,6 +190,7 @@ def test_threshold_option_filters_rows(tmp_path, centroid_predictor):
         (["x.nrrd", "--out", "o.csv", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
         (["x.nrrd", "--out", "no/such/folder/o.csv"], "does not exist"),
         (["x.nrrd", "--out", "o.csv", "--spacing", "-1"], "--spacing"),
+        (["x.nrrd", "--out", "o.csv", "--min-nodule-mm", "-1"], "--min-nodule-mm must be in [0, 30] mm"),
         (["x.nrrd", "--out", "o.csv", "--device", "quantum"], "unknown device"),
     ],
 )
