@@ -18,13 +18,14 @@ import os
 import threading
 from functools import partial
 
-from magicgui.widgets import ComboBox, Container, FileEdit
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..annotations.table import META_KEY, NoduleTable, image_identity
 from ..inference.predictor import Predictor
 from ..inference.weights import WeightsError, load_checkpoint, load_model
 from ..layers import scan_for_layer
+from ..measurements import MIN_NODULE_MM
 from .layer_view import image_layers
 from .runner import ProgressRelay, run_detection
 
@@ -106,6 +107,7 @@ class DetectPanel(QWidget):
         self.weights_path: str | None = None
         self.weights_info: dict | None = None
         self.running = False
+        self.run_min_nodule_mm = MIN_NODULE_MM
         self.cancel_event = threading.Event()
         self.worker = None
         self.pbar = None
@@ -118,10 +120,17 @@ class DetectPanel(QWidget):
                 ComboBox(name="model", label="model", choices=MODEL_CHOICES, value="auto"),
                 ComboBox(name="device", label="device", choices=DEVICE_CHOICES, value="auto"),
                 FileEdit(name="weights", label="weights file", mode="r", filter="Weights (*.pt *.pth)"),
+                FloatSpinBox(
+                    name="min_nodule_mm", label="smallest nodule (mm)", value=MIN_NODULE_MM, min=0.0, max=10.0, step=0.5
+                ),
             ]
         )
         p = self.params
         p.weights.tooltip = "Use a weights file of your own (a <file>.sha256 must lie beside it)"
+        p.min_nodule_mm.tooltip = (
+            "CT: candidates whose own outline is smaller than a sphere of this diameter are left out "
+            "(3 mm: the LIDC definition of a nodule); 0 shows micronodules too"
+        )
         p.image.changed.connect(lambda *_: host.on_choice())
         p.model.changed.connect(lambda *_: host.on_choice())
         p.weights.changed.connect(self._on_weights_file)
@@ -251,6 +260,13 @@ class DetectPanel(QWidget):
                     self.predictors[key] = self.weights_factory(modality, device, weights)
             return self.predictors[key]
 
+    def _predictor_for_run(self, min_nodule_mm: float, modality: str, device: str):
+        """The (cached) predictor with this run's smallest nodule size (CT only)."""
+        pred = self.get_predictor(modality, device)
+        if modality == "CT" and hasattr(pred, "min_nodule_mm"):
+            pred.min_nodule_mm = min_nodule_mm
+        return pred
+
     # --- the run --------------------------------------------------------------------------
     def detect(self, *_) -> None:
         """Run detection on the chosen image layer (in a worker thread); asks first when the
@@ -306,9 +322,10 @@ class DetectPanel(QWidget):
         self.update_buttons()
         self.set_status(f"Detecting nodules in {layer.name} ({modality}, {device})…")
         self.pbar = progress(total=1000, desc=f"Detecting nodules ({modality})")
+        self.run_min_nodule_mm = float(self.params.min_nodule_mm.value)
         job = partial(
             run_detection,
-            self.get_predictor,
+            partial(self._predictor_for_run, self.run_min_nodule_mm),
             scan,
             modality,
             device,
@@ -383,9 +400,16 @@ class DetectPanel(QWidget):
         name = outcome.context["image_layer"]
         layer = self.host.show_nodules(table, image_layer_name=name, merge=True)
         t, merged = self.host.session.table, self.host.session.last_merge
+        small = int(outcome.detections.meta.get("below_min_size", 0))
         notify(
             "info",
             f"Found {int(t.visible_mask().sum())} nodule(s) in {name} "
-            f"({len(t)} candidates kept; move the threshold to see more)." + (f" Merged: {merged}." if merged else ""),
+            f"({len(t)} candidates kept; move the threshold to see more)."
+            + (f" Merged: {merged}." if merged else "")
+            + (
+                f" {small} smaller than {self.run_min_nodule_mm:g} mm left out (see 'smallest nodule')."
+                if small
+                else ""
+            ),
         )
         return layer

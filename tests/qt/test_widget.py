@@ -873,3 +873,30 @@ def test_report_of_a_dicom_series_also_writes_sr_and_seg(make_napari_viewer, qtb
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info["series_uid"]
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 1
+
+
+def test_smallest_nodule_size_reaches_the_ct_predictor_and_is_told(make_napari_viewer, qtbot, notes):
+    """'smallest nodule (mm)': each CT run sets the predictor's size rule (3 mm by default,
+    0 shows micronodules); what the rule left out is said in the notification."""
+
+    class SizeAware(FakePredictor):
+        min_nodule_mm = -1.0
+
+        def predict(self, scan, progress=None, cancel=None):
+            self.seen = getattr(self, "seen", []) + [self.min_nodule_mm]
+            det = super().predict(scan, progress, cancel)
+            if self.min_nodule_mm > 0:
+                det.meta["below_min_size"] = 2
+            return det
+
+    pred = SizeAware()
+    viewer, w = make(make_napari_viewer, lambda modality, device: pred)
+    spin = w.detect_panel.params.min_nodule_mm
+    assert spin.value == 3.0 and "LIDC" in spin.tooltip
+    detect(qtbot, w)
+    assert pred.seen == [3.0]
+    assert "2 smaller than 3 mm left out" in notes["info"][-1]
+    spin.value = 0.0  # the reader wants micronodules too
+    detect(qtbot, w)
+    assert pred.seen == [3.0, 0.0]
+    assert "left out" not in notes["info"][-1]
