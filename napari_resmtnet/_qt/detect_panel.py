@@ -107,7 +107,6 @@ class DetectPanel(QWidget):
         self.weights_path: str | None = None
         self.weights_info: dict | None = None
         self.running = False
-        self.run_min_nodule_mm = MIN_NODULE_MM
         self.cancel_event = threading.Event()
         self.worker = None
         self.pbar = None
@@ -322,16 +321,16 @@ class DetectPanel(QWidget):
         self.update_buttons()
         self.set_status(f"Detecting nodules in {layer.name} ({modality}, {device})…")
         self.pbar = progress(total=1000, desc=f"Detecting nodules ({modality})")
-        self.run_min_nodule_mm = float(self.params.min_nodule_mm.value)
+        min_mm = float(self.params.min_nodule_mm.value)
         job = partial(
             run_detection,
-            partial(self._predictor_for_run, self.run_min_nodule_mm),
+            partial(self._predictor_for_run, min_mm),
             scan,
             modality,
             device,
             self.cancel_event,
             self.relay,
-            {"image_layer": layer.name, "image": image_identity(scan)},
+            {"image_layer": layer.name, "image": image_identity(scan), "min_nodule_mm": min_mm},
         )
         if os.environ.get("RESMTNET_SYNC") == "1":
             self._done(job())
@@ -407,7 +406,7 @@ class DetectPanel(QWidget):
             f"({len(t)} candidates kept; move the threshold to see more)."
             + (f" Merged: {merged}." if merged else "")
             + (
-                f" {small} smaller than {self.run_min_nodule_mm:g} mm left out (see 'smallest nodule')."
+                f" {small} smaller than {outcome.context['min_nodule_mm']:g} mm left out (see 'smallest nodule')."
                 if small
                 else ""
             ),

@@ -849,7 +849,7 @@ class Predictor:
             findings += [{} for _ in range(len(bx) - n)]
             bx = self._boxes_from_masks(bx, findings)
             small = {k for k, f in enumerate(findings) if smaller_than_nodule(f.get("volume_mm3"), self.min_nodule_mm)}
-            if small and self.min_nodule_mm > 0:  # its own outline says it is no nodule
+            if small:  # its own outline says it is no nodule (never with min_nodule_mm 0)
                 keep_k = [k for k in range(len(findings)) if k not in small]
                 idx = torch.as_tensor(keep_k, dtype=torch.long)
                 bx, sc, mal = bx[idx], sc[idx], mal[idx]
