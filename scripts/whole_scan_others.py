@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from skimage import io, transform
 
+from napari_resmtnet.evaluation import evaluate as E
 from napari_resmtnet.inference.predictor import Predictor
 from napari_resmtnet.inference.weights import bundled_entry, load_checkpoint
 from napari_resmtnet.training.wholescan import match_scan, whole_scans
 
-SCANS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_scans"
 HALF_MM = 20.0
 TILE = 160
 
@@ -62,9 +62,13 @@ def main(argv=None) -> int:
     out = Path(argv[0] if argv else "whole_scan_others.png")
     entry = bundled_entry("CT")
     ck = load_checkpoint(entry["path"], entry["sha256"])
+    scans = E._scans_dir(None, ck["train_config"]["data"])  # the folder `resmtnet evaluate` reads
+    if scans is None:
+        print(f"no whole scans beside {ck['train_config']['data']}", file=sys.stderr)
+        return 1
     pred = Predictor("CT")
     rows = []
-    for ws in whole_scans(SCANS, ck["split"], splits=("val",)):
+    for ws in whole_scans(scans, ck["split"], splits=("val",)):
         scan = ws.load()
         det = pred.predict(scan).above(pred.threshold)
         match = match_scan(det.centers_world_xyz(), ws.lesions)
