@@ -518,6 +518,8 @@ def _check_metaimage(path: Path):
     for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
         if key not in fields:
             raise ScanReadError(path, f"not a valid MetaImage header: no '{key}' field")
+    # a negative NDims sends ITK's MetaIO into a loop it does not leave (found by fuzzing)
+    _header_int(path, "NDims", fields["NDims"], 1)
     dims = _metaimage_dims(path, fields)
     datafile = fields["ElementDataFile"]
     names = _metaimage_data_names(path, datafile, header_len, dims)

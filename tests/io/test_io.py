@@ -697,6 +697,21 @@ def test_huge_header_refused_before_allocation(tmp_path):
 
 
 @pytest.mark.robustness
+@pytest.mark.parametrize("ndims", ["-1", "-13727", "0"])
+def test_metaimage_without_a_positive_ndims_is_refused_at_once(tmp_path, ndims):
+    """ITK's MetaIO never returns from a negative NDims (it spun for hours under fuzzing):
+    the header is refused before ITK reads it."""
+    p = tmp_path / "bad.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(p))
+    edit_header(p, "NDims = 3", f"NDims = {ndims}")
+    t = time.perf_counter()
+    with pytest.raises(ScanReadError) as e:
+        load_scan(p)
+    assert time.perf_counter() - t < 5
+    assert f"NDims = '{ndims}' must be at least 1" in one_line_error(e, p)
+
+
+@pytest.mark.robustness
 def test_huge_dicom_series_refused(tmp_path, monkeypatch):
     import napari_resmtnet.io.formats as io
 
